@@ -13,7 +13,6 @@ aliases below:
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from forgetless.errors import ForgetlessError
+from forgetless.paths import cache_dir
 
 SMOLLM2_ALIAS = "smollm2-135m"
 TINY_LLAMA_ALIAS = "tiny-llama"
@@ -62,15 +62,6 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-
-
-def cache_dir() -> Path:
-    """Root of forgetless's user cache (``FORGETLESS_CACHE_DIR`` or ``~/.cache/forgetless``)."""
-    root = os.environ.get("FORGETLESS_CACHE_DIR")
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "forgetless"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 Kind = Literal["text", "instruction", "multiple_choice"]
 KINDS: tuple[str, ...] = ("text", "instruction", "multiple_choice")
@@ -45,7 +45,7 @@ class MultipleChoiceRecord:
             raise ValueError(f"gold index {self.gold} out of range for {len(self.choices)} choices")
 
 
-Record = Union[TextRecord, InstructionRecord, MultipleChoiceRecord]
+Record = TextRecord | InstructionRecord | MultipleChoiceRecord
 
 RECORD_TYPES: dict[str, type] = {
     "text": TextRecord,

@@ -1,0 +1,225 @@
+"""The one configuration schema, loadable from YAML and overridable from the command line.
+
+Every field carries its default and a description; ``forgetless config`` prints them as a
+commented YAML file, so the documentation of the defaults is generated from this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from forgetless.errors import ForgetlessError
+
+
+class Section(BaseModel):
+    # Unknown keys are almost always typos: reject them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Hub id, local checkpoint directory, or alias (smollm2-135m, tiny-llama).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on a bf16-capable GPU, else float32."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code from the hub. Only set for repos you trust."
+    )
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "pubmedqa",
+        description="Registered data set name (see `forgetless data list`) or a path to "
+        "jsonl/json/csv/tsv/parquet or a saved Hugging Face dataset.",
+    )
+    kind: Literal["text", "instruction", "multiple_choice"] | None = Field(
+        None,
+        description="How to read the records: text (language modelling), instruction "
+        "(chat-template SFT, loss on responses) or multiple_choice. Default: the data set's "
+        "native kind, or text for user files.",
+    )
+    split: str | None = Field(None, description="Split to read; default: the data set's default.")
+    subset: str | None = Field(None, description="Subset (e.g. a seed split of the CL benchmark).")
+    columns: dict[str, str] | None = Field(
+        None, description="User files: record field -> column name, e.g. {text: abstract}."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N records.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (PEFT's shorthand)."
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning or LoRA.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    max_steps: int = Field(
+        60, description="Optimizer steps; <= 0 means train for num_epochs instead."
+    )
+    num_epochs: float = Field(1.0, gt=0, description="Epochs, used only when max_steps <= 0.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    max_length: int = Field(
+        128, ge=8, description="Tokens per sequence (text is packed into blocks of this size)."
+    )
+    lr_scheduler: str = Field("constant", description="transformers scheduler name.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed for weights init of adapters, data order, dropout.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (for resuming).")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most N checkpoints.")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+
+
+class EvalConfig(Section):
+    general_tasks: list[str] = Field(
+        default_factory=lambda: ["arc_easy", "piqa", "c4", "gsm8k"],
+        description="General-ability tasks for the retention report.",
+    )
+    domain_tasks: list[str] = Field(
+        default_factory=lambda: ["ppl:pubmedqa@test"],
+        description="Domain tasks. A task is a data set name (its native metric), "
+        "'ppl:<data set>' (perplexity of its text), optionally '@<split>'.",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Evaluate only the first N items of every task (None = all)."
+    )
+    task_limits: dict[str, int] = Field(
+        default_factory=dict, description="Per-task item limits, overriding `limit`."
+    )
+    batch_tokens: int = Field(
+        4096, ge=64, description="Token budget per multiple-choice scoring batch."
+    )
+    ppl_max_length: int = Field(512, ge=8, description="Window length for perplexity.")
+    ppl_batch_size: int = Field(8, ge=1, description="Windows per perplexity batch.")
+    generation_max_new_tokens: int = Field(256, ge=1, description="GSM8K generation budget.")
+    generation_batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+
+    @field_validator("general_tasks", "domain_tasks")
+    @classmethod
+    def _no_empty_names(cls, tasks: list[str]) -> list[str]:
+        if any(not task.strip() for task in tasks):
+            raise ValueError("task names must not be empty")
+        return tasks
+
+
+class ForgetlessConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to adapt.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    data_dir: str | None = Field(
+        None,
+        description="Directory with the data sets (reference layout: shared/data). "
+        "Default: $FORGETLESS_DATA_DIR, else the user cache (downloaded when online).",
+    )
+    run_dir: str = Field("runs/default", description="Where stages write their artefacts.")
+
+    def stage_hash(self, *sections: str) -> str:
+        """A short stable digest of the named sections, used to key cached stage outputs."""
+        payload = {name: _dump(getattr(self, name)) for name in sections}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Load a YAML config (or the defaults) and apply dotted-key overrides on top.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"train.learning_rate": 5e-4}``; values of
+    ``None`` are ignored so unset CLI flags leave the file's value in place.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ForgetlessError(f"config file not found: {file}")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
+            raise ForgetlessError(
+                f"{where}: invalid YAML ({getattr(err, 'problem', err)})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ForgetlessError(f"{file}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        return ForgetlessConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ForgetlessError(_one_line(err, path)) from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse a ``--set section.key=value`` flag; the value is read as YAML (numbers, lists)."""
+    if "=" not in text:
+        raise ForgetlessError(f"--set expects section.key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ForgetlessError(f"--set {key}: cannot parse value {value!r}") from None
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = target
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ForgetlessError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _one_line(err: ValidationError, path: str | Path | None) -> str:
+    first = err.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "config"
+    origin = f"{path}: " if path is not None else ""
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{origin}invalid config value for {location}: {first['msg']}{more}"
+
+
+def defaults_as_yaml() -> str:
+    """The default configuration as YAML, each field preceded by its description."""
+    lines: list[str] = ["# forgetless configuration: every field with its default."]
+    _describe(ForgetlessConfig(), lines, indent=0)
+    return "\n".join(lines) + "\n"
+
+
+def _describe(section: BaseModel, lines: list[str], indent: int) -> None:
+    pad = " " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _describe(value, lines, indent + 2)
+        else:
+            rendered = yaml.safe_dump({name: _dump(value)}, default_flow_style=True, width=10_000)
+            lines.append(pad + rendered.strip()[1:-1])

@@ -1,0 +1,80 @@
+"""Data: built-in data sets and user files, normalised into the three record kinds.
+
+:func:`load_records` is the single entry point the rest of forgetless uses: a registered data
+set name goes to :func:`load_dataset`, a path to :func:`load_user_data`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Importing builtin fills the registry; it must come after registry (which it imports).
+from forgetless.data import builtin as _builtin  # noqa: F401
+from forgetless.data.records import (
+    KINDS,
+    RECORD_TYPES,
+    InstructionRecord,
+    MultipleChoiceRecord,
+    Record,
+    TextRecord,
+)
+from forgetless.data.registry import (
+    DATASETS,
+    DatasetSpec,
+    get_dataset_spec,
+    list_datasets,
+    load_dataset,
+    resolve_data_file,
+)
+from forgetless.data.user import FILE_EXTENSIONS, load_user_data
+from forgetless.errors import ForgetlessError
+
+__all__ = [
+    "DATASETS",
+    "FILE_EXTENSIONS",
+    "KINDS",
+    "RECORD_TYPES",
+    "DatasetSpec",
+    "InstructionRecord",
+    "MultipleChoiceRecord",
+    "Record",
+    "TextRecord",
+    "get_dataset_spec",
+    "list_datasets",
+    "load_dataset",
+    "load_records",
+    "load_user_data",
+    "resolve_data_file",
+]
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        Path(source).expanduser().exists()
+        or source.lower().endswith(FILE_EXTENSIONS)
+        or "/" in source
+        or os.sep in source
+    )
+
+
+def load_records(
+    source: str,
+    kind: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    data_dir: str | Path | None = None,
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """Records from a registered data set name or from a user file or saved data set."""
+    if source in DATASETS:
+        if columns:
+            raise ForgetlessError(f"columns apply to user files only, not to data set '{source}'")
+        return load_dataset(source, kind, split, subset, data_dir, limit)
+    if _looks_like_path(source):
+        if subset is not None:
+            raise ForgetlessError(f"subsets apply to built-in data sets only, not to {source}")
+        return load_user_data(source, kind or "text", columns, split, limit)
+    known = ", ".join(list_datasets())
+    raise ForgetlessError(f"unknown data set or missing file '{source}' (known data sets: {known})")

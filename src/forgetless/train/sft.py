@@ -1,0 +1,184 @@
+"""Full and LoRA fine-tuning through the Hugging Face Trainer.
+
+Going through ``transformers.Trainer`` (rather than a hand-written loop) is what makes
+``accelerate launch``, DDP, FSDP and DeepSpeed work unchanged, and gives checkpointing,
+resuming, logging and the progress bar for free. forgetless only prepares the features and
+writes a plain, loadable checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from forgetless.config import TrainConfig
+from forgetless.data.features import IGNORE_INDEX, build_training_features
+from forgetless.data.records import Record
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    method: str
+    steps: int
+    train_loss: float
+    train_runtime_s: float
+    input_tokens_seen: int
+    resumed_from: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    progress: bool = True,
+) -> tuple[PreTrainedModel, TrainResult]:
+    """Fine-tune ``model`` on ``records``; resumes from the last checkpoint in ``output_dir``.
+
+    Returns the trained model (LoRA adapters merged in) and a summary. The final weights are
+    written to ``output_dir/model`` as a plain Hugging Face checkpoint (safetensors).
+    """
+    output = Path(output_dir)
+    set_seed(config.seed)
+    features = build_training_features(tokenizer, records, config.max_length)
+    if config.method == "lora":
+        model = _with_lora(model, config)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(model, config, output / CHECKPOINTS_DIR, progress),
+        train_dataset=features,
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+        ),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    resume = _last_checkpoint(output / CHECKPOINTS_DIR)
+    if resume:
+        logger.info("resuming from %s", resume)
+    started = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - started
+
+    model = trainer.model
+    if config.method == "lora":
+        if trainer.is_world_process_zero():
+            model.save_pretrained(output / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        save_checkpoint(model, tokenizer, output / MODEL_DIR)
+    result = TrainResult(
+        model_dir=str(output / MODEL_DIR),
+        method=config.method,
+        steps=outcome.global_step,
+        train_loss=float(outcome.training_loss),
+        train_runtime_s=runtime,
+        input_tokens_seen=int(trainer.state.num_input_tokens_seen),
+        resumed_from=resume,
+    )
+    return model, result
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str | Path
+) -> None:
+    """Write a plain HF checkpoint atomically: a crash never leaves a half-written model."""
+    target = Path(target)
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def _with_lora(model: PreTrainedModel, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _training_arguments(
+    model: PreTrainedModel, config: TrainConfig, checkpoints: Path, progress: bool
+) -> TrainingArguments:
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    # fp32 master weights with bf16 autocast where the GPU supports it; exact fp32 elsewhere.
+    mixed_bf16 = on_cuda and torch.cuda.is_bf16_supported() and model.dtype == torch.float32
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        num_train_epochs=config.num_epochs,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        report_to=[],
+        include_num_input_tokens_seen=True,
+        bf16=mixed_bf16,
+        use_cpu=not on_cuda and not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+    )
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    if last is None:
+        return None
+    # A checkpoint killed mid-write lacks its trainer state; skip it rather than crash.
+    if not (Path(last) / "trainer_state.json").is_file():
+        logger.warning("ignoring incomplete checkpoint %s", last)
+        return None
+    json.loads((Path(last) / "trainer_state.json").read_text())
+    return last
