@@ -1,0 +1,278 @@
+"""The ``forgetless`` command line: a thin layer over the Python API.
+
+Every command reads the one config schema (``--config file.yaml``), lets its flags and
+``--set section.key=value`` override it, and reports user mistakes as one line on stderr with
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgetless.config import defaults_as_yaml, load_config, parse_assignment
+from forgetless.errors import ForgetlessError
+
+app = typer.Typer(
+    help="Adapt Hugging Face causal LMs to a domain or a task sequence without forgetting.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Built-in data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (see `forgetless config`).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config field: section.key=value (repeatable)."),
+]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(help="Data directory (default: $FORGETLESS_DATA_DIR, then the user cache)."),
+]
+ModelOpt = Annotated[
+    str | None, typer.Option(help="Hub id, local checkpoint, or alias (smollm2-135m, tiny-llama).")
+]
+
+
+def _config(path: Path | None, assignments: list[str] | None, flags: dict[str, Any]):
+    overrides = dict(parse_assignment(text) for text in assignments or [])
+    overrides.update(flags)
+    return load_config(path, overrides)
+
+
+def _split_tasks(tasks: str | None) -> list[str] | None:
+    if tasks is None:
+        return None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise ForgetlessError("--tasks needs at least one task name")
+    return names
+
+
+def _stage_event(event: str, info: Any) -> None:
+    if event == "start":
+        err.print(f"[bold]▶ {info}[/bold]")
+    elif event == "cached":
+        err.print(f"[dim]✓ {info.name} (cached in {info.directory})[/dim]")
+    elif event == "done":
+        err.print(f"[green]✓ {info.name}[/green] → {info.directory}")
+
+
+@app.command()
+def train(
+    output_dir: Annotated[Path, typer.Option(help="Where checkpoints and the model go.")],
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    data: Annotated[str | None, typer.Option(help="Data set name or file.")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="text, instruction or multiple_choice.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split of the data set.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
+    method: Annotated[str | None, typer.Option(help="full or lora.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune a model (full or LoRA); resumes from the last checkpoint in OUTPUT_DIR."""
+    cfg = _config(
+        config,
+        set_,
+        {
+            "model.name": model,
+            "data.source": data,
+            "data.kind": kind,
+            "data.split": split,
+            "data.limit": limit,
+            "train.method": method,
+            "train.learning_rate": learning_rate,
+            "train.max_steps": max_steps,
+            "train.batch_size": batch_size,
+            "train.max_length": max_length,
+            "train.seed": seed,
+            "data_dir": data_dir,
+        },
+    )
+    from forgetless.pipeline import TrainStage
+
+    summary = TrainStage(cfg).train_into(output_dir)
+    out.print_json(data=summary)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks, e.g. arc_easy,piqa,c4,gsm8k,ppl:pubmedqa."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N items per task.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model: multiple-choice accuracy, perplexity, GSM8K exact match."""
+    cfg = _config(
+        config, set_, {"model.name": model, "evaluate.limit": limit, "data_dir": data_dir}
+    )
+    task_names = _split_tasks(tasks) or [*cfg.evaluate.domain_tasks, *cfg.evaluate.general_tasks]
+    from forgetless.evaluate.tasks import evaluate_tasks, parse_task
+    from forgetless.models import load_model
+
+    for name in task_names:
+        parse_task(name)  # fail on a bad task name before loading the model
+    loaded = load_model(
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    results = evaluate_tasks(
+        loaded.model, loaded.tokenizer, task_names, cfg.evaluate, data_dir=cfg.data_dir
+    )
+    metrics = {name: result.to_dict() for name, result in results.items()}
+    if output is not None:
+        from forgetless.pipeline import write_json_atomic
+
+        write_json_atomic(output, metrics)
+    table = Table(title=f"{cfg.model.name}")
+    for column in ("task", "metric", "value", "95% CI", "n", "seconds"):
+        table.add_column(column)
+    for result in results.values():
+        ci = f"{result.ci95[0]:.4f}–{result.ci95[1]:.4f}" if result.ci95 else ""
+        table.add_row(
+            result.task,
+            result.metric,
+            f"{result.value:.4f}",
+            ci,
+            str(result.n),
+            f"{result.seconds:.0f}",
+        )
+    out.print(table)
+
+
+@app.command()
+def report(
+    base_metrics: Annotated[Path, typer.Option(help="metrics.json of the base model.")],
+    adapted_metrics: Annotated[Path, typer.Option(help="metrics.json of the adapted model.")],
+    domain_tasks: Annotated[str, typer.Option(help="Comma-separated domain tasks.")],
+    general_tasks: Annotated[str, typer.Option(help="Comma-separated general tasks.")],
+    output_dir: Annotated[Path, typer.Option(help="Where report.{json,md,png} go.")],
+) -> None:
+    """Build the retention report from two `forgetless eval --output` files."""
+    from forgetless.report.retention import build_retention_report, write_report
+
+    def read(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            raise ForgetlessError(f"metrics file not found: {path}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ForgetlessError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+
+    built = build_retention_report(
+        read(base_metrics),
+        read(adapted_metrics),
+        _split_tasks(domain_tasks) or [],
+        _split_tasks(general_tasks) or [],
+    )
+    write_report(built, output_dir)
+    out.print((output_dir / "report.md").read_text())
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (cached stages).")] = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate the base model, fine-tune, evaluate again and write the retention report.
+
+    Finished stages are cached in the run directory; an interrupted run resumes.
+    """
+    cfg = _config(config, set_, {"run_dir": run_dir, "data_dir": data_dir})
+    _run_and_print(cfg)
+
+
+@app.command()
+def demo(
+    run_dir: Annotated[str | None, typer.Option(help="Run directory.")] = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune SmolLM2-135M on PubMedQA abstracts and print the retention report."""
+    demo_file = resources.files("forgetless") / "configs" / "demo.yaml"
+    with resources.as_file(demo_file) as path:
+        cfg = _config(path, set_, {"run_dir": run_dir, "data_dir": data_dir})
+    _run_and_print(cfg)
+
+
+def _run_and_print(cfg) -> None:
+    from forgetless.evaluate.tasks import parse_task
+    from forgetless.pipeline import run_adapt
+
+    for name in [*cfg.evaluate.domain_tasks, *cfg.evaluate.general_tasks]:
+        parse_task(name)
+    results = run_adapt(cfg, on_event=_stage_event)
+    out.print((results["report"].directory / "report.md").read_text())
+    err.print(f"report files: {results['report'].directory}")
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the default configuration as commented YAML."""
+    out.print(defaults_as_yaml(), markup=False, highlight=False)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in data sets with their kinds and splits."""
+    from forgetless.data import DATASETS
+
+    table = Table()
+    for column in ("name", "kinds", "splits", "source"):
+        table.add_column(column)
+    for spec in DATASETS.values():
+        table.add_row(spec.name, ", ".join(spec.kinds), ", ".join(spec.splits), spec.description)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except ForgetlessError as error:
+        err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.UsageError as error:
+        err.print(f"error: {error.format_message()}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except (click.Abort, KeyboardInterrupt):
+        err.print("interrupted; rerun the same command to resume", markup=False)
+        sys.exit(130)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Named evaluation tasks: a data source plus the metric that fits its kind.
+
+A task name is ``[ppl:]<source>[@<split>]`` where ``source`` is a registered data set or a
+user file:
+
+* a multiple-choice data set (``arc_easy``, ``piqa``, ``pubmedqa`` ...) -> log-likelihood
+  accuracy, raw and length-normalised;
+* a text data set (``c4``) or any source prefixed with ``ppl:`` -> perplexity of its text;
+* ``gsm8k`` -> exact match of the final number after greedy generation.
+
+Evaluation defaults to the ``test`` split where a data set has one, so a model is never
+scored on the data it was trained on by accident.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from forgetless.config import EvalConfig
+from forgetless.data import get_dataset_spec, load_records
+from forgetless.data.records import InstructionRecord, MultipleChoiceRecord, TextRecord
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.generation import gsm8k_exact_match
+from forgetless.evaluate.multiple_choice import score_multiple_choice
+from forgetless.evaluate.perplexity import perplexity
+
+PERPLEXITY_PREFIX = "ppl:"
+GENERATION_TASKS = ("gsm8k",)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    source: str
+    kind: str  # multiple_choice | perplexity | generation
+    split: str | None
+
+    @property
+    def metric(self) -> str:
+        return {"multiple_choice": "accuracy", "perplexity": "perplexity"}.get(
+            self.kind, "exact_match"
+        )
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind != "perplexity"
+
+
+def parse_task(name: str) -> TaskSpec:
+    body = name.strip()
+    wants_ppl = body.startswith(PERPLEXITY_PREFIX)
+    if wants_ppl:
+        body = body[len(PERPLEXITY_PREFIX) :]
+    source, _, split = body.partition("@")
+    if not source:
+        raise ForgetlessError(f"task {name!r} names no data source")
+    registered = _registered(source)
+    if wants_ppl:
+        kind = "perplexity"
+    elif source in GENERATION_TASKS:
+        kind = "generation"
+    elif registered is None:
+        raise ForgetlessError(
+            f"task {name!r}: a user file can only be evaluated by perplexity; "
+            f"write 'ppl:{source}'"
+        )
+    elif registered.kinds[0] == "text":
+        kind = "perplexity"
+    elif "multiple_choice" in registered.kinds:
+        kind = "multiple_choice"
+    else:
+        raise ForgetlessError(f"task {name!r}: no metric for data set {source!r}")
+    if registered is not None and not split:
+        split = "test" if "test" in registered.splits else registered.default_split
+    return TaskSpec(name=name, source=source, kind=kind, split=split or None)
+
+
+def _registered(source: str):
+    try:
+        return get_dataset_spec(source)
+    except ForgetlessError:
+        return None
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    ci95: tuple[float, float] | None
+    n: int
+    seconds: float
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_task(
+    model, tokenizer, task: str | TaskSpec, config: EvalConfig, *, data_dir=None, progress=True
+) -> TaskResult:
+    spec = parse_task(task) if isinstance(task, str) else task
+    limit = config.task_limits.get(spec.name, config.limit)
+    started = time.perf_counter()
+    if spec.kind == "perplexity":
+        records = load_records(
+            spec.source, kind="text", split=spec.split, data_dir=data_dir, limit=limit
+        )
+        texts = [record.text for record in records if isinstance(record, TextRecord)]
+        result = perplexity(
+            model,
+            tokenizer,
+            texts,
+            max_length=config.ppl_max_length,
+            batch_size=config.ppl_batch_size,
+            progress=progress,
+        )
+        value, n = result.perplexity, len(texts)
+    elif spec.kind == "multiple_choice":
+        records = load_records(
+            spec.source, kind="multiple_choice", split=spec.split, data_dir=data_dir, limit=limit
+        )
+        items = [record for record in records if isinstance(record, MultipleChoiceRecord)]
+        result = score_multiple_choice(
+            model,
+            tokenizer,
+            items,
+            batch_tokens=config.batch_tokens,
+            progress=progress,
+            desc=spec.name,
+        )
+        value, n = result.accuracy, result.n
+    else:
+        records = load_records(
+            spec.source, kind="instruction", split=spec.split, data_dir=data_dir, limit=limit
+        )
+        questions = [record for record in records if isinstance(record, InstructionRecord)]
+        result = gsm8k_exact_match(
+            model,
+            tokenizer,
+            questions,
+            max_new_tokens=config.generation_max_new_tokens,
+            batch_size=config.generation_batch_size,
+            progress=progress,
+        )
+        value, n = result.accuracy, result.n
+    details = {key: val for key, val in result.to_dict().items() if key != "items"}
+    return TaskResult(
+        task=spec.name,
+        kind=spec.kind,
+        metric=spec.metric,
+        value=float(value),
+        higher_is_better=spec.higher_is_better,
+        ci95=_ci95(details),
+        n=n,
+        seconds=time.perf_counter() - started,
+        details=details,
+    )
+
+
+def _ci95(details: dict[str, Any]) -> tuple[float, float] | None:
+    for key in ("ci95", "accuracy_ci95", "perplexity_ci95"):
+        interval = details.get(key)
+        if interval is not None and all(math.isfinite(bound) for bound in interval):
+            return (float(interval[0]), float(interval[1]))
+    return None
+
+
+def evaluate_tasks(
+    model, tokenizer, tasks: list[str], config: EvalConfig, *, data_dir=None, progress=True
+) -> dict[str, TaskResult]:
+    """Evaluate every task; all names are checked before any model time is spent."""
+    specs = [parse_task(task) for task in tasks]
+    return {
+        spec.name: evaluate_task(
+            model, tokenizer, spec, config, data_dir=data_dir, progress=progress
+        )
+        for spec in specs
+    }

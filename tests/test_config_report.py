@@ -1,0 +1,98 @@
+"""Config schema (YAML + overrides, one-line errors) and the retention report."""
+
+import json
+
+import pytest
+import yaml
+
+from forgetless.config import ForgetlessConfig, defaults_as_yaml, load_config, parse_assignment
+from forgetless.errors import ForgetlessError
+from forgetless.report.retention import build_retention_report, render_markdown, write_report
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 0.001\n  method: lora\nmodel:\n  name: tiny-llama\n")
+    config = load_config(path, {"train.learning_rate": 5e-4, "train.max_steps": None})
+    assert config.train.learning_rate == 5e-4
+    assert config.train.method == "lora"
+    assert config.train.max_steps == ForgetlessConfig().train.max_steps
+    assert config.model.name == "tiny-llama"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("train:\n  lerning_rate: 0.1\n", "train.lerning_rate"),
+        ("train:\n  method: qlora\n", "train.method"),
+        ("train: [1, 2\n", r"c\.yaml:\d+: invalid YAML"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ForgetlessError, match=match) as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ForgetlessError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_assignments_parse_yaml_values():
+    assert parse_assignment("train.max_steps=10") == ("train.max_steps", 10)
+    assert parse_assignment("evaluate.general_tasks=[arc_easy, c4]") == (
+        "evaluate.general_tasks",
+        ["arc_easy", "c4"],
+    )
+    with pytest.raises(ForgetlessError):
+        parse_assignment("train.max_steps")
+
+
+def test_defaults_yaml_round_trips_and_documents_every_field():
+    text = defaults_as_yaml()
+    assert load_config(None) == ForgetlessConfig.model_validate(yaml.safe_load(text))
+    comments = [line for line in text.splitlines() if line.strip().startswith("#")]
+    fields = [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(comments) == len(fields) + 1  # one description per field, plus the header
+
+
+def _metrics(acc, ppl, domain_ppl):
+    def entry(metric, value, higher):
+        return {"metric": metric, "value": value, "higher_is_better": higher, "ci95": None, "n": 10}
+
+    return {
+        "arc_easy": entry("accuracy", acc, True),
+        "c4": entry("perplexity", ppl, False),
+        "ppl:pubmedqa@test": entry("perplexity", domain_ppl, False),
+    }
+
+
+def test_retention_report_orients_changes_so_positive_is_better(tmp_path):
+    report = build_retention_report(
+        _metrics(0.50, 30.0, 20.0),
+        _metrics(0.45, 33.0, 15.0),
+        domain_tasks=["ppl:pubmedqa@test"],
+        general_tasks=["arc_easy", "c4"],
+        meta={"model": "m", "training": {"train_runtime_s": 12.0, "steps": 3, "input_tokens_seen": 99}},
+    )
+    rows = {row["task"]: row for row in report["rows"]}
+    assert rows["ppl:pubmedqa@test"]["improvement_pct"] == pytest.approx(25.0)
+    assert rows["c4"]["improvement_pct"] == pytest.approx(-10.0)
+    assert rows["arc_easy"]["improvement_pct"] == pytest.approx(-10.0)
+    assert rows["arc_easy"]["delta"] == pytest.approx(-0.05)
+    assert report["summary"]["general_improvement_pct"] == pytest.approx(-10.0)
+    markdown = render_markdown(report)
+    assert "| general | arc_easy | accuracy | 50.00 % | 45.00 % | -5.00 pt | -10.0 % |" in markdown
+    assert "3 optimizer steps" in markdown
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["group"] == "domain"
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_report_requires_every_task():
+    with pytest.raises(ForgetlessError, match="missing"):
+        build_retention_report(_metrics(0.5, 1, 1), {}, ["c4"], [])

@@ -1,0 +1,137 @@
+"""Run directory caching, interrupted stages, and resuming an interrupted training run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from forgetless.config import TrainConfig
+from forgetless.data.records import TextRecord
+from forgetless.models import load_model
+from forgetless.pipeline import STAGE_RECORD, RunDirectory, Stage
+from forgetless.train.sft import train_model
+
+
+class CountingStage(Stage):
+    """Writes a file per call; optionally crashes after writing, like a killed process."""
+
+    def __init__(self, name, value, depends_on=(), crash=False):
+        self.name, self.value, self.depends_on, self.crash = name, value, depends_on, crash
+        self.calls = 0
+
+    def settings(self):
+        return {"value": self.value}
+
+    def run(self, workdir, inputs):
+        self.calls += 1
+        attempt = len(list(workdir.glob("attempt-*"))) + 1
+        (workdir / f"attempt-{attempt}").write_text("x")
+        previous = sorted(path.name for path in workdir.glob("attempt-*"))
+        if self.crash:
+            raise RuntimeError("killed")
+        return {"value": self.value, "seen": previous}
+
+
+def test_finished_stages_are_cached_and_downstream_follows_changes(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    first = CountingStage("a", 1)
+    second = CountingStage("b", 2, depends_on=("a",))
+    results = run_dir.run_all([first, second])
+    assert not results["a"].cached and not results["b"].cached
+    record = json.loads((tmp_path / "a" / STAGE_RECORD).read_text())
+    assert record["summary"] == {"value": 1, "seen": ["attempt-1"]}
+
+    again = run_dir.run_all([CountingStage("a", 1), CountingStage("b", 2, depends_on=("a",))])
+    assert again["a"].cached and again["b"].cached
+
+    changed_b = CountingStage("b", 2, depends_on=("a",))
+    changed = run_dir.run_all([CountingStage("a", 99), changed_b])
+    assert not changed["a"].cached and not changed["b"].cached
+    assert changed["b"].fingerprint != results["b"].fingerprint
+    assert changed_b.calls == 1
+
+
+def test_interrupted_stage_resumes_in_its_partial_directory(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    with pytest.raises(RuntimeError):
+        run_dir.run(CountingStage("a", 1, crash=True), {})
+    assert not (tmp_path / "a").exists()  # nothing half-finished looks finished
+    partials = list(tmp_path.glob("a.partial-*"))
+    assert len(partials) == 1 and (partials[0] / "attempt-1").exists()
+
+    result = run_dir.run(CountingStage("a", 1), {})
+    assert result.summary["seen"] == ["attempt-1", "attempt-2"]  # the crashed attempt's work
+    assert (tmp_path / "a" / "attempt-1").exists()
+    assert not list(tmp_path.glob("a.partial-*"))
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _records():
+    return [TextRecord(f"document {i}: " + "the quick brown fox " * (i % 5 + 2)) for i in range(40)]
+
+
+def _config():
+    return TrainConfig(
+        method="full", learning_rate=1e-3, max_steps=6, batch_size=4, max_length=32, save_steps=2
+    )
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    reference = load_model("tiny-llama", device="cpu")
+    ref_model, ref_result = train_model(
+        reference.model, reference.tokenizer, _records(), _config(), tmp_path / "ref", progress=False
+    )
+    assert ref_result.resumed_from is None and ref_result.steps == 6
+
+    interrupted = load_model("tiny-llama", device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            interrupted.model,
+            interrupted.tokenizer,
+            _records(),
+            _config(),
+            tmp_path / "run",
+            callbacks=[StopAt(3)],
+            progress=False,
+        )
+    assert not (tmp_path / "run" / "model").exists()
+    resumed = load_model("tiny-llama", device="cpu")
+    model, result = train_model(
+        resumed.model, resumed.tokenizer, _records(), _config(), tmp_path / "run", progress=False
+    )
+    assert result.resumed_from is not None and Path(result.resumed_from).name == "checkpoint-2"
+    assert result.steps == 6
+    for (name, expected), actual in zip(
+        ref_model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, msg=name, rtol=1e-5, atol=1e-6)
+    saved = list((tmp_path / "run" / "model").glob("*.safetensors"))
+    assert saved, "the final model is written as safetensors"
+    reloaded = load_model(str(tmp_path / "run" / "model"), device="cpu")
+    torch.testing.assert_close(
+        reloaded.model.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"]
+    )
+
+
+def test_lora_training_writes_adapter_and_merged_checkpoint(tmp_path):
+    base = load_model("tiny-llama", device="cpu")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    config = _config().model_copy(update={"method": "lora", "max_steps": 3})
+    model, result = train_model(
+        base.model, base.tokenizer, _records(), config, tmp_path, progress=False
+    )
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not any("lora" in key for key in model.state_dict())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("proj" in key for key in changed)
+    assert result.method == "lora"
