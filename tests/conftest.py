@@ -3,14 +3,22 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DATA = REPO_ROOT.parent / "shared" / "data"
+# Commands run by the tests read the reference data beside the checkout, as CI does.
+if REFERENCE_DATA.is_dir():
+    os.environ.setdefault("FORGETLESS_DATA_DIR", str(REFERENCE_DATA))
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The reference copy of the built-in data files; tests that need it skip without it."""
     configured = os.environ.get("FORGETLESS_DATA_DIR")
-    candidate = Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+    candidate = Path(configured) if configured else REFERENCE_DATA
     if not candidate.is_dir():
         pytest.skip(
             f"built-in data files not found at {candidate}; set FORGETLESS_DATA_DIR to a copy"

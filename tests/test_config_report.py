@@ -56,7 +56,9 @@ def test_defaults_yaml_round_trips_and_documents_every_field():
     text = defaults_as_yaml()
     assert load_config(None) == ForgetlessConfig.model_validate(yaml.safe_load(text))
     comments = [line for line in text.splitlines() if line.strip().startswith("#")]
-    fields = [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    fields = [
+        line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
     assert len(comments) == len(fields) + 1  # one description per field, plus the header
 
 
@@ -77,7 +79,10 @@ def test_retention_report_orients_changes_so_positive_is_better(tmp_path):
         _metrics(0.45, 33.0, 15.0),
         domain_tasks=["ppl:pubmedqa@test"],
         general_tasks=["arc_easy", "c4"],
-        meta={"model": "m", "training": {"train_runtime_s": 12.0, "steps": 3, "input_tokens_seen": 99}},
+        meta={
+            "model": "m",
+            "training": {"train_runtime_s": 12.0, "steps": 3, "input_tokens_seen": 99},
+        },
     )
     rows = {row["task"]: row for row in report["rows"]}
     assert rows["ppl:pubmedqa@test"]["improvement_pct"] == pytest.approx(25.0)

@@ -89,7 +89,12 @@ def _config():
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     reference = load_model("tiny-llama", device="cpu")
     ref_model, ref_result = train_model(
-        reference.model, reference.tokenizer, _records(), _config(), tmp_path / "ref", progress=False
+        reference.model,
+        reference.tokenizer,
+        _records(),
+        _config(),
+        tmp_path / "ref",
+        progress=False,
     )
     assert ref_result.resumed_from is None and ref_result.steps == 6
 

@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -51,7 +50,8 @@ ModelOpt = Annotated[
 
 def _config(path: Path | None, assignments: list[str] | None, flags: dict[str, Any]):
     overrides = dict(parse_assignment(text) for text in assignments or [])
-    overrides.update(flags)
+    # An unset flag must not erase a value given with --set.
+    overrides.update({key: value for key, value in flags.items() if value is not None})
     return load_config(path, overrides)
 
 
@@ -79,9 +79,7 @@ def train(
     config: ConfigOpt = None,
     model: ModelOpt = None,
     data: Annotated[str | None, typer.Option(help="Data set name or file.")] = None,
-    kind: Annotated[
-        str | None, typer.Option(help="text, instruction or multiple_choice.")
-    ] = None,
+    kind: Annotated[str | None, typer.Option(help="text, instruction or multiple_choice.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of the data set.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
     method: Annotated[str | None, typer.Option(help="full or lora.")] = None,
@@ -136,20 +134,18 @@ def evaluate(
         config, set_, {"model.name": model, "evaluate.limit": limit, "data_dir": data_dir}
     )
     task_names = _split_tasks(tasks) or [*cfg.evaluate.domain_tasks, *cfg.evaluate.general_tasks]
-    from forgetless.evaluate.tasks import evaluate_tasks, parse_task
+    from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
     from forgetless.models import load_model
 
-    for name in task_names:
-        parse_task(name)  # fail on a bad task name before loading the model
+    # Bad task names and missing data fail here, before the model is loaded.
+    prepared = load_tasks(task_names, cfg.evaluate, data_dir=cfg.data_dir)
     loaded = load_model(
         cfg.model.name,
         dtype=cfg.model.dtype,
         device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    results = evaluate_tasks(
-        loaded.model, loaded.tokenizer, task_names, cfg.evaluate, data_dir=cfg.data_dir
-    )
+    results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, cfg.evaluate)
     metrics = {name: result.to_dict() for name, result in results.items()}
     if output is not None:
         from forgetless.pipeline import write_json_atomic
@@ -229,11 +225,8 @@ def demo(
 
 
 def _run_and_print(cfg) -> None:
-    from forgetless.evaluate.tasks import parse_task
     from forgetless.pipeline import run_adapt
 
-    for name in [*cfg.evaluate.domain_tasks, *cfg.evaluate.general_tasks]:
-        parse_task(name)
     results = run_adapt(cfg, on_event=_stage_event)
     out.print((results["report"].directory / "report.md").read_text())
     err.print(f"report files: {results['report'].directory}")
@@ -258,20 +251,29 @@ def data_list() -> None:
     out.print(table)
 
 
+def _is_usage_error(error: Exception) -> bool:
+    # Typer vendors its own copy of click, so match click's exception interface rather than
+    # one particular class.
+    return hasattr(error, "format_message") and hasattr(error, "exit_code")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except ForgetlessError as error:
         err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.UsageError as error:
-        err.print(f"error: {error.format_message()}", markup=False, soft_wrap=True)
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted; rerun the same command to resume", markup=False)
         sys.exit(130)
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
+    except Exception as error:
+        if not _is_usage_error(error):
+            raise
+        message = " ".join(error.format_message().split())
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -166,9 +166,10 @@ class EvaluateStage(Stage):
         return settings
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.evaluate.tasks import evaluate_tasks
+        from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
         from forgetless.models import load_model
 
+        prepared = load_tasks(self.tasks(), self.config.evaluate, data_dir=self.config.data_dir)
         model_config = self.config.model
         model_name = model_config.name
         if self.model_from is not None:
@@ -179,13 +180,7 @@ class EvaluateStage(Stage):
             device=model_config.device,
             trust_remote_code=model_config.trust_remote_code,
         )
-        results = evaluate_tasks(
-            loaded.model,
-            loaded.tokenizer,
-            self.tasks(),
-            self.config.evaluate,
-            data_dir=self.config.data_dir,
-        )
+        results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, self.config.evaluate)
         metrics = {task: result.to_dict() for task, result in results.items()}
         write_json_atomic(workdir / "metrics.json", metrics)
         return {"metrics_file": "metrics.json", "tasks": list(metrics)}
@@ -243,7 +238,9 @@ class TrainStage(Stage):
 class ReportStage(Stage):
     name = "report"
 
-    def __init__(self, config: ForgetlessConfig, base: str = "eval_base", adapted: str = "eval_adapted"):
+    def __init__(
+        self, config: ForgetlessConfig, base: str = "eval_base", adapted: str = "eval_adapted"
+    ):
         self.config = config
         self.base, self.adapted = base, adapted
         self.depends_on = (base, adapted)
@@ -288,6 +285,25 @@ def adapt_stages(config: ForgetlessConfig) -> list[Stage]:
 def run_adapt(
     config: ForgetlessConfig, on_event: Callable[[str, StageResult | str], None] | None = None
 ) -> dict[str, StageResult]:
+    from forgetless.data import load_records
+    from forgetless.evaluate.tasks import load_tasks
+
+    # Surface every data or task-name mistake before the first stage spends model time.
+    load_tasks(
+        [*config.evaluate.domain_tasks, *config.evaluate.general_tasks],
+        config.evaluate,
+        data_dir=config.data_dir,
+    )
+    data = config.data
+    load_records(
+        data.source,
+        kind=data.kind,
+        split=data.split,
+        subset=data.subset,
+        data_dir=config.data_dir,
+        columns=data.columns,
+        limit=data.limit,
+    )
     run_dir = RunDirectory(Path(config.run_dir), on_event=on_event or (lambda event, info: None))
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise ForgetlessError(f"run directory {config.run_dir} exists and is not a directory")

@@ -3,9 +3,10 @@
 A task name is ``[ppl:]<source>[@<split>]`` where ``source`` is a registered data set or a
 user file:
 
-* a multiple-choice data set (``arc_easy``, ``piqa``, ``pubmedqa`` ...) -> log-likelihood
-  accuracy, raw and length-normalised;
-* a text data set (``c4``) or any source prefixed with ``ppl:`` -> perplexity of its text;
+* a data set with multiple-choice items (``arc_easy``, ``piqa``, ``pubmedqa`` ...) ->
+  log-likelihood accuracy, raw and length-normalised;
+* a text-only data set (``c4``) or any source prefixed with ``ppl:`` -> perplexity of its
+  text (``ppl:pubmedqa`` is the perplexity of PubMedQA abstracts);
 * ``gsm8k`` -> exact match of the final number after greedy generation.
 
 Evaluation defaults to the ``test`` split where a data set has one, so a model is never
@@ -64,13 +65,12 @@ def parse_task(name: str) -> TaskSpec:
         kind = "generation"
     elif registered is None:
         raise ForgetlessError(
-            f"task {name!r}: a user file can only be evaluated by perplexity; "
-            f"write 'ppl:{source}'"
+            f"task {name!r}: a user file can only be evaluated by perplexity; write 'ppl:{source}'"
         )
-    elif registered.kinds[0] == "text":
-        kind = "perplexity"
     elif "multiple_choice" in registered.kinds:
         kind = "multiple_choice"
+    elif "text" in registered.kinds:
+        kind = "perplexity"
     else:
         raise ForgetlessError(f"task {name!r}: no metric for data set {source!r}")
     if registered is not None and not split:
@@ -101,16 +101,20 @@ class TaskResult:
         return asdict(self)
 
 
-def evaluate_task(
-    model, tokenizer, task: str | TaskSpec, config: EvalConfig, *, data_dir=None, progress=True
-) -> TaskResult:
-    spec = parse_task(task) if isinstance(task, str) else task
+def load_task_records(spec: TaskSpec, config: EvalConfig, *, data_dir=None) -> list:
+    """The records a task is scored on (loading them first surfaces data errors early)."""
     limit = config.task_limits.get(spec.name, config.limit)
+    kind = {"perplexity": "text", "multiple_choice": "multiple_choice"}.get(
+        spec.kind, "instruction"
+    )
+    return load_records(spec.source, kind=kind, split=spec.split, data_dir=data_dir, limit=limit)
+
+
+def score_task(
+    model, tokenizer, spec: TaskSpec, records: list, config: EvalConfig, *, progress=True
+) -> TaskResult:
     started = time.perf_counter()
     if spec.kind == "perplexity":
-        records = load_records(
-            spec.source, kind="text", split=spec.split, data_dir=data_dir, limit=limit
-        )
         texts = [record.text for record in records if isinstance(record, TextRecord)]
         result = perplexity(
             model,
@@ -122,9 +126,6 @@ def evaluate_task(
         )
         value, n = result.perplexity, len(texts)
     elif spec.kind == "multiple_choice":
-        records = load_records(
-            spec.source, kind="multiple_choice", split=spec.split, data_dir=data_dir, limit=limit
-        )
         items = [record for record in records if isinstance(record, MultipleChoiceRecord)]
         result = score_multiple_choice(
             model,
@@ -136,9 +137,6 @@ def evaluate_task(
         )
         value, n = result.accuracy, result.n
     else:
-        records = load_records(
-            spec.source, kind="instruction", split=spec.split, data_dir=data_dir, limit=limit
-        )
         questions = [record for record in records if isinstance(record, InstructionRecord)]
         result = gsm8k_exact_match(
             model,
@@ -149,7 +147,8 @@ def evaluate_task(
             progress=progress,
         )
         value, n = result.accuracy, result.n
-    details = {key: val for key, val in result.to_dict().items() if key != "items"}
+    per_item_keys = ("items", "document_nll", "document_tokens")
+    details = {key: val for key, val in result.to_dict().items() if key not in per_item_keys}
     return TaskResult(
         task=spec.name,
         kind=spec.kind,
@@ -164,21 +163,25 @@ def evaluate_task(
 
 
 def _ci95(details: dict[str, Any]) -> tuple[float, float] | None:
-    for key in ("ci95", "accuracy_ci95", "perplexity_ci95"):
+    for key in ("accuracy_ci95", "perplexity_ci95"):
         interval = details.get(key)
         if interval is not None and all(math.isfinite(bound) for bound in interval):
             return (float(interval[0]), float(interval[1]))
     return None
 
 
-def evaluate_tasks(
-    model, tokenizer, tasks: list[str], config: EvalConfig, *, data_dir=None, progress=True
-) -> dict[str, TaskResult]:
-    """Evaluate every task; all names are checked before any model time is spent."""
+def load_tasks(tasks: list[str], config: EvalConfig, *, data_dir=None) -> dict:
+    """Parse every task name and load its records, before any model time is spent."""
     specs = [parse_task(task) for task in tasks]
+    return {spec.name: (spec, load_task_records(spec, config, data_dir=data_dir)) for spec in specs}
+
+
+def evaluate_tasks(
+    model, tokenizer, tasks: list[str] | dict, config: EvalConfig, *, data_dir=None, progress=True
+) -> dict[str, TaskResult]:
+    """Evaluate every task (names, or the output of :func:`load_tasks`)."""
+    loaded = tasks if isinstance(tasks, dict) else load_tasks(tasks, config, data_dir=data_dir)
     return {
-        spec.name: evaluate_task(
-            model, tokenizer, spec, config, data_dir=data_dir, progress=progress
-        )
-        for spec in specs
+        name: score_task(model, tokenizer, spec, records, config, progress=progress)
+        for name, (spec, records) in loaded.items()
     }

@@ -1,0 +1,82 @@
+"""Uncertainty for evaluation metrics: standard errors and 95 % intervals.
+
+Forgetting is measured as a difference of a few points between two scores, so every score
+carries its uncertainty; without it a 1-point "regression" on 200 items cannot be told from
+noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
+
+
+def proportion_stderr(successes: int, n: int) -> float:
+    """Standard error of a proportion as lm-evaluation-harness reports it.
+
+    lm-eval takes the sample standard deviation (n - 1 denominator) of the 0/1 scores over
+    sqrt(n), i.e. sqrt(p (1 - p) / (n - 1)); we match it so the two tools' numbers line up.
+    """
+    if n < 2:
+        return float("nan")
+    p = successes / n
+    return math.sqrt(p * (1.0 - p) / (n - 1))
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion.
+
+    Unlike the normal approximation p ± z·se it never leaves [0, 1] and stays honest for
+    small n or accuracies near 0 or 1 (both common on small held-out sets).
+    """
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half_width = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    # At p = 0 or 1 the bound is exactly 0 or 1; the formula gets there only up to rounding.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    return (low, high)
+
+
+def bootstrap_ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators).
+
+    Units (documents) are resampled whole, so the interval reflects variation between
+    documents rather than pretending every token is independent.
+    """
+    numer = np.asarray(numerators, dtype=np.float64)
+    denom = np.asarray(denominators, dtype=np.float64)
+    if numer.shape != denom.shape or numer.ndim != 1:
+        raise ValueError("numerators and denominators must be 1-D sequences of equal length")
+    if numer.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so memory stays ~10 M indices however many units there are.
+    chunk = max(1, 10_000_000 // numer.size)
+    pieces = []
+    for start in range(0, resamples, chunk):
+        picks = rng.integers(0, numer.size, size=(min(chunk, resamples - start), numer.size))
+        totals = denom[picks].sum(axis=1)
+        # A resample made only of empty units has no ratio; drop it, never divide by zero.
+        valid = totals > 0
+        pieces.append(numer[picks].sum(axis=1)[valid] / totals[valid])
+    ratios = np.concatenate(pieces)
+    if ratios.size == 0:
+        return (float("nan"), float("nan"))
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return (float(low), float(high))

@@ -1,0 +1,125 @@
+"""The command line: help everywhere, one-line errors without traceback, no partial output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from forgetless.cli import main
+
+COMMANDS = ["train", "eval", "report", "run", "demo", "config", "data", "data list"]
+
+
+def _run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_on_every_command(command, capsys):
+    code, out, _ = _run([*command.split(), "--help"], capsys)
+    assert code == 0
+    assert "Usage" in out
+
+
+def test_config_prints_documented_defaults(capsys):
+    main(["config"])
+    out = capsys.readouterr().out
+    assert "learning_rate: 0.0001" in out and "# Peak learning rate" in out
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    output = tmp_path / "out"
+    code, _, err = _run(
+        ["train", "--model", "tiny-llama", "--data", str(data), "--output-dir", str(output)], capsys
+    )
+    _assert_one_line_error(code, err, "bad.jsonl:3")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "--model", "tiny-llama", "--tasks", "no_such_task"], "no_such_task"),
+        (
+            ["train", "--output-dir", "x", "--data", "no_such_set", "--model", "tiny-llama"],
+            "no_such_set",
+        ),
+        (["train", "--output-dir", "x", "--method", "qlora"], "train.method"),
+        (["eval", "--model", "./no/such/model", "--tasks", "c4"], "no/such/model"),
+        (["eval", "--bogus-flag"], "bogus-flag"),
+        (["run", "--config", "missing.yaml"], "missing.yaml"),
+        (["eval", "--set", "evaluate.limit=-3", "--tasks", "c4"], "evaluate.limit"),
+    ],
+)
+def test_user_mistakes_give_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forgetless.cli",
+            "eval",
+            "--tasks",
+            "nope",
+            "--model",
+            "tiny-llama",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:")
+
+
+def test_report_command_from_metrics_files(tmp_path, capsys):
+    entry = {"metric": "perplexity", "value": 10.0, "higher_is_better": False, "ci95": None, "n": 5}
+    base, adapted = tmp_path / "base.json", tmp_path / "adapted.json"
+    base.write_text(json.dumps({"c4": entry, "ppl:pubmedqa": entry}))
+    adapted.write_text(
+        json.dumps({"c4": {**entry, "value": 11.0}, "ppl:pubmedqa": {**entry, "value": 8.0}})
+    )
+    main(
+        [
+            "report",
+            "--base-metrics",
+            str(base),
+            "--adapted-metrics",
+            str(adapted),
+            "--domain-tasks",
+            "ppl:pubmedqa",
+            "--general-tasks",
+            "c4",
+            "--output-dir",
+            str(tmp_path / "report"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| general | c4 | perplexity | 10.000 | 11.000 | +1.00 | -10.0 % |" in out
+    assert (tmp_path / "report" / "report.png").is_file()

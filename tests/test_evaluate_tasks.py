@@ -1,0 +1,53 @@
+"""Task names -> data + metric, and evaluation of every metric kind on the tiny model."""
+
+import pytest
+
+from forgetless.config import EvalConfig
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.tasks import evaluate_tasks, parse_task
+from forgetless.models import load_model
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "source", "split"),
+    [
+        ("arc_easy", "multiple_choice", "arc_easy", "test"),
+        ("pubmedqa", "multiple_choice", "pubmedqa", "test"),
+        ("ppl:pubmedqa", "perplexity", "pubmedqa", "test"),
+        ("ppl:pubmedqa@train", "perplexity", "pubmedqa", "train"),
+        ("c4", "perplexity", "c4", "test"),
+        ("gsm8k", "generation", "gsm8k", "test"),
+        ("ppl:my/notes.jsonl", "perplexity", "my/notes.jsonl", None),
+    ],
+)
+def test_parse_task(name, kind, source, split):
+    spec = parse_task(name)
+    assert (spec.kind, spec.source, spec.split) == (kind, source, split)
+    assert spec.higher_is_better == (kind != "perplexity")
+
+
+@pytest.mark.parametrize("name", ["", "ppl:", "my/notes.jsonl"])
+def test_bad_task_names(name):
+    with pytest.raises(ForgetlessError):
+        parse_task(name)
+
+
+def test_every_metric_kind_on_the_tiny_model(shared_data_dir, tmp_path):
+    user_file = tmp_path / "notes.jsonl"
+    user_file.write_text('{"text": "A short private note about anatomy."}\n' * 3)
+    loaded = load_model("tiny-llama", device="cpu")
+    config = EvalConfig(limit=6, generation_max_new_tokens=4, task_limits={"c4": 2})
+    tasks = ["arc_easy", "c4", "gsm8k", "ppl:pubmedqa", f"ppl:{user_file}"]
+    results = evaluate_tasks(
+        loaded.model, loaded.tokenizer, tasks, config, data_dir=shared_data_dir, progress=False
+    )
+    assert list(results) == tasks
+    assert results["arc_easy"].n == 6 and 0 <= results["arc_easy"].value <= 1
+    assert results["c4"].n == 2
+    # An untrained byte-level model is close to uniform over its 259 tokens.
+    assert 100 < results["c4"].value < 1000
+    low, high = results["c4"].ci95
+    assert low <= results["c4"].value <= high
+    assert results["gsm8k"].metric == "exact_match"
+    assert results[f"ppl:{user_file}"].n == 3
+    assert "items" not in results["arc_easy"].to_dict()["details"]
