@@ -146,6 +146,21 @@ def _config_settings(config: ForgetlessConfig, *sections: str) -> dict[str, Any]
     return {name: getattr(config, name).model_dump(mode="json") for name in sections}
 
 
+def load_training_records(config: ForgetlessConfig) -> list:
+    from forgetless.data import load_records
+
+    data = config.data
+    return load_records(
+        data.source,
+        kind=data.kind,
+        split=data.split,
+        subset=data.subset,
+        data_dir=config.data_dir,
+        columns=data.columns,
+        limit=data.limit,
+    )
+
+
 class EvaluateStage(Stage):
     """Evaluate a model (the base, or the output of an upstream training stage)."""
 
@@ -204,20 +219,10 @@ class TrainStage(Stage):
 
     def train_into(self, output_dir: Path) -> dict[str, Any]:
         """Load data and model, fine-tune, and write ``output_dir/model``; resumable."""
-        from forgetless.data import load_records
         from forgetless.models import load_model
         from forgetless.train.sft import train_model
 
-        data = self.config.data
-        records = load_records(
-            data.source,
-            kind=data.kind,
-            split=data.split,
-            subset=data.subset,
-            data_dir=self.config.data_dir,
-            columns=data.columns,
-            limit=data.limit,
-        )
+        records = load_training_records(self.config)
         model_config = self.config.model
         loaded = load_model(
             model_config.name,
@@ -285,7 +290,6 @@ def adapt_stages(config: ForgetlessConfig) -> list[Stage]:
 def run_adapt(
     config: ForgetlessConfig, on_event: Callable[[str, StageResult | str], None] | None = None
 ) -> dict[str, StageResult]:
-    from forgetless.data import load_records
     from forgetless.evaluate.tasks import load_tasks
 
     # Surface every data or task-name mistake before the first stage spends model time.
@@ -294,16 +298,7 @@ def run_adapt(
         config.evaluate,
         data_dir=config.data_dir,
     )
-    data = config.data
-    load_records(
-        data.source,
-        kind=data.kind,
-        split=data.split,
-        subset=data.subset,
-        data_dir=config.data_dir,
-        columns=data.columns,
-        limit=data.limit,
-    )
+    load_training_records(config)
     run_dir = RunDirectory(Path(config.run_dir), on_event=on_event or (lambda event, info: None))
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise ForgetlessError(f"run directory {config.run_dir} exists and is not a directory")
