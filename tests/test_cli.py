@@ -123,3 +123,36 @@ def test_report_command_from_metrics_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| general | c4 | perplexity | 10.000 | 11.000 | +1.00 | -10.0 % |" in out
     assert (tmp_path / "report" / "report.png").is_file()
+
+
+def test_run_end_to_end_then_cached(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        """
+model: {name: tiny-llama, device: cpu}
+data: {source: pubmedqa, kind: text, split: train, limit: 20}
+train: {max_steps: 2, batch_size: 2, max_length: 32, save_steps: 1}
+evaluate:
+  domain_tasks: ["ppl:pubmedqa"]
+  general_tasks: [arc_easy, c4]
+  task_limits: {"ppl:pubmedqa": 3, arc_easy: 4, c4: 2}
+"""
+    )
+    run_dir = tmp_path / "run"
+    argv = ["run", "--config", str(config), "--run-dir", str(run_dir)]
+    assert _run(argv, capsys)[0] == 0
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert [row["task"] for row in report["rows"]] == ["ppl:pubmedqa", "arc_easy", "c4"]
+    assert report["summary"]["train_steps"] == 2
+    assert (run_dir / "train" / "model" / "model.safetensors").is_file()
+    assert not (run_dir / "train" / "checkpoints").exists()
+    assert not list(run_dir.glob("*.partial-*"))
+
+    code, out, err = _run(argv, capsys)
+    assert code == 0
+    assert err.count("cached") == 4
+    assert "| domain | ppl:pubmedqa | perplexity |" in out
+
+    code, _, err = _run([*argv, "--set", "train.max_steps=3"], capsys)
+    assert code == 0
+    assert err.count("cached") == 1  # only the base evaluation is unaffected

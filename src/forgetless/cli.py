@@ -64,6 +64,15 @@ def _split_tasks(tasks: str | None) -> list[str] | None:
     return names
 
 
+def _format_optional(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _print_markdown(path: Path) -> None:
+    # Tables must stay one row per line whatever the terminal width.
+    out.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)
+
+
 def _stage_event(event: str, info: Any) -> None:
     if event == "start":
         err.print(f"[bold]▶ {info}[/bold]")
@@ -152,7 +161,7 @@ def evaluate(
 
         write_json_atomic(output, metrics)
     table = Table(title=f"{cfg.model.name}")
-    for column in ("task", "metric", "value", "95% CI", "n", "seconds"):
+    for column in ("task", "metric", "value", "95% CI", "length-normalised", "n", "seconds"):
         table.add_column(column)
     for result in results.values():
         ci = f"{result.ci95[0]:.4f}–{result.ci95[1]:.4f}" if result.ci95 else ""
@@ -161,6 +170,7 @@ def evaluate(
             result.metric,
             f"{result.value:.4f}",
             ci,
+            _format_optional(result.details.get("accuracy_norm")),
             str(result.n),
             f"{result.seconds:.0f}",
         )
@@ -193,7 +203,7 @@ def report(
         _split_tasks(general_tasks) or [],
     )
     write_report(built, output_dir)
-    out.print((output_dir / "report.md").read_text())
+    _print_markdown(output_dir / "report.md")
 
 
 @app.command()
@@ -228,7 +238,7 @@ def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 
     results = run_adapt(cfg, on_event=_stage_event)
-    out.print((results["report"].directory / "report.md").read_text())
+    _print_markdown(results["report"].directory / "report.md")
     err.print(f"report files: {results['report'].directory}")
 
 
