@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from forgetless import __version__
 from forgetless.config import ForgetlessConfig
 from forgetless.errors import ForgetlessError
 
@@ -56,6 +57,8 @@ class Stage(ABC):
 
     def fingerprint(self, inputs: dict[str, StageResult]) -> str:
         payload = {
+            # A new release may compute a stage differently, so it invalidates the cache.
+            "forgetless": __version__,
             "stage": self.name,
             "settings": self.settings(),
             "inputs": {name: inputs[name].fingerprint for name in self.depends_on},
