@@ -32,27 +32,24 @@ def test_smollm2_loads_as_a_plain_model_with_chat_template():
 def test_short_fine_tune_lowers_domain_perplexity(shared_data_dir, tmp_path):
     loaded = load_model("smollm2-135m", device="cpu")
     evaluation = EvalConfig(limit=12, ppl_max_length=256)
-    before = evaluate_tasks(
-        loaded.model,
-        loaded.tokenizer,
-        ["ppl:pubmedqa"],
-        evaluation,
-        data_dir=shared_data_dir,
-        progress=False,
-    )["ppl:pubmedqa"]
+
+    def domain_perplexity(model) -> float:
+        results = evaluate_tasks(
+            model,
+            loaded.tokenizer,
+            ["ppl:pubmedqa"],
+            evaluation,
+            data_dir=shared_data_dir,
+            progress=False,
+        )
+        return results["ppl:pubmedqa"].value
+
+    before = domain_perplexity(loaded.model)
     records = load_records("pubmedqa", kind="text", split="train", data_dir=shared_data_dir)
     config = TrainConfig(max_steps=6, batch_size=4, max_length=128, learning_rate=1e-4)
     model, summary = train_model(
         loaded.model, loaded.tokenizer, records[:60], config, tmp_path, progress=False
     )
-    after = evaluate_tasks(
-        model,
-        loaded.tokenizer,
-        ["ppl:pubmedqa"],
-        evaluation,
-        data_dir=shared_data_dir,
-        progress=False,
-    )["ppl:pubmedqa"]
     assert summary.steps == 6
-    assert after.value < before.value
+    assert domain_perplexity(model) < before
     assert (tmp_path / "model" / "model.safetensors").is_file()

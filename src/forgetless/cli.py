@@ -144,16 +144,11 @@ def evaluate(
     )
     task_names = _split_tasks(tasks) or [*cfg.evaluate.domain_tasks, *cfg.evaluate.general_tasks]
     from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
-    from forgetless.models import load_model
+    from forgetless.models import load_configured_model
 
     # Bad task names and missing data fail here, before the model is loaded.
     prepared = load_tasks(task_names, cfg.evaluate, data_dir=cfg.data_dir)
-    loaded = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    loaded = load_configured_model(cfg.model)
     results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, cfg.evaluate)
     metrics = {name: result.to_dict() for name, result in results.items()}
     if output is not None:

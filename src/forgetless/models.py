@@ -108,6 +108,24 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def load_configured_model(
+    config, *, name: str | None = None, for_training: bool = False
+) -> LoadedModel:
+    """``load_model`` with the settings of a :class:`forgetless.config.ModelConfig`.
+
+    ``name`` replaces the configured model (e.g. a checkpoint written by a training stage).
+    ``for_training`` keeps fp32 master weights when the dtype is ``auto``; the Trainer then
+    adds bf16 autocast on GPUs that support it.
+    """
+    dtype = "float32" if for_training and config.dtype == "auto" else config.dtype
+    return load_model(
+        name or config.name,
+        dtype=dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

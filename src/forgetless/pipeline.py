@@ -185,19 +185,13 @@ class EvaluateStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
-        from forgetless.models import load_model
+        from forgetless.models import load_configured_model
 
         prepared = load_tasks(self.tasks(), self.config.evaluate, data_dir=self.config.data_dir)
-        model_config = self.config.model
-        model_name = model_config.name
+        trained = None
         if self.model_from is not None:
-            model_name = str(inputs[self.model_from].directory / "model")
-        loaded = load_model(
-            model_name,
-            dtype=model_config.dtype,
-            device=model_config.device,
-            trust_remote_code=model_config.trust_remote_code,
-        )
+            trained = str(inputs[self.model_from].directory / "model")
+        loaded = load_configured_model(self.config.model, name=trained)
         results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, self.config.evaluate)
         metrics = {task: result.to_dict() for task, result in results.items()}
         write_json_atomic(workdir / "metrics.json", metrics)
@@ -222,18 +216,11 @@ class TrainStage(Stage):
 
     def train_into(self, output_dir: Path) -> dict[str, Any]:
         """Load data and model, fine-tune, and write ``output_dir/model``; resumable."""
-        from forgetless.models import load_model
+        from forgetless.models import load_configured_model
         from forgetless.train.sft import train_model
 
         records = load_training_records(self.config)
-        model_config = self.config.model
-        loaded = load_model(
-            model_config.name,
-            # Training keeps fp32 master weights; the Trainer adds bf16 autocast on GPUs.
-            dtype="float32" if model_config.dtype == "auto" else model_config.dtype,
-            device=model_config.device,
-            trust_remote_code=model_config.trust_remote_code,
-        )
+        loaded = load_configured_model(self.config.model, for_training=True)
         _, result = train_model(
             loaded.model, loaded.tokenizer, records, self.config.train, output_dir
         )
