@@ -8,6 +8,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -122,7 +123,8 @@ def train(
     from forgetless.pipeline import TrainStage
 
     summary = TrainStage(cfg).train_into(output_dir)
-    out.print_json(data=summary)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun / accelerate launch
+        out.print_json(data=summary)
 
 
 @app.command("eval")
