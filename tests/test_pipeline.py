@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from forgetless.config import TrainConfig
 from forgetless.data.records import TextRecord
+from forgetless.errors import ForgetlessError
 from forgetless.models import load_model
 from forgetless.pipeline import STAGE_RECORD, RunDirectory, Stage
 from forgetless.train.sft import train_model
@@ -140,3 +141,15 @@ def test_lora_training_writes_adapter_and_merged_checkpoint(tmp_path):
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("proj" in key for key in changed)
     assert result.method == "lora"
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    first = load_model("tiny-llama", device="cpu")
+    config = _config().model_copy(update={"max_steps": 2})
+    train_model(first.model, first.tokenizer, _records(), config, tmp_path, progress=False)
+    again = load_model("tiny-llama", device="cpu")
+    changed = config.model_copy(update={"learning_rate": 5e-3})
+    with pytest.raises(ForgetlessError, match="different run.*learning_rate"):
+        train_model(again.model, again.tokenizer, _records(), changed, tmp_path, progress=False)
+    with pytest.raises(ForgetlessError, match="different run.*data"):
+        train_model(again.model, again.tokenizer, _records()[:8], config, tmp_path, progress=False)

@@ -31,6 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from forgetless.config import TrainConfig
 from forgetless.data.features import IGNORE_INDEX, build_training_features
 from forgetless.data.records import Record
+from forgetless.errors import ForgetlessError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def train_model(
         callbacks=list(callbacks),
     )
     resume = _last_checkpoint(output / CHECKPOINTS_DIR)
+    _check_same_run(output / CHECKPOINTS_DIR, config, len(features), resuming=resume is not None)
     if resume:
         logger.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -170,6 +172,35 @@ def _training_arguments(
     )
 
 
+RUN_RECORD = "forgetless_train.json"
+
+
+def _check_same_run(checkpoints: Path, config: TrainConfig, n_features: int, resuming: bool):
+    """Refuse to resume checkpoints written with other settings or data.
+
+    The Trainer would silently continue from them (e.g. past a smaller max_steps), so a reused
+    output directory must hold the same run.
+    """
+    record = {"train": config.model_dump(mode="json"), "training_sequences": n_features}
+    record_file = checkpoints / RUN_RECORD
+    if resuming and record_file.is_file():
+        previous = json.loads(record_file.read_text())
+        if previous != record:
+            changed = sorted(
+                key
+                for key in {**previous["train"], **record["train"]}
+                if previous["train"].get(key) != record["train"].get(key)
+            )
+            if previous["training_sequences"] != n_features:
+                changed.append("data")
+            raise ForgetlessError(
+                f"{checkpoints.parent} holds checkpoints of a different run (changed: "
+                f"{', '.join(changed)}); use another output directory or delete it"
+            )
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps(record, indent=2))
+
+
 def _last_checkpoint(folder: Path) -> str | None:
     if not folder.is_dir():
         return None
@@ -180,5 +211,4 @@ def _last_checkpoint(folder: Path) -> str | None:
     if not (Path(last) / "trainer_state.json").is_file():
         logger.warning("ignoring incomplete checkpoint %s", last)
         return None
-    json.loads((Path(last) / "trainer_state.json").read_text())
     return last
