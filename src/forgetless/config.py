@@ -6,8 +6,6 @@ commented YAML file, so the documentation of the defaults is generated from this
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,12 +129,6 @@ class ForgetlessConfig(Section):
         "Default: $FORGETLESS_DATA_DIR, else the user cache (downloaded when online).",
     )
     run_dir: str = Field("runs/default", description="Where stages write their artefacts.")
-
-    def stage_hash(self, *sections: str) -> str:
-        """A short stable digest of the named sections, used to key cached stage outputs."""
-        payload = {name: _dump(getattr(self, name)) for name in sections}
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _dump(value: Any) -> Any:

@@ -68,16 +68,11 @@ class Stage(ABC):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and a rename so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=2, default=str)
-        out.write("\n")
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and a rename so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w") as out:
