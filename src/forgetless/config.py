@@ -63,8 +63,78 @@ class LoraConfig(Section):
     )
 
 
+DEFAULT_OSFT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class OsftConfig(Section):
+    target_modules: str = Field(
+        DEFAULT_OSFT_TARGETS,
+        description="Regex (re.search) over module names selecting the constrained weight "
+        "matrices; default: attention q/k/v/o and MLP gate/up/down.",
+    )
+    rank_policy: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="adaptive: per-layer preserved rank from input/output cosine importance "
+        "on calibration data (Sculpting Subspaces); fixed: preserve_ratio for every matrix.",
+    )
+    mrr: float = Field(
+        0.1, ge=0.0, le=1.0, description="Adaptive: preserved ratio of the least important layer."
+    )
+    trr: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Adaptive: mean preserved ratio (a layer of average importance keeps "
+        "trr * min(m, n) singular directions frozen).",
+    )
+    preserve_ratio: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fixed policy: frozen fraction of min(m, n) (PEFT OSF effective_rank as a "
+        "fraction; Red Hat mini_trainer's unfreeze_rank_ratio = 1 - preserve_ratio).",
+    )
+    rank_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="Regex -> preserved rank for matching modules: a fraction in (0, 1) of "
+        "min(m, n), or an absolute rank >= 1. Wins over the policy.",
+    )
+    final_trr: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Task sequences: the preserved ratio grows linearly from trr (first task) "
+        "to final_trr (last task) as the SVD is recomputed after each task.",
+    )
+    calibration_data: str = Field(
+        "c4",
+        description="Data set whose inputs calibrate adaptive ranks for the first task "
+        "(later tasks of a sequence calibrate on the earlier tasks' data).",
+    )
+    calibration_samples: int = Field(
+        16, ge=1, description="Calibration sequences (of train.max_length tokens)."
+    )
+    freeze_untargeted: bool = Field(
+        True,
+        description="Freeze parameters outside target_modules (embeddings, norms), as PEFT's "
+        "OSF does; false trains them unconstrained.",
+    )
+
+    def for_task(self, index: int, count: int) -> OsftConfig:
+        """Settings for task ``index`` (0-based) of ``count``: the preserved ratio grows linearly
+        from ``trr`` to ``final_trr`` so each task leaves room for the next ones."""
+        if count <= 1:
+            return self
+        grown = self.trr + (self.final_trr - self.trr) * index / (count - 1)
+        return self.model_copy(update={"trr": grown})
+
+
 class TrainConfig(Section):
-    method: Literal["full", "lora"] = Field("full", description="full fine-tuning or LoRA.")
+    method: Literal["full", "lora", "osft"] = Field(
+        "full",
+        description="full fine-tuning, LoRA, or OSFT (full fine-tuning constrained to the "
+        "orthogonal complement of each matrix's top singular subspace).",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     max_steps: int = Field(
         60, description="Optimizer steps; <= 0 means train for num_epochs instead."
@@ -84,6 +154,7 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1, description="Keep at most N checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    osft: OsftConfig = Field(default_factory=OsftConfig, description="OSFT settings.")
 
 
 class EvalConfig(Section):
@@ -118,11 +189,44 @@ class EvalConfig(Section):
         return tasks
 
 
+class ContinualConfig(Section):
+    benchmark: Literal["fewshot", "olora"] = Field(
+        "fewshot",
+        description="fewshot: the 4-task few-shot CL benchmark (AG News, Amazon, DBpedia, "
+        "Yahoo); olora: the O-LoRA-format task list as a longer sequence.",
+    )
+    order: int = Field(
+        1, ge=1, description="Task order: fewshot 1-3 (O-LoRA orders), olora 4-6."
+    )
+    subset: str = Field("0_42", description="fewshot seed split: 0_42, 1_142 or 2_242.")
+    method: Literal["seqft", "lora", "osft", "multitask"] = Field(
+        "seqft",
+        description="seqft: full fine-tuning task after task; lora: a LoRA per task, merged "
+        "before the next; osft: OSFT with the SVD recomputed per task; multitask: one run on "
+        "all tasks together (the usual upper bound).",
+    )
+    train_limit: int | None = Field(
+        None, ge=1, description="Use at most N training records per task (None = all)."
+    )
+    eval_split: str = Field("test", description="Split each task is evaluated on.")
+    eval_limit: int | None = Field(
+        None, ge=1, description="Evaluate at most N items per task (None = all)."
+    )
+    retention_tasks: list[str] = Field(
+        default_factory=lambda: ["arc_easy", "piqa", "c4"],
+        description="General tasks evaluated on the base and the final model (retention "
+        "report); item limits come from the evaluate section.",
+    )
+
+
 class ForgetlessConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to adapt.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    continual: ContinualConfig = Field(
+        default_factory=ContinualConfig, description="Continual-learning harness."
+    )
     data_dir: str | None = Field(
         None,
         description="Directory with the data sets (reference layout: shared/data). "
