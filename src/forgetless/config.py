@@ -77,6 +77,11 @@ class OsftConfig(Section):
         description="adaptive: per-layer preserved rank from input/output cosine importance "
         "on calibration data (Sculpting Subspaces); fixed: preserve_ratio for every matrix.",
     )
+    importance: Literal["block", "matrix"] = Field(
+        "block",
+        description="Adaptive importance: mean cos(x, f(x)) over calibration tokens with f the "
+        "transformer block (residual stream) holding the matrix, or the matrix itself.",
+    )
     mrr: float = Field(
         0.1, ge=0.0, le=1.0, description="Adaptive: preserved ratio of the least important layer."
     )

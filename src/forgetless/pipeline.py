@@ -217,7 +217,12 @@ class TrainStage(Stage):
         records = load_training_records(self.config)
         loaded = load_configured_model(self.config.model, for_training=True)
         _, result = train_model(
-            loaded.model, loaded.tokenizer, records, self.config.train, output_dir
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            self.config.train,
+            output_dir,
+            data_dir=self.config.data_dir,
         )
         summary = result.to_dict()
         summary["model_dir"] = "model"

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+OSFT_RANKS = "osft_ranks.json"
 
 
 @dataclass
@@ -63,17 +64,29 @@ def train_model(
     *,
     callbacks: Sequence[TrainerCallback] = (),
     progress: bool = True,
+    calibration_records: Sequence[Record] | None = None,
+    data_dir: str | None = None,
 ) -> tuple[PreTrainedModel, TrainResult]:
     """Fine-tune ``model`` on ``records``; resumes from the last checkpoint in ``output_dir``.
 
     Returns the trained model (LoRA adapters merged in) and a summary. The final weights are
     written to ``output_dir/model`` as a plain Hugging Face checkpoint (safetensors).
+
+    For OSFT, ``model`` must hold the weights training *starts* from (also when resuming):
+    the frozen subspaces come from them. Adaptive ranks are calibrated on
+    ``calibration_records`` (the prior data), by default ``config.osft.calibration_data``
+    read from ``data_dir``.
     """
     output = Path(output_dir)
     set_seed(config.seed)
     features = build_training_features(tokenizer, records, config.max_length)
     if config.method == "lora":
         model = _with_lora(model, config)
+    if config.method == "osft":
+        osft = _osft_callback(model, tokenizer, config, calibration_records, data_dir, progress)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / OSFT_RANKS).write_text(json.dumps(osft.ranks, indent=2))
+        callbacks = [*callbacks, osft]
     trainer = Trainer(
         model=model,
         args=_training_arguments(model, config, output / CHECKPOINTS_DIR, progress),
@@ -109,6 +122,28 @@ def train_model(
         resumed_from=resume,
     )
     return model, result
+
+
+def _osft_callback(model, tokenizer, config, calibration_records, data_dir, verbose):
+    from forgetless.data import load_records
+    from forgetless.train.osft import OsftCallback, calibration_batches
+
+    calibration = None
+    if config.osft.rank_policy == "adaptive":
+        if calibration_records is None:
+            calibration_records = load_records(
+                config.osft.calibration_data,
+                data_dir=data_dir,
+                limit=config.osft.calibration_samples,
+            )
+        calibration = calibration_batches(
+            tokenizer,
+            calibration_records,
+            config.max_length,
+            config.osft.calibration_samples,
+            config.seed,
+        )
+    return OsftCallback(model, config.osft, calibration, verbose=verbose)
 
 
 def save_checkpoint(
