@@ -23,6 +23,7 @@ this module is written by hand; it plugs into any ``transformers.Trainer`` as a 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 from collections import defaultdict
@@ -254,6 +255,12 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _is_main_process() -> bool:
+    if _distributed():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _refuse_sharded(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if type(param).__name__ == "DTensor" or "_flat_param" in name:
@@ -385,7 +392,7 @@ class OsftCallback(TrainerCallback):
             {name: module.weight for name, module in modules.items()}, choices
         )
         self.config = config
-        if verbose and (not _distributed() or torch.distributed.get_rank() == 0):
+        if verbose and _is_main_process():
             print("OSFT preserved (frozen) rank per matrix:\n" + self.projector.rank_table())
 
     @property

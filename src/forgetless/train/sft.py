@@ -82,6 +82,9 @@ def train_model(
     features = build_training_features(tokenizer, records, config.max_length)
     if config.method == "lora":
         model = _with_lora(model, config)
+    # Built first: it starts the process group under torchrun / accelerate launch, which OSFT
+    # needs to give every process the same subspaces.
+    args = _training_arguments(model, config, output / CHECKPOINTS_DIR, progress)
     if config.method == "osft":
         osft = _osft_callback(model, tokenizer, config, calibration_records, data_dir, progress)
         output.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def train_model(
         callbacks = [*callbacks, osft]
     trainer = Trainer(
         model=model,
-        args=_training_arguments(model, config, output / CHECKPOINTS_DIR, progress),
+        args=args,
         train_dataset=features,
         data_collator=DataCollatorForSeq2Seq(
             tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
