@@ -231,6 +231,50 @@ def demo(
     _run_and_print(cfg)
 
 
+@app.command()
+def continual(
+    benchmark: Annotated[str | None, typer.Option(help="fewshot or olora.")] = None,
+    order: Annotated[int | None, typer.Option(help="Task order: fewshot 1-3, olora 4-6.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="seqft, lora, osft or multitask (the upper bound).")
+    ] = None,
+    subset: Annotated[
+        str | None, typer.Option(help="fewshot seed split: 0_42, 1_142 or 2_242.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config (default: continual_fewshot.yaml)."),
+    ] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (cached stages).")] = None,
+    data_dir: DataDirOpt = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluate N items per task.")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="Train on N records per task.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Learn a task sequence, evaluate every task after each, report BWT, FWT and forgetting.
+
+    Finished stages are cached in the run directory; an interrupted run resumes.
+    """
+    flags = {
+        "continual.benchmark": benchmark,
+        "continual.order": order,
+        "continual.method": method,
+        "continual.subset": subset,
+        "continual.eval_limit": eval_limit,
+        "continual.train_limit": train_limit,
+        "run_dir": run_dir,
+        "data_dir": data_dir,
+    }
+    packaged = resources.files("forgetless") / "configs" / "continual_fewshot.yaml"
+    with resources.as_file(packaged) as default:
+        cfg = _config(config or default, set_, flags)
+    from forgetless.continual import run_continual
+
+    results = run_continual(cfg, on_event=_stage_event)
+    _print_markdown(results["report"].directory / "continual.md")
+    err.print(f"report files: {results['report'].directory}")
+
+
 def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 

@@ -1,0 +1,462 @@
+"""The continual-learning harness: learn a sequence of tasks, evaluate every task after each.
+
+A run trains on the tasks of a benchmark order one after another (``seqft``: full
+fine-tuning, ``lora``: a LoRA per task merged before the next, ``osft``: OSFT with the SVD
+recomputed on the current weights for every task) or on all of them at once (``multitask``,
+the usual upper bound), evaluates every task of the sequence after every stage, and reports
+the accuracy matrix with average accuracy, BWT, FWT and forgetting
+(:mod:`forgetless.report.continual`), plus a retention report on general tasks.
+
+Every step is a fingerprinted :class:`~forgetless.pipeline.Stage`, so a killed run resumes
+where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
+
+    <benchmark>[-<subset>]/               e.g. fewshot-0_42/ or olora/
+        eval_base/  retention_base/       the base model, shared by every order and method
+        order<N>-<method>/
+            train_01_<task>/model/        plain HF checkpoint after task 1 (the next task
+            eval_01_<task>/tasks/*.json   starts from it); every task's accuracy after task 1
+            ...
+            retention_final/metrics.json
+            report/continual.{json,md,png}
+
+Each ``train_*/model`` is a full checkpoint in the training dtype (float32 unless
+``model.dtype`` says otherwise), so 4 bytes per parameter: about 0.54 GB for SmolLM2-135M,
+i.e. 2.2 GB for a fewshot sequence and 5.4 GB for an olora one. Training checkpoints are
+deleted once a stage finishes; only the final model stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from forgetless.config import ForgetlessConfig, TrainConfig
+from forgetless.data.records import MultipleChoiceRecord
+from forgetless.errors import ForgetlessError
+from forgetless.pipeline import RunDirectory, Stage, StageResult, write_json_atomic
+from forgetless.report.continual import short_name
+
+# O-LoRA's task orders (Wang et al., 2023). Orders 4-6 have 15 tasks; five of them (IMDB, Yelp,
+# DBpedia, MultiRC, Yahoo) are not among our O-LoRA-format data sets, so each of these orders
+# keeps the other ten tasks in their original relative order.
+ORDERS: dict[str, dict[int, tuple[str, ...]]] = {
+    "fewshot": {
+        1: ("dbpedia", "amazon", "yahoo", "agnews"),
+        2: ("dbpedia", "amazon", "agnews", "yahoo"),
+        3: ("yahoo", "amazon", "agnews", "dbpedia"),
+    },
+    "olora": {
+        4: ("mnli", "cb", "wic", "copa", "qqp", "boolqa", "rte", "amazon", "sst2", "agnews"),
+        5: ("boolqa", "wic", "mnli", "cb", "copa", "qqp", "rte", "sst2", "agnews", "amazon"),
+        6: ("amazon", "mnli", "cb", "copa", "qqp", "rte", "sst2", "agnews", "boolqa", "wic"),
+    },
+}
+# train.method for every continual method; multitask is one full fine-tuning run on the union.
+TRAIN_METHODS = {"seqft": "full", "lora": "lora", "osft": "osft", "multitask": "full"}
+# Evaluation items are drawn with a fixed seed, not train.seed, so runs with different training
+# seeds are scored on the same items.
+EVAL_SAMPLE_SEED = 0
+MODEL_DIR = "model"
+
+
+def task_sequence(benchmark: str, order: int) -> list[str]:
+    """The data set names of a benchmark order, in training order."""
+    orders = ORDERS[benchmark]
+    if order not in orders:
+        valid = ", ".join(str(number) for number in orders)
+        raise ForgetlessError(f"benchmark {benchmark} has no order {order}; choose one of: {valid}")
+    return [f"{benchmark}_{name}" for name in orders[order]]
+
+
+def sample_records(records: Sequence, limit: int | None, seed: int) -> list:
+    """A seeded random subset of ``limit`` records, in file order (all of them without limit).
+
+    Not the first N: the few-shot files are sorted by label, so a prefix holds one class.
+    """
+    if limit is None or limit >= len(records):
+        return list(records)
+    chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[index] for index in chosen]
+
+
+def in_training_format(tokenizer, record: MultipleChoiceRecord) -> MultipleChoiceRecord:
+    """The item with its query rendered exactly as training renders it (chat template).
+
+    Training teaches the model to answer the chat-formatted query with the label, so the
+    labels are scored as the assistant's reply to that same prompt; scoring the raw query would
+    measure how far the learnt mapping transfers to another format instead.
+    """
+    from forgetless.data.features import as_instruction, chat_prompt_and_response
+
+    prompt, _ = chat_prompt_and_response(tokenizer, as_instruction(record))
+    return dataclasses.replace(record, query=prompt, delimiter="")
+
+
+class TaskData:
+    """Each task's training and evaluation records, loaded once per run."""
+
+    def __init__(self, config: ForgetlessConfig):
+        self.config = config
+        continual = config.continual
+        # Only the few-shot benchmark comes in seed splits.
+        self.subset = continual.subset if continual.benchmark == "fewshot" else None
+        self._loaded: dict[tuple, list] = {}
+
+    def train_records(self, task: str) -> list:
+        return self._load(task, "train", self.config.continual.train_limit, self.config.train.seed)
+
+    def eval_records(self, task: str) -> list:
+        continual = self.config.continual
+        return self._load(task, continual.eval_split, continual.eval_limit, EVAL_SAMPLE_SEED)
+
+    def _load(self, task: str, split: str, limit: int | None, seed: int) -> list:
+        from forgetless.data import load_records
+
+        key = (task, split, limit, seed)
+        if key not in self._loaded:
+            records = load_records(
+                task,
+                kind="multiple_choice",
+                split=split,
+                subset=self.subset,
+                data_dir=self.config.data_dir,
+            )
+            self._loaded[key] = sample_records(records, limit, seed)
+        return self._loaded[key]
+
+
+def stage_train_config(config: ForgetlessConfig, index: int, count: int) -> TrainConfig:
+    """The train section for task ``index`` of ``count`` (the multitask run: index 0)."""
+    method = config.continual.method
+    update: dict[str, Any] = {"method": TRAIN_METHODS[method]}
+    if method == "osft":
+        update["osft"] = config.train.osft.for_task(index, count)
+    if method == "multitask" and config.train.max_steps > 0:
+        # As many optimizer steps as the whole sequence gets, so both see the same examples.
+        update["max_steps"] = config.train.max_steps * count
+    return config.train.model_copy(update=update)
+
+
+class ContinualTrainStage(Stage):
+    """Fine-tune the previous stage's model (or the base model) on one task, or on all."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ForgetlessConfig,
+        data: TaskData,
+        tasks: list[str],
+        train: TrainConfig,
+        previous: str | None,
+        calibration_tasks: list[str],
+    ):
+        self.name, self.config, self.data = name, config, data
+        self.tasks, self.train, self.previous = tasks, train, previous
+        self.calibration_tasks = calibration_tasks
+        self.depends_on = (previous,) if previous else ()
+
+    def settings(self) -> dict[str, Any]:
+        settings = {
+            "tasks": self.tasks,
+            "subset": self.data.subset,
+            "train_limit": self.config.continual.train_limit,
+            "train": self.train.model_dump(mode="json"),
+            "calibration_tasks": self.calibration_tasks,
+        }
+        if self.previous is None:
+            settings["model"] = self.config.model.model_dump(mode="json")
+        return settings
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.models import load_configured_model
+        from forgetless.train.sft import CHECKPOINTS_DIR, train_model
+
+        started = time.perf_counter()
+        records = [record for task in self.tasks for record in self.data.train_records(task)]
+        if len(self.tasks) > 1:
+            # Multitask: one mixed stream rather than task blocks, whatever the sampler does.
+            random.Random(self.train.seed).shuffle(records)
+        start_from = None
+        if self.previous is not None:
+            start_from = str(inputs[self.previous].directory / MODEL_DIR)
+        loaded = load_configured_model(self.config.model, name=start_from, for_training=True)
+        calibration = None
+        if self.train.method == "osft":
+            # The subspace to preserve is calibrated on what the model learnt so far; for the
+            # first task train_model falls back to osft.calibration_data.
+            earlier = [self.data.train_records(task) for task in self.calibration_tasks]
+            calibration = [record for records in earlier for record in records] or None
+        _, result = train_model(
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            self.train,
+            workdir,
+            calibration_records=calibration,
+            data_dir=self.config.data_dir,
+        )
+        # Checkpoints exist only to resume an interrupted stage; the final model stays.
+        shutil.rmtree(workdir / CHECKPOINTS_DIR, ignore_errors=True)
+        summary = result.to_dict()
+        summary.update(
+            model_dir=MODEL_DIR,
+            tasks=self.tasks,
+            records=len(records),
+            seconds=time.perf_counter() - started,
+        )
+        return summary
+
+
+class ContinualEvalStage(Stage):
+    """Accuracy of one model (the base, or a training stage's) on every task of the sequence."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ForgetlessConfig,
+        data: TaskData,
+        tasks: list[str],
+        model_from: str | None = None,
+    ):
+        self.name, self.config, self.data, self.tasks = name, config, data, tasks
+        self.model_from = model_from
+        self.depends_on = (model_from,) if model_from else ()
+
+    def settings(self) -> dict[str, Any]:
+        continual = self.config.continual
+        settings: dict[str, Any] = {
+            # Sorted: the base evaluation is shared by every order of the same tasks.
+            "tasks": sorted(self.tasks),
+            "subset": self.data.subset,
+            "split": continual.eval_split,
+            "limit": continual.eval_limit,
+            "batch_tokens": self.config.evaluate.batch_tokens,
+        }
+        if self.model_from is None:
+            settings["model"] = self.config.model.model_dump(mode="json")
+        return settings
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.evaluate.tasks import TaskSpec, score_task
+        from forgetless.models import load_configured_model
+
+        trained = None
+        if self.model_from is not None:
+            trained = str(inputs[self.model_from].directory / MODEL_DIR)
+        loaded = load_configured_model(self.config.model, name=trained)
+        results: dict[str, dict[str, Any]] = {}
+        for task in self.tasks:
+            path = workdir / "tasks" / f"{task}.json"
+            # An interrupted stage keeps the tasks it finished (the workdir is its partial dir).
+            if not path.is_file():
+                records = self.data.eval_records(task)
+                items = [in_training_format(loaded.tokenizer, record) for record in records]
+                spec = TaskSpec(task, task, "multiple_choice", self.config.continual.eval_split)
+                scored = score_task(
+                    loaded.model, loaded.tokenizer, spec, items, self.config.evaluate
+                )
+                write_json_atomic(path, scored.to_dict())
+            results[task] = json.loads(path.read_text())
+        return {
+            # acc, not acc_norm: the labels are short class names the model is trained to emit
+            # whole, so their full log-likelihood is what training optimises; dividing by the
+            # length would favour long labels whose later tokens are near-certain.
+            "accuracy": {task: result["value"] for task, result in results.items()},
+            "seconds": sum(result["seconds"] for result in results.values()),
+        }
+
+
+class RetentionStage(Stage):
+    """The retention tasks (general abilities) on the base or the final model."""
+
+    def __init__(self, name: str, config: ForgetlessConfig, model_from: str | None = None):
+        self.name, self.config, self.model_from = name, config, model_from
+        self.depends_on = (model_from,) if model_from else ()
+
+    def settings(self) -> dict[str, Any]:
+        evaluate = self.config.evaluate.model_dump(
+            mode="json", exclude={"domain_tasks", "general_tasks"}
+        )
+        settings = {"tasks": self.config.continual.retention_tasks, "evaluate": evaluate}
+        if self.model_from is None:
+            settings["model"] = self.config.model.model_dump(mode="json")
+        return settings
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.evaluate.tasks import evaluate_tasks
+        from forgetless.models import load_configured_model
+
+        trained = None
+        if self.model_from is not None:
+            trained = str(inputs[self.model_from].directory / MODEL_DIR)
+        loaded = load_configured_model(self.config.model, name=trained)
+        results = evaluate_tasks(
+            loaded.model,
+            loaded.tokenizer,
+            self.config.continual.retention_tasks,
+            self.config.evaluate,
+            data_dir=self.config.data_dir,
+        )
+        metrics = {task: result.to_dict() for task, result in results.items()}
+        write_json_atomic(workdir / "metrics.json", metrics)
+        return {"seconds": sum(result.seconds for result in results.values())}
+
+
+class ContinualReportStage(Stage):
+    name = "report"
+
+    def __init__(
+        self,
+        config: ForgetlessConfig,
+        tasks: list[str],
+        train_stages: list[str],
+        eval_stages: list[str],
+        retention: tuple[str, str] | None,
+    ):
+        self.config, self.tasks = config, tasks
+        self.train_stages, self.eval_stages, self.retention = train_stages, eval_stages, retention
+        self.depends_on = ("eval_base", *train_stages, *eval_stages, *(retention or ()))
+
+    def settings(self) -> dict[str, Any]:
+        continual = self.config.continual
+        return {
+            "benchmark": continual.benchmark,
+            "order": continual.order,
+            "method": continual.method,
+            "tasks": self.tasks,
+            "model": self.config.model.name,
+        }
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.report.continual import continual_metrics, write_continual_report
+        from forgetless.report.retention import build_retention_report
+
+        def task_results(stage: str) -> dict[str, Any]:
+            folder = inputs[stage].directory / "tasks"
+            return {task: json.loads((folder / f"{task}.json").read_text()) for task in self.tasks}
+
+        def retention_metrics(stage: str) -> dict[str, Any]:
+            return json.loads((inputs[stage].directory / "metrics.json").read_text())
+
+        base = task_results("eval_base")
+        stages = [task_results(stage) for stage in self.eval_stages]
+        base_row = [base[task]["value"] for task in self.tasks]
+        matrix = [[row[task]["value"] for task in self.tasks] for row in stages]
+        rows, change = [], None
+        if self.retention is not None:
+            retention = build_retention_report(
+                retention_metrics(self.retention[0]),
+                retention_metrics(self.retention[1]),
+                domain_tasks=[],
+                general_tasks=self.config.continual.retention_tasks,
+            )
+            rows, change = retention["rows"], retention["summary"]["general_improvement_pct"]
+        seconds = {name: inputs[name].summary["seconds"] for name in self.depends_on}
+        continual = self.config.continual
+        report = {
+            "benchmark": continual.benchmark,
+            "order": continual.order,
+            "subset": continual.subset if continual.benchmark == "fewshot" else None,
+            "method": continual.method,
+            "model": self.config.model.name,
+            "tasks": self.tasks,
+            "evaluation": {
+                "split": continual.eval_split,
+                "limit": continual.eval_limit,
+                "metric": "accuracy",
+                "items": {task: base[task]["n"] for task in self.tasks},
+            },
+            "base": base_row,
+            "matrix": matrix,
+            "metrics": continual_metrics(matrix, base_row),
+            "retention": rows,
+            "retention_change_pct": change,
+            "training": [
+                {"stage": name, "directory": str(inputs[name].directory), **inputs[name].summary}
+                for name in self.train_stages
+            ],
+            "timings": {
+                "stages": seconds,
+                "train_seconds": sum(seconds[name] for name in self.train_stages),
+                "eval_seconds": sum(
+                    value for name, value in seconds.items() if name not in self.train_stages
+                ),
+            },
+        }
+        write_continual_report(report, workdir)
+        return {"files": ["continual.json", "continual.md", "continual.png"]}
+
+
+def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) -> list[Stage]:
+    """Training and evaluation stages of one order and method, then retention and the report.
+
+    They depend on ``eval_base`` (and ``retention_base`` when there are retention tasks),
+    which run in the shared base directory.
+    """
+    stages: list[Stage] = []
+    if config.continual.method == "multitask":
+        steps = [("train_all", tasks, 0, [])]
+    else:
+        steps = [
+            (f"train_{i + 1:02d}_{short_name(task)}", [task], i, tasks[:i])
+            for i, task in enumerate(tasks)
+        ]
+    previous = None
+    train_names, eval_names = [], []
+    for name, trained_on, index, earlier in steps:
+        train = stage_train_config(config, index, len(tasks))
+        stages.append(ContinualTrainStage(name, config, data, trained_on, train, previous, earlier))
+        evaluation = name.replace("train_", "eval_", 1)
+        stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=name))
+        previous = name
+        train_names.append(name)
+        eval_names.append(evaluation)
+    retention = None
+    if config.continual.retention_tasks:
+        stages.append(RetentionStage("retention_final", config, model_from=previous))
+        retention = ("retention_base", "retention_final")
+    stages.append(ContinualReportStage(config, tasks, train_names, eval_names, retention))
+    return stages
+
+
+def base_directory(config: ForgetlessConfig) -> Path:
+    continual = config.continual
+    suffix = f"-{continual.subset}" if continual.benchmark == "fewshot" else ""
+    return Path(config.run_dir) / f"{continual.benchmark}{suffix}"
+
+
+def run_continual(
+    config: ForgetlessConfig, on_event: Callable[[str, StageResult | str], None] | None = None
+) -> dict[str, StageResult]:
+    """Run (or resume) one continual-learning experiment; the ``report`` result holds
+    ``continual.{json,md,png}``."""
+    from forgetless.evaluate.tasks import load_tasks
+
+    continual = config.continual
+    tasks = task_sequence(continual.benchmark, continual.order)
+    # Surface every data or task-name mistake before the first stage spends model time.
+    data = TaskData(config)
+    for task in tasks:
+        data.train_records(task)
+        data.eval_records(task)
+    load_tasks(continual.retention_tasks, config.evaluate, data_dir=config.data_dir)
+    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
+        raise ForgetlessError(f"run directory {config.run_dir} exists and is not a directory")
+
+    events = on_event or (lambda event, info: None)
+    shared = RunDirectory(base_directory(config), on_event=events)
+    sequence = RunDirectory(
+        shared.root / f"order{continual.order}-{continual.method}", on_event=events
+    )
+    results = {"eval_base": shared.run(ContinualEvalStage("eval_base", config, data, tasks), {})}
+    if continual.retention_tasks:
+        results["retention_base"] = shared.run(RetentionStage("retention_base", config), {})
+    for stage in sequence_stages(config, data, tasks):
+        results[stage.name] = sequence.run(stage, results)
+    return results

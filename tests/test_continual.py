@@ -1,0 +1,224 @@
+"""The continual-learning harness: metrics on hand-computed matrices, a tiny run end to end."""
+
+import json
+
+import pytest
+
+from forgetless.cli import main
+from forgetless.config import load_config
+from forgetless.continual import ORDERS, run_continual, sample_records, task_sequence
+from forgetless.data import get_dataset_spec
+from forgetless.errors import ForgetlessError
+from forgetless.report.continual import (
+    average_accuracy,
+    backward_transfer,
+    continual_metrics,
+    forgetting,
+    forward_transfer,
+)
+
+# Rows: after training on task 0, 1, 2; columns: tasks 0, 1, 2.
+MATRIX = [
+    [0.8, 0.3, 0.2],
+    [0.6, 0.9, 0.4],
+    [0.5, 0.7, 0.9],
+]
+BASE = [0.1, 0.2, 0.3]
+
+
+def test_metrics_of_a_hand_computed_matrix():
+    assert average_accuracy(MATRIX) == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+    # Last row minus the diagonal, over the first T - 1 tasks.
+    assert backward_transfer(MATRIX) == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    # The entry above the diagonal minus the base model, over tasks 1..T-1.
+    assert forward_transfer(MATRIX, BASE) == pytest.approx(((0.3 - 0.2) + (0.4 - 0.3)) / 2)
+    # Best of the first T - 1 rows minus the last row, over the first T - 1 tasks.
+    assert forgetting(MATRIX) == pytest.approx(((0.8 - 0.5) + (0.9 - 0.7)) / 2)
+
+
+def test_forgetting_counts_a_peak_reached_before_the_task_was_trained():
+    # Task 1 peaks at 0.6 after task 0 (before its own stage), ends at 0.4 (Chaudhry et al.).
+    matrix = [[0.5, 0.6, 0.0], [0.5, 0.5, 0.0], [0.5, 0.4, 0.7]]
+    assert forgetting(matrix) == pytest.approx((0.0 + 0.2) / 2)
+    assert backward_transfer(matrix) == pytest.approx((0.0 - 0.1) / 2)
+
+
+def test_single_row_has_only_average_accuracy():
+    metrics = continual_metrics([[0.4, 0.6]], [0.1, 0.2])
+    assert metrics == {
+        "average_accuracy": pytest.approx(0.5),
+        "bwt": None,
+        "fwt": None,
+        "forgetting": None,
+    }
+    assert continual_metrics([[0.4]], [0.1])["bwt"] is None  # one task: nothing to transfer
+
+
+def test_malformed_matrices_are_rejected():
+    with pytest.raises(ValueError, match="T x T"):
+        backward_transfer([[0.1, 0.2], [0.3]])
+    with pytest.raises(ValueError, match="base row"):
+        forward_transfer(MATRIX, [0.1])
+
+
+def test_orders_name_registered_data_sets():
+    for benchmark, orders in ORDERS.items():
+        for order in orders:
+            tasks = task_sequence(benchmark, order)
+            assert len(set(tasks)) == len(tasks) == (4 if benchmark == "fewshot" else 10)
+            for task in tasks:
+                get_dataset_spec(task)
+    assert task_sequence("fewshot", 1) == [
+        "fewshot_dbpedia",
+        "fewshot_amazon",
+        "fewshot_yahoo",
+        "fewshot_agnews",
+    ]
+    with pytest.raises(ForgetlessError, match="choose one of: 4, 5, 6"):
+        task_sequence("olora", 1)
+
+
+def test_limits_sample_across_the_file_not_its_head():
+    records = list(range(100))
+    chosen = sample_records(records, 10, seed=0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 10
+    assert max(chosen) >= 50  # the files are sorted by label: a prefix would hold one class
+    assert chosen == sample_records(records, 10, seed=0)
+    assert sample_records(records, None, seed=0) == records
+
+
+# A tiny run: byte-level tokens, so max_length must hold a whole prompt (~600 bytes).
+TINY = {
+    "model.name": "tiny-llama",
+    "model.device": "cpu",
+    "train.max_steps": 2,
+    "train.batch_size": 4,
+    "train.max_length": 1024,
+    "continual.train_limit": 8,
+    "continual.eval_limit": 6,
+    "continual.retention_tasks": [],
+}
+
+
+def _events():
+    seen: list[tuple[str, str]] = []
+
+    def record(event, info):
+        seen.append((event, info if isinstance(info, str) else info.name))
+
+    return seen, record
+
+
+def test_seqft_run_builds_the_matrix_and_reuses_finished_stages(tmp_path, shared_data_dir):
+    config = load_config(None, {**TINY, "run_dir": str(tmp_path)})
+    results = run_continual(config)
+    report_dir = results["report"].directory
+    report = json.loads((report_dir / "continual.json").read_text())
+    assert report["tasks"] == task_sequence("fewshot", 1)
+    assert len(report["matrix"]) == 4 and all(len(row) == 4 for row in report["matrix"])
+    assert len(report["base"]) == 4
+    assert set(report["metrics"]) == {"average_accuracy", "bwt", "fwt", "forgetting"}
+    assert all(value is not None for value in report["metrics"].values())
+    assert report["evaluation"]["items"] == dict.fromkeys(report["tasks"], 6)
+    assert [entry["steps"] for entry in report["training"]] == [2, 2, 2, 2]
+    assert [entry["records"] for entry in report["training"]] == [8, 8, 8, 8]
+    assert (report_dir / "continual.png").is_file()
+    markdown = (report_dir / "continual.md").read_text()
+    assert "| after \\ on | dbpedia | amazon | yahoo | agnews |" in markdown
+    assert "| 4. agnews |" in markdown
+    sequence = tmp_path / "fewshot-0_42" / "order1-seqft"
+    assert (sequence / "train_01_dbpedia" / "model" / "model.safetensors").is_file()
+    # Each task starts from the previous task's model.
+    second = json.loads((sequence / "train_02_amazon" / "stage.json").read_text())
+    assert second["inputs"] == {"train_01_dbpedia": results["train_01_dbpedia"].fingerprint}
+    assert not (sequence / "train_01_dbpedia" / "checkpoints").exists()
+    assert len(list((sequence / "eval_04_agnews" / "tasks").glob("*.json"))) == 4
+    assert not list(tmp_path.rglob("*.partial-*"))
+
+    seen, record = _events()
+    again = run_continual(load_config(None, {**TINY, "run_dir": str(tmp_path)}), on_event=record)
+    assert {event for event, _ in seen} == {"cached"}  # nothing retrained or re-evaluated
+    assert json.loads((again["report"].directory / "continual.json").read_text()) == report
+
+    # Another method reuses the base evaluation and trains from the base model again.
+    seen, record = _events()
+    lora = {**TINY, "run_dir": str(tmp_path), "continual.method": "lora", "train.max_steps": 1}
+    run_continual(load_config(None, lora), on_event=record)
+    assert ("cached", "eval_base") in seen and ("start", "train_01_dbpedia") in seen
+    lora_report = tmp_path / "fewshot-0_42" / "order1-lora" / "report" / "continual.json"
+    training = json.loads(lora_report.read_text())["training"]
+    assert [entry["method"] for entry in training] == ["lora"] * 4
+    assert (tmp_path / "fewshot-0_42" / "order1-lora" / "train_04_agnews" / "adapter").is_dir()
+
+
+def test_osft_preserves_more_of_each_matrix_task_after_task(tmp_path, shared_data_dir):
+    overrides = {**TINY, "run_dir": str(tmp_path), "continual.method": "osft"}
+    overrides.update({"train.max_steps": 1, "train.osft.calibration_samples": 2})
+    overrides.update({"continual.train_limit": 4, "continual.eval_limit": 2})
+    results = run_continual(load_config(None, overrides))
+    ranks = []
+    for name in ("train_01_dbpedia", "train_02_amazon", "train_03_yahoo", "train_04_agnews"):
+        assert results[name].summary["method"] == "osft"
+        chosen = json.loads((results[name].directory / "osft_ranks.json").read_text())
+        ranks.append(sum(choice["rank"] for choice in chosen))
+    # osft.for_task grows the preserved ratio from trr to final_trr along the sequence.
+    assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
+
+
+def _run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_names_the_options(capsys):
+    code, out, _ = _run(["continual", "--help"], capsys)
+    assert code == 0
+    for option in ("--benchmark", "--order", "--method", "--subset", "--eval-limit"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--benchmark", "fewshot", "--order", "4"], "choose one of: 1, 2, 3"),
+        (["--benchmark", "olora", "--order", "2"], "choose one of: 4, 5, 6"),
+        (["--method", "ewc"], "continual.method"),
+        (["--subset", "9_999"], "9_999"),
+    ],
+)
+def test_cli_mistakes_give_one_line(argv, needle, tmp_path, capsys, shared_data_dir):
+    run_dir = tmp_path / "run"
+    code, _, err = _run(["continual", *argv, "--run-dir", str(run_dir)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not run_dir.exists()
+
+
+def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, capsys, shared_data_dir):
+    overrides = {**TINY, "train.max_steps": 1, "evaluate.limit": 4}
+    overrides["continual.retention_tasks"] = ["arc_easy"]
+    argv = ["continual", "--order", "3", "--method", "multitask", "--run-dir", str(tmp_path)]
+    argv += ["--train-limit", "4", "--eval-limit", "3"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "# Continual learning: fewshot order 3, multitask" in out
+    assert "| after \\ on | yahoo | amazon | agnews | dbpedia |" in out
+    assert "| multitask (all tasks) |" in out and "| backward transfer (BWT) | n/a |" in out
+    assert "▶ train_all" in err and "report files:" in err
+    report_file = tmp_path / "fewshot-0_42" / "order3-multitask" / "report" / "continual.json"
+    report = json.loads(report_file.read_text())
+    assert len(report["matrix"]) == 1 and len(report["matrix"][0]) == 4
+    assert report["metrics"]["average_accuracy"] is not None
+    assert [report["metrics"][key] for key in ("bwt", "fwt", "forgetting")] == [None] * 3
+    assert report["evaluation"]["items"] == dict.fromkeys(report["tasks"], 3)
+    # One run on the shuffled union, with as many steps as the four-task sequence gets.
+    assert report["training"][0]["records"] == 16 and report["training"][0]["steps"] == 4
+    assert [row["task"] for row in report["retention"]] == ["arc_easy"]
