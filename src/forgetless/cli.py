@@ -92,7 +92,7 @@ def train(
     kind: Annotated[str | None, typer.Option(help="text, instruction or multiple_choice.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of the data set.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
-    method: Annotated[str | None, typer.Option(help="full or lora.")] = None,
+    method: Annotated[str | None, typer.Option(help="full, lora or osft.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
@@ -101,7 +101,7 @@ def train(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Fine-tune a model (full or LoRA); resumes from the last checkpoint in OUTPUT_DIR."""
+    """Fine-tune a model (full, LoRA or OSFT); resumes from the last checkpoint in OUTPUT_DIR."""
     cfg = _config(
         config,
         set_,

@@ -200,9 +200,7 @@ class ContinualConfig(Section):
         description="fewshot: the 4-task few-shot CL benchmark (AG News, Amazon, DBpedia, "
         "Yahoo); olora: the O-LoRA-format task list as a longer sequence.",
     )
-    order: int = Field(
-        1, ge=1, description="Task order: fewshot 1-3 (O-LoRA orders), olora 4-6."
-    )
+    order: int = Field(1, ge=1, description="Task order: fewshot 1-3 (O-LoRA orders), olora 4-6.")
     subset: str = Field("0_42", description="fewshot seed split: 0_42, 1_142 or 2_242.")
     method: Literal["seqft", "lora", "osft", "multitask"] = Field(
         "seqft",

@@ -16,9 +16,12 @@ from forgetless.errors import ForgetlessError
 def _row(task: str, group: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     higher_is_better = bool(before["higher_is_better"])
     delta = after["value"] - before["value"]
-    relative = delta / before["value"] if before["value"] else float("nan")
-    # Oriented so that a positive number always means "the adapted model is better".
-    improvement = relative if higher_is_better else -relative
+    # Oriented so that a positive number always means "the adapted model is better"; a relative
+    # change from a base value of 0 is undefined (None, not NaN, so the JSON stays valid).
+    improvement = None
+    if before["value"]:
+        relative = delta / before["value"]
+        improvement = 100 * (relative if higher_is_better else -relative)
     return {
         "group": group,
         "task": task,
@@ -27,7 +30,7 @@ def _row(task: str, group: str, before: dict[str, Any], after: dict[str, Any]) -
         "before": before["value"],
         "after": after["value"],
         "delta": delta,
-        "improvement_pct": 100 * improvement,
+        "improvement_pct": improvement,
         "before_ci95": before.get("ci95"),
         "after_ci95": after.get("ci95"),
         "n": after.get("n"),
@@ -49,7 +52,11 @@ def build_retention_report(
             rows.append(_row(task, group, base[task], adapted[task]))
 
     def mean_improvement(group: str) -> float | None:
-        values = [row["improvement_pct"] for row in rows if row["group"] == group]
+        values = [
+            row["improvement_pct"]
+            for row in rows
+            if row["group"] == group and row["improvement_pct"] is not None
+        ]
         return sum(values) / len(values) if values else None
 
     training = (meta or {}).get("training") or {}
@@ -99,7 +106,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {row['group']} | {row['task']} | {metric} "
             f"| {_fmt(row['before'], metric)}{_fmt_ci(row['before_ci95'], metric)} "
             f"| {_fmt(row['after'], metric)}{_fmt_ci(row['after_ci95'], metric)} "
-            f"| {delta_scale * row['delta']:+.2f}{unit} | {row['improvement_pct']:+.1f} % |"
+            f"| {delta_scale * row['delta']:+.2f}{unit} | {_fmt_change(row['improvement_pct'])} |"
         )
     lines.append("")
     for group in ("domain", "general"):
@@ -114,6 +121,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_change(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} %"
+
+
 def plot_report(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -122,7 +133,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
     rows = report["rows"]
     labels = [row["task"] for row in rows]
-    values = [row["improvement_pct"] for row in rows]
+    values = [row["improvement_pct"] or 0.0 for row in rows]
     colours = ["tab:blue" if row["group"] == "domain" else "tab:orange" for row in rows]
     figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1), 3.5))
     axis.bar(range(len(rows)), values, color=colours)

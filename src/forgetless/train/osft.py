@@ -429,11 +429,12 @@ def _same_on_every_process(importance: dict[str, float]) -> dict[str, float]:
 def calibration_batches(
     tokenizer, records: Sequence[Record], max_length: int, samples: int, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
-    """Up to ``samples`` single-sequence batches drawn evenly at random from ``records``.
+    """Up to ``samples`` single-sequence batches from records drawn at random.
 
     One sequence per batch keeps padding out of the importance average without needing the
     attention mask inside the hooks.
     """
+    # Sample before tokenising: late tasks of a long sequence pass tens of thousands of records.
+    records = random.Random(seed).sample(list(records), min(samples, len(records)))
     features = build_training_features(tokenizer, records, max_length)
-    chosen = sorted(random.Random(seed).sample(range(len(features)), min(samples, len(features))))
-    return [{"input_ids": torch.tensor([features[i]["input_ids"]])} for i in chosen]
+    return [{"input_ids": torch.tensor([row])} for row in features["input_ids"][:samples]]
