@@ -1,6 +1,7 @@
 """The real SmolLM2-135M path: GGUF de-quantisation, chat template, and a short fine-tune."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -53,3 +54,33 @@ def test_short_fine_tune_lowers_domain_perplexity(shared_data_dir, tmp_path):
     assert summary.steps == 6
     assert domain_perplexity(model) < before
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+TARGETS = r"layers\.(0|1|20)\.(self_attn|mlp)\.\w+_proj$"
+
+
+def test_osft_on_smollm2_keeps_the_drift_out_of_the_frozen_subspaces(shared_data_dir, tmp_path):
+    from forgetless.config import OsftConfig
+    from forgetless.train.osft import SubspaceBasis
+
+    loaded = load_model("smollm2-135m", device="cpu")
+    initial = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    records = load_records("pubmedqa", kind="text", split="train", limit=8)
+    config = TrainConfig(
+        method="osft", max_steps=2, batch_size=2, max_length=64, learning_rate=1e-4,
+        weight_decay=0.01, save_steps=1000,
+        # a few blocks keep the SVDs (about 0.2 s per matrix on CPU) cheap
+        osft=OsftConfig(target_modules=TARGETS, calibration_samples=4),
+    )  # fmt: skip
+    model, _ = train_model(
+        loaded.model, loaded.tokenizer, records, config, tmp_path, data_dir=shared_data_dir
+    )
+    ranks = json.loads((tmp_path / "osft_ranks.json").read_text())
+    assert len(ranks) == 3 * 7
+    # Adaptive ranks differ between blocks (the first block reads raw embeddings).
+    assert len({entry["rank"] for entry in ranks if entry["name"].endswith("q_proj")}) == 3
+    for entry in ranks:
+        start = initial[entry["name"] + ".weight"]
+        drift = model.get_submodule(entry["name"]).weight.detach() - start
+        leak = max(SubspaceBasis(start, entry["rank"]).high_energy(drift)) / float(drift.norm())
+        assert leak < 1e-4, (entry["name"], leak)
