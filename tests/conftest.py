@@ -24,3 +24,20 @@ def shared_data_dir() -> Path:
             f"built-in data files not found at {candidate}; set FORGETLESS_DATA_DIR to a copy"
         )
     return candidate
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from forgetless.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

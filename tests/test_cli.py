@@ -11,19 +11,9 @@ from forgetless.cli import main
 COMMANDS = ["train", "eval", "report", "run", "demo", "config", "data", "data list"]
 
 
-def _run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("command", COMMANDS)
-def test_help_on_every_command(command, capsys):
-    code, out, _ = _run([*command.split(), "--help"], capsys)
+def test_help_on_every_command(command, run_cli):
+    code, out, _ = run_cli([*command.split(), "--help"])
     assert code == 0
     assert "Usage" in out
 
@@ -43,12 +33,12 @@ def _assert_one_line_error(code, err, *needles):
         assert needle in lines[0]
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
+def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
     output = tmp_path / "out"
-    code, _, err = _run(
-        ["train", "--model", "tiny-llama", "--data", str(data), "--output-dir", str(output)], capsys
+    code, _, err = run_cli(
+        ["train", "--model", "tiny-llama", "--data", str(data), "--output-dir", str(output)]
     )
     _assert_one_line_error(code, err, "bad.jsonl:3")
     assert not output.exists()
@@ -69,9 +59,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
         (["eval", "--set", "evaluate.limit=-3", "--tasks", "c4"], "evaluate.limit"),
     ],
 )
-def test_user_mistakes_give_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+def test_user_mistakes_give_one_line(argv, needle, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv)
     _assert_one_line_error(code, err, needle)
     assert not (tmp_path / "x").exists()
 
@@ -125,7 +115,7 @@ def test_report_command_from_metrics_files(tmp_path, capsys):
     assert (tmp_path / "report" / "report.png").is_file()
 
 
-def test_run_end_to_end_then_cached(tmp_path, capsys):
+def test_run_end_to_end_then_cached(tmp_path, run_cli):
     config = tmp_path / "tiny.yaml"
     config.write_text(
         """
@@ -140,7 +130,7 @@ evaluate:
     )
     run_dir = tmp_path / "run"
     argv = ["run", "--config", str(config), "--run-dir", str(run_dir)]
-    assert _run(argv, capsys)[0] == 0
+    assert run_cli(argv)[0] == 0
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert [row["task"] for row in report["rows"]] == ["ppl:pubmedqa", "arc_easy", "c4"]
     assert report["summary"]["train_steps"] == 2
@@ -148,11 +138,11 @@ evaluate:
     assert not (run_dir / "train" / "checkpoints").exists()
     assert not list(run_dir.glob("*.partial-*"))
 
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 0
     assert err.count("cached") == 4
     assert "| domain | ppl:pubmedqa | perplexity |" in out
 
-    code, _, err = _run([*argv, "--set", "train.max_steps=3"], capsys)
+    code, _, err = run_cli([*argv, "--set", "train.max_steps=3"])
     assert code == 0
     assert err.count("cached") == 1  # only the base evaluation is unaffected

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from forgetless.cli import main
 from forgetless.config import load_config
 from forgetless.continual import ORDERS, run_continual, sample_records, task_sequence
 from forgetless.data import get_dataset_spec
@@ -165,18 +164,8 @@ def test_osft_preserves_more_of_each_matrix_task_after_task(tmp_path, shared_dat
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
 
 
-def _run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_help_names_the_options(capsys):
-    code, out, _ = _run(["continual", "--help"], capsys)
+def test_help_names_the_options(run_cli):
+    code, out, _ = run_cli(["continual", "--help"])
     assert code == 0
     for option in ("--benchmark", "--order", "--method", "--subset", "--eval-limit"):
         assert option in out
@@ -191,23 +180,23 @@ def test_help_names_the_options(capsys):
         (["--subset", "9_999"], "9_999"),
     ],
 )
-def test_cli_mistakes_give_one_line(argv, needle, tmp_path, capsys, shared_data_dir):
+def test_cli_mistakes_give_one_line(argv, needle, tmp_path, shared_data_dir, run_cli):
     run_dir = tmp_path / "run"
-    code, _, err = _run(["continual", *argv, "--run-dir", str(run_dir)], capsys)
+    code, _, err = run_cli(["continual", *argv, "--run-dir", str(run_dir)])
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not run_dir.exists()
 
 
-def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, capsys, shared_data_dir):
+def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, shared_data_dir, run_cli):
     overrides = {**TINY, "train.max_steps": 1, "evaluate.limit": 4}
     overrides["continual.retention_tasks"] = ["arc_easy"]
     argv = ["continual", "--order", "3", "--method", "multitask", "--run-dir", str(tmp_path)]
     argv += ["--train-limit", "4", "--eval-limit", "3"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 0, err
     assert "# Continual learning: fewshot order 3, multitask" in out
     assert "| after \\ on | yahoo | amazon | agnews | dbpedia |" in out

@@ -39,7 +39,13 @@ from typing import Any
 from forgetless.config import ForgetlessConfig, TrainConfig
 from forgetless.data.records import MultipleChoiceRecord
 from forgetless.errors import ForgetlessError
-from forgetless.pipeline import RunDirectory, Stage, StageResult, write_json_atomic
+from forgetless.pipeline import (
+    RunDirectory,
+    Stage,
+    StageResult,
+    load_stage_model,
+    write_json_atomic,
+)
 from forgetless.report.continual import short_name
 
 # O-LoRA's task orders (Wang et al., 2023). Orders 4-6 have 15 tasks; five of them (IMDB, Yelp,
@@ -244,12 +250,8 @@ class ContinualEvalStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.tasks import TaskSpec, score_task
-        from forgetless.models import load_configured_model
 
-        trained = None
-        if self.model_from is not None:
-            trained = str(inputs[self.model_from].directory / MODEL_DIR)
-        loaded = load_configured_model(self.config.model, name=trained)
+        loaded = load_stage_model(self.config, inputs, self.model_from)
         results: dict[str, dict[str, Any]] = {}
         for task in self.tasks:
             path = workdir / "tasks" / f"{task}.json"
@@ -290,12 +292,8 @@ class RetentionStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.tasks import evaluate_tasks
-        from forgetless.models import load_configured_model
 
-        trained = None
-        if self.model_from is not None:
-            trained = str(inputs[self.model_from].directory / MODEL_DIR)
-        loaded = load_configured_model(self.config.model, name=trained)
+        loaded = load_stage_model(self.config, inputs, self.model_from)
         results = evaluate_tasks(
             loaded.model,
             loaded.tokenizer,

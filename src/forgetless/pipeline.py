@@ -159,6 +159,16 @@ def load_training_records(config: ForgetlessConfig) -> list:
     )
 
 
+def load_stage_model(config: ForgetlessConfig, inputs: dict[str, StageResult], model_from):
+    """The configured base model, or the ``model/`` written by the upstream stage ``model_from``."""
+    from forgetless.models import load_configured_model
+
+    trained = None
+    if model_from is not None:
+        trained = str(inputs[model_from].directory / "model")
+    return load_configured_model(config.model, name=trained)
+
+
 class EvaluateStage(Stage):
     """Evaluate a model (the base, or the output of an upstream training stage)."""
 
@@ -180,13 +190,9 @@ class EvaluateStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
-        from forgetless.models import load_configured_model
 
         prepared = load_tasks(self.tasks(), self.config.evaluate, data_dir=self.config.data_dir)
-        trained = None
-        if self.model_from is not None:
-            trained = str(inputs[self.model_from].directory / "model")
-        loaded = load_configured_model(self.config.model, name=trained)
+        loaded = load_stage_model(self.config, inputs, self.model_from)
         results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, self.config.evaluate)
         metrics = {task: result.to_dict() for task, result in results.items()}
         write_json_atomic(workdir / "metrics.json", metrics)
