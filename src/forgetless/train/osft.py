@@ -22,7 +22,6 @@ this module is written by hand; it plugs into any ``transformers.Trainer`` as a 
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -40,21 +39,15 @@ from forgetless.data.features import build_training_features
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class RankChoice:
-    """The preserved (frozen) rank chosen for one weight matrix, and why."""
+    """The preserved (frozen) rank chosen for one weight matrix, and the importance behind it."""
 
     name: str
     shape: tuple[int, int]
     rank: int
     importance: float | None
-
-    @property
-    def ratio(self) -> float:
-        return self.rank / min(self.shape)
 
 
 class SubspaceBasis:
@@ -80,10 +73,6 @@ class SubspaceBasis:
         self.right_complement = n == r and (n - rank) < rank
         self.left = (u[:, rank:] if self.left_complement else u[:, :rank]).contiguous()
         self.right = (v[:, rank:] if self.right_complement else v[:, :rank]).contiguous()
-
-    @property
-    def stored_numel(self) -> int:
-        return self.left.numel() + self.right.numel()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``(I − U_high U_highᵀ) x (I − V_high V_highᵀ)`` in fp32; ``x`` is overwritten when
@@ -288,10 +277,6 @@ class OrthogonalSubspaceProjector:
                 torch.distributed.broadcast(basis.right, src=0)
         self._before_step: dict[str, torch.Tensor] = {}
 
-    @property
-    def stored_numel(self) -> int:
-        return sum(basis.stored_numel for basis in self.bases.values())
-
     @torch.no_grad()
     def project_gradients(self) -> None:
         for name, basis in self.bases.items():
@@ -317,16 +302,6 @@ class OrthogonalSubspaceProjector:
             update = self.bases[name].project(weight.detach().float() - before.float())
             weight.copy_(before.float().add_(update))
         self._before_step = {}
-
-    def leakage(self, initial: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Relative size of the drift W − W_0 inside the frozen subspaces, per matrix:
-        max(‖U_highᵀ ΔW‖, ‖ΔW V_high‖) / ‖ΔW‖ (0 for an untouched matrix)."""
-        out = {}
-        for name, basis in self.bases.items():
-            drift = self.weights[name].detach().float() - initial[name].float()
-            norm = float(drift.norm())
-            out[name] = max(basis.high_energy(drift)) / norm if norm > 0 else 0.0
-        return out
 
     def rank_table(self) -> str:
         return format_rank_table(self.choices)
