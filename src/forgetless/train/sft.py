@@ -87,8 +87,9 @@ def train_model(
     args = _training_arguments(model, config, output / CHECKPOINTS_DIR, progress)
     if config.method == "osft":
         osft = _osft_callback(model, tokenizer, config, calibration_records, data_dir, progress)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / OSFT_RANKS).write_text(json.dumps(osft.ranks, indent=2))
+        if args.process_index == 0:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / OSFT_RANKS).write_text(json.dumps(osft.ranks, indent=2))
         callbacks = [*callbacks, osft]
     trainer = Trainer(
         model=model,
