@@ -8,7 +8,18 @@ import pytest
 
 from forgetless.cli import main
 
-COMMANDS = ["train", "eval", "report", "run", "demo", "config", "data", "data list"]
+COMMANDS = [
+    "train",
+    "eval",
+    "report",
+    "run",
+    "demo",
+    "continual",
+    "merge",
+    "config",
+    "data",
+    "data list",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

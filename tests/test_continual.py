@@ -164,6 +164,31 @@ def test_osft_preserves_more_of_each_matrix_task_after_task(tmp_path, shared_dat
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
 
 
+def test_sotu_trains_experts_from_the_base_and_merges_them(tmp_path, shared_data_dir):
+    overrides = {**TINY, "run_dir": str(tmp_path), "continual.method": "sotu"}
+    overrides.update({"train.max_steps": 1, "continual.train_limit": 4})
+    overrides.update({"continual.eval_limit": 2, "merge.keep": 0.25})
+    results = run_continual(load_config(None, overrides))
+    sequence = tmp_path / "fewshot-0_42" / "order1-sotu"
+    # Every expert starts from the base model, not from the previous task's model.
+    for name in ("train_01_dbpedia", "train_04_agnews"):
+        assert json.loads((sequence / name / "stage.json").read_text())["inputs"] == {}
+    last = results["merge_04_agnews"]
+    assert last.summary["experts"] == [
+        "train_01_dbpedia",
+        "train_02_amazon",
+        "train_03_yahoo",
+        "train_04_agnews",
+    ]
+    merge_report = json.loads((last.directory / "model" / "merge_report.json").read_text())
+    assert merge_report["method"] == "sotu" and merge_report["keep"] == 0.25
+    assert json.loads((sequence / "eval_04_agnews" / "stage.json").read_text())["inputs"] == {
+        "merge_04_agnews": last.fingerprint
+    }
+    report = json.loads((results["report"].directory / "continual.json").read_text())
+    assert len(report["matrix"]) == 4 and report["method"] == "sotu"
+
+
 def test_help_names_the_options(run_cli):
     code, out, _ = run_cli(["continual", "--help"])
     assert code == 0

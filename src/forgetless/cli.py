@@ -236,7 +236,8 @@ def continual(
     benchmark: Annotated[str | None, typer.Option(help="fewshot or olora.")] = None,
     order: Annotated[int | None, typer.Option(help="Task order: fewshot 1-3, olora 4-6.")] = None,
     method: Annotated[
-        str | None, typer.Option(help="seqft, lora, osft or multitask (the upper bound).")
+        str | None,
+        typer.Option(help="seqft, lora, osft, sotu or multitask (the upper bound)."),
     ] = None,
     subset: Annotated[
         str | None, typer.Option(help="fewshot seed split: 0_42, 1_142 or 2_242.")
@@ -275,6 +276,73 @@ def continual(
     err.print(f"report files: {results['report'].directory}")
 
 
+@app.command()
+def merge(
+    base: Annotated[str, typer.Option(help="Base checkpoint the experts were fine-tuned from.")],
+    experts: Annotated[
+        list[str], typer.Option(help="Expert checkpoints: --experts E1 E2 ... (safetensors).")
+    ],
+    output: Annotated[Path, typer.Option(help="Directory for the merged checkpoint.")],
+    method: Annotated[str | None, typer.Option(help="sotu, task_arithmetic, ties or dare.")] = None,
+    keep: Annotated[
+        float | None, typer.Option(help="Fraction of each delta kept (sotu, dare, ties).")
+    ] = None,
+    rescale: Annotated[
+        bool | None,
+        typer.Option(
+            "--rescale/--no-rescale", help="Divide kept entries by keep (default: dare only)."
+        ),
+    ] = None,
+    scale: Annotated[float | None, typer.Option(help="Multiplier of the merged delta.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random masks.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Merge fine-tuned experts into their base: sparse random masks (SoTU) or a baseline.
+
+    Streams tensor by tensor (memory stays near one model whatever the number of experts)
+    and writes a plain HF checkpoint plus merge_report.json; the same seed gives the same bytes.
+    """
+    cfg = _config(
+        config,
+        set_,
+        {
+            "merge.method": method,
+            "merge.keep": keep,
+            "merge.rescale": rescale,
+            "merge.scale": scale,
+            "merge.seed": seed,
+        },
+    )
+    from forgetless.merge import merge_checkpoints
+
+    report = merge_checkpoints(base, experts, output, cfg.merge, overwrite=overwrite)
+    overlap = report.overlap
+    table = Table(title=f"{report.method} merge of {len(experts)} experts → {output}")
+    for column in ("expert", "delta norm", "kept", "cosine to the others: raw→masked"):
+        table.add_column(column)
+    for index, name in enumerate(experts):
+        cosines = [
+            f"{overlap['cosine_raw'][index][other]:+.3f}→{overlap['cosine_masked'][index][other]:+.3f}"
+            for other in range(len(experts))
+            if other != index
+        ]
+        table.add_row(
+            name,
+            f"{overlap['delta_norm'][index]:.4g}",
+            f"{overlap['kept_fraction'][index]:.3f}",
+            " ".join(cosines),
+        )
+    out.print(table)
+    expected = report.expected_collision_rate
+    err.print(
+        f"collision rate {overlap['collision_rate']:.4f}"
+        + (f" (independent masks: {expected:.4f})" if expected is not None else "")
+        + f"; report: {output / 'merge_report.json'}"
+    )
+
+
 def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 
@@ -308,7 +376,29 @@ def _is_usage_error(error: Exception) -> bool:
     return hasattr(error, "format_message") and hasattr(error, "exit_code")
 
 
+# Options that take several values after one flag (`--experts A B C`), which click cannot
+# parse natively; they are rewritten to the repeated form click understands.
+MULTI_VALUE_OPTIONS = ("--experts",)
+
+
+def _expand_multi_value_options(argv: list[str]) -> list[str]:
+    expanded: list[str] = []
+    current: str | None = None
+    for token in argv:
+        if token.startswith("-"):
+            current = token if token in MULTI_VALUE_OPTIONS else None
+            if current is None:
+                expanded.append(token)
+            continue
+        if current is not None:
+            expanded.extend([current, token])
+        else:
+            expanded.append(token)
+    return expanded
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = _expand_multi_value_options(sys.argv[1:] if argv is None else list(argv))
     try:
         app(args=argv, standalone_mode=False)
     except ForgetlessError as error:

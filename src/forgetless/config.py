@@ -202,10 +202,12 @@ class ContinualConfig(Section):
     )
     order: int = Field(1, ge=1, description="Task order: fewshot 1-3 (O-LoRA orders), olora 4-6.")
     subset: str = Field("0_42", description="fewshot seed split: 0_42, 1_142 or 2_242.")
-    method: Literal["seqft", "lora", "osft", "multitask"] = Field(
+    method: Literal["seqft", "lora", "osft", "sotu", "multitask"] = Field(
         "seqft",
         description="seqft: full fine-tuning task after task; lora: a LoRA per task, merged "
-        "before the next; osft: OSFT with the SVD recomputed per task; multitask: one run on "
+        "before the next; osft: OSFT with the SVD recomputed per task; sotu: each task "
+        "fine-tuned from the base on its own, the experts so far merged with the merge section's "
+        "settings (SoTU sparse masks by default) after each task; multitask: one run on "
         "all tasks together (the usual upper bound).",
     )
     train_limit: int | None = Field(
@@ -222,6 +224,45 @@ class ContinualConfig(Section):
     )
 
 
+MERGE_DEFAULT_RESCALE = {"sotu": False, "dare": True}
+
+
+class MergeConfig(Section):
+    method: Literal["sotu", "task_arithmetic", "ties", "dare"] = Field(
+        "sotu",
+        description="sotu: random sparse masks summed (Sparse Orthogonal Parameters Tuning); "
+        "task_arithmetic: plain sum of deltas; ties: trim, elect sign, disjoint mean; dare: "
+        "random drop with rescaling, then sum.",
+    )
+    keep: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each expert's delta kept (1 - p): at random for sotu and "
+        "dare, the largest magnitudes per tensor for ties; ignored by task_arithmetic. Rule "
+        "of thumb for sotu: about 1 / number of experts.",
+    )
+    rescale: bool | None = Field(
+        None,
+        description="Divide kept entries by keep (DARE's 1/(1-p)). Default: false for sotu "
+        "(the paper's plain masked sum), true for dare; ties and task_arithmetic never rescale.",
+    )
+    scale: float = Field(
+        1.0, gt=0.0, description="Multiplier of the merged delta (task arithmetic's lambda)."
+    )
+    seed: int = Field(
+        0, description="Seed of the random masks; each expert and tensor derives its own."
+    )
+    max_shard_size: str = Field(
+        "5GB", description="Largest output safetensors shard, e.g. 500MB or 5GB."
+    )
+
+    def rescales(self) -> bool:
+        if self.method not in MERGE_DEFAULT_RESCALE:
+            return False
+        return MERGE_DEFAULT_RESCALE[self.method] if self.rescale is None else self.rescale
+
+
 class ForgetlessConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to adapt.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
@@ -229,6 +270,9 @@ class ForgetlessConfig(Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     continual: ContinualConfig = Field(
         default_factory=ContinualConfig, description="Continual-learning harness."
+    )
+    merge: MergeConfig = Field(
+        default_factory=MergeConfig, description="Merging fine-tuned experts into one model."
     )
     data_dir: str | None = Field(
         None,

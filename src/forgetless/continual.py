@@ -2,9 +2,10 @@
 
 A run trains on the tasks of a benchmark order one after another (``seqft``: full
 fine-tuning, ``lora``: a LoRA per task merged before the next, ``osft``: OSFT with the SVD
-recomputed on the current weights for every task) or on all of them at once (``multitask``,
-the usual upper bound), evaluates every task of the sequence after every stage, and reports
-the accuracy matrix with average accuracy, BWT, FWT and forgetting
+recomputed on the current weights for every task, ``sotu``: each task fine-tuned from the base
+on its own and the experts so far merged with sparse random masks) or on all of them at once
+(``multitask``, the usual upper bound), evaluates every task of the sequence after every
+stage, and reports the accuracy matrix with average accuracy, BWT, FWT and forgetting
 (:mod:`forgetless.report.continual`), plus a retention report on general tasks.
 
 Every step is a fingerprinted :class:`~forgetless.pipeline.Stage`, so a killed run resumes
@@ -14,7 +15,8 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
         eval_base/  retention_base/       the base model, shared by every order and method
         order<N>-<method>/
             train_01_<task>/model/        plain HF checkpoint after task 1 (the next task
-            eval_01_<task>/tasks/*.json   starts from it); every task's accuracy after task 1
+            [merge_01_<task>/model/]      starts from it; sotu: the merge of the experts so
+            eval_01_<task>/tasks/*.json   far); every task's accuracy after task 1
             ...
             retention_final/metrics.json
             report/continual.{json,md,png}
@@ -64,7 +66,13 @@ ORDERS: dict[str, dict[int, tuple[str, ...]]] = {
     },
 }
 # train.method for every continual method; multitask is one full fine-tuning run on the union.
-TRAIN_METHODS = {"seqft": "full", "lora": "lora", "osft": "osft", "multitask": "full"}
+TRAIN_METHODS = {
+    "seqft": "full",
+    "lora": "lora",
+    "osft": "osft",
+    "sotu": "full",
+    "multitask": "full",
+}
 # Evaluation items are drawn with a fixed seed, not train.seed, so runs with different training
 # seeds are scored on the same items.
 EVAL_SAMPLE_SEED = 0
@@ -217,6 +225,36 @@ class ContinualTrainStage(Stage):
             seconds=time.perf_counter() - started,
         )
         return summary
+
+
+class MergeExpertsStage(Stage):
+    """Merge the per-task experts trained so far into the base model (the sotu method)."""
+
+    def __init__(self, name: str, config: ForgetlessConfig, experts: list[str]):
+        self.name, self.config = name, config
+        self.depends_on = tuple(experts)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "model": self.config.model.model_dump(mode="json"),
+            "merge": self.config.merge.model_dump(mode="json"),
+        }
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.merge import merge_checkpoints
+
+        started = time.perf_counter()
+        experts = [str(inputs[name].directory / MODEL_DIR) for name in self.depends_on]
+        report = merge_checkpoints(
+            self.config.model.name, experts, workdir / MODEL_DIR, self.config.merge, overwrite=True
+        )
+        return {
+            "model_dir": MODEL_DIR,
+            "experts": list(self.depends_on),
+            "collision_rate": report.overlap["collision_rate"],
+            "mean_abs_cosine_masked": report.overlap["mean_abs_cosine_masked"],
+            "seconds": time.perf_counter() - started,
+        }
 
 
 class ContinualEvalStage(Stage):
@@ -405,15 +443,25 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
             (f"train_{i + 1:02d}_{short_name(task)}", [task], i, tasks[:i])
             for i, task in enumerate(tasks)
         ]
+    merging = config.continual.method == "sotu"
     previous = None
-    train_names, eval_names = [], []
+    train_names, eval_names, experts = [], [], []
     for name, trained_on, index, earlier in steps:
         train = stage_train_config(config, index, len(tasks))
-        stages.append(ContinualTrainStage(name, config, data, trained_on, train, previous, earlier))
-        evaluation = name.replace("train_", "eval_", 1)
-        stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=name))
-        previous = name
+        # sotu experts all start from the base model; the others continue the previous stage.
+        start_from = None if merging else previous
+        stages.append(
+            ContinualTrainStage(name, config, data, trained_on, train, start_from, earlier)
+        )
         train_names.append(name)
+        previous = name
+        if merging:
+            experts.append(name)
+            previous = name.replace("train_", "merge_", 1)
+            stages.append(MergeExpertsStage(previous, config, list(experts)))
+            train_names.append(previous)
+        evaluation = name.replace("train_", "eval_", 1)
+        stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=previous))
         eval_names.append(evaluation)
     retention = None
     if config.continual.retention_tasks:

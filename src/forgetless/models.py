@@ -12,7 +12,9 @@ aliases below:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -166,12 +168,30 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _smollm2(dtype: torch.dtype):
+def smollm2_checkpoint_dir() -> Path:
+    """The de-quantised SmolLM2 checkpoint directory, created on first use."""
     gguf = smollm2_gguf_path()
     stat = gguf.stat()
     cached = cache_dir() / "models" / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
     if not (cached / "config.json").is_file():
         _dequantise_to(gguf, cached)
+    return cached
+
+
+def tiny_llama_checkpoint_dir() -> Path:
+    """tiny-llama saved as a checkpoint (for tools that read files, such as merging)."""
+    model, tokenizer = _tiny_llama()
+    # Keyed by the architecture and torch version, which together fix the seeded weights.
+    identity = json.dumps([model.config.to_dict(), torch.__version__], sort_keys=True, default=str)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"tiny-llama-{digest}"
+    if not (target / "config.json").is_file():
+        _save_atomically(model, tokenizer, target)
+    return target
+
+
+def _smollm2(dtype: torch.dtype):
+    cached = smollm2_checkpoint_dir()
     tokenizer = AutoTokenizer.from_pretrained(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     return model, tokenizer
@@ -187,6 +207,10 @@ def _dequantise_to(gguf: Path, target: Path) -> None:
     # model an ordinary checkpoint that save_pretrained accepts.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    _save_atomically(model, tokenizer, target)
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:

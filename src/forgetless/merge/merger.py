@@ -1,0 +1,133 @@
+"""Merge N fine-tuned experts into their base model, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from forgetless.config import MergeConfig
+from forgetless.errors import ForgetlessError
+from forgetless.merge.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    copy_non_weight_files,
+    parse_size,
+    write_streaming,
+)
+from forgetless.merge.diagnostics import OverlapMeter, expected_collision_rate
+from forgetless.merge.methods import merge_tensor
+
+MERGE_REPORT = "merge_report.json"
+
+
+@dataclass
+class MergeReport:
+    method: str
+    keep: float
+    rescale: bool
+    scale: float
+    seed: int
+    base: str
+    experts: list[str]
+    tensors: int
+    parameters: int
+    overlap: dict
+    expected_collision_rate: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_checkpoints(
+    base: str,
+    experts: Sequence[str],
+    output_dir: str | Path,
+    config: MergeConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeReport:
+    """Merge ``experts`` (fine-tunes of ``base``) into a plain HF checkpoint in ``output_dir``.
+
+    ``base`` and each expert are checkpoint directories, hub ids or the ``smollm2-135m``
+    alias. The output has the base's config and tokenizer and a ``merge_report.json`` with the
+    overlap diagnostics; the same inputs and seed give the same bytes.
+    """
+    config = config or MergeConfig()
+    if not experts:
+        raise ForgetlessError("give at least one expert checkpoint to merge")
+    output = Path(output_dir)
+    base_ckpt = Checkpoint.open(base)
+    expert_ckpts = [Checkpoint.open(name) for name in experts]
+    inputs = {ckpt.directory.resolve() for ckpt in [base_ckpt, *expert_ckpts]}
+    if output.resolve() in inputs:
+        raise ForgetlessError(f"the output {output} is one of the inputs; choose a new directory")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ForgetlessError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    check_compatible(base_ckpt, expert_ckpts)
+    max_shard_bytes = parse_size(config.max_shard_size)
+
+    meter = OverlapMeter(len(expert_ckpts))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        tensors = _merged_tensors(base_ckpt, expert_ckpts, config, meter, progress)
+        write_streaming(staging, base_ckpt.tensors, tensors, max_shard_bytes)
+        copy_non_weight_files(base_ckpt.directory, staging)
+        random_masks = config.method in ("sotu", "dare")
+        report = MergeReport(
+            method=config.method,
+            keep=config.keep,
+            rescale=config.rescales(),
+            scale=config.scale,
+            seed=config.seed,
+            base=base,
+            experts=list(experts),
+            tensors=len(base_ckpt.tensors),
+            parameters=meter.positions,
+            overlap=meter.summary(),
+            expected_collision_rate=(
+                round(expected_collision_rate(len(expert_ckpts), config.keep), 6)
+                if random_masks
+                else None
+            ),
+        )
+        (staging / MERGE_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return report
+
+
+def _merged_tensors(
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    config: MergeConfig,
+    meter: OverlapMeter,
+    progress: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in tqdm(base.tensors, desc=f"merging ({config.method})", disable=not progress):
+        base_tensor = base.read(key)
+        if not base_tensor.is_floating_point():
+            yield key, base_tensor
+            continue
+        reference = base_tensor.float()
+
+        def delta(expert: int, key: str = key, reference: torch.Tensor = reference):
+            return experts[expert].read(key).float().sub_(reference)
+
+        meter.start(key, reference.numel())
+        merged = merge_tensor(key, delta, len(experts), config, meter)
+        meter.finish()
+        yield key, reference.add_(merged, alpha=config.scale).to(base_tensor.dtype)
+        del base_tensor, reference, merged
