@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from forgetless.config import load_config
 from forgetless.continual import ORDERS, run_continual, sample_records, task_sequence
@@ -187,6 +188,29 @@ def test_sotu_trains_experts_from_the_base_and_merges_them(tmp_path, shared_data
     }
     report = json.loads((results["report"].directory / "continual.json").read_text())
     assert len(report["matrix"]) == 4 and report["method"] == "sotu"
+
+
+def test_closed_form_head_accumulates_classes_task_after_task(tmp_path, shared_data_dir, run_cli):
+    argv = ["continual", "--method", "sotu", "--head", "closed_form", "--run-dir", str(tmp_path)]
+    for key, value in {**TINY, "train.max_steps": 1, "continual.eval_limit": 4}.items():
+        if key != "run_dir":
+            argv += ["--set", f"{key}={value}"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    assert "Class-incremental" in out
+    sequence = tmp_path / "fewshot-0_42" / "order1-sotu"
+    report = json.loads((sequence / "report_closed_form" / "continual.json").read_text())
+    matrix = report["matrix"]
+    # Tasks whose classes the head has not seen yet score 0; FWT is not reported.
+    assert all(matrix[i][j] == 0.0 for i in range(4) for j in range(i + 1, 4))
+    assert report["metrics"]["fwt"] is None and report["head"] == "closed_form"
+    state = torch.load(sequence / "cil_04_agnews" / "closed_form_head.pt", weights_only=True)
+    # 14 DBpedia + 5 Amazon + 10 Yahoo + 4 AG News classes, in sequence order.
+    assert state["cross"].shape[1] <= 33 and len(state["seen"]) > 4
+    assert state["seen"] == sorted(state["seen"])
+    # The head of stage 2 continues from stage 1's statistics.
+    stage = json.loads((sequence / "cil_02_amazon" / "stage.json").read_text())
+    assert set(stage["inputs"]) == {"merge_02_amazon", "cil_01_dbpedia"}
 
 
 def test_help_names_the_options(run_cli):

@@ -248,6 +248,10 @@ def continual(
     ] = None,
     run_dir: Annotated[str | None, typer.Option(help="Run directory (cached stages).")] = None,
     data_dir: DataDirOpt = None,
+    head: Annotated[
+        str | None,
+        typer.Option(help="lm (label log-likelihood) or closed_form (class-incremental head)."),
+    ] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate N items per task.")] = None,
     train_limit: Annotated[int | None, typer.Option(help="Train on N records per task.")] = None,
     set_: SetOpt = None,
@@ -261,6 +265,7 @@ def continual(
         "continual.order": order,
         "continual.method": method,
         "continual.subset": subset,
+        "continual.head": head,
         "continual.eval_limit": eval_limit,
         "continual.train_limit": train_limit,
         "run_dir": run_dir,

@@ -210,6 +210,17 @@ class ContinualConfig(Section):
         "settings (SoTU sparse masks by default) after each task; multitask: one run on "
         "all tasks together (the usual upper bound).",
     )
+    head: Literal["lm", "closed_form"] = Field(
+        "lm",
+        description="How tasks are scored. lm: each label's log-likelihood as the reply to "
+        "the chat-formatted prompt. closed_form: class-incremental, as in SoTU: mean-pooled "
+        "features of the model after each stage feed a random projection + ridge head "
+        "(RanPAC) whose statistics accumulate task by task, predicting over every class seen "
+        "so far (tasks not seen yet score 0, so FWT is not reported).",
+    )
+    projection_dim: int = Field(
+        2048, ge=1, description="closed_form head: width of the random projection."
+    )
     train_limit: int | None = Field(
         None, ge=1, description="Use at most N training records per task (None = all)."
     )

@@ -17,9 +17,10 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
             train_01_<task>/model/        plain HF checkpoint after task 1 (the next task
             [merge_01_<task>/model/]      starts from it; sotu: the merge of the experts so
             eval_01_<task>/tasks/*.json   far); every task's accuracy after task 1
+            [cil_01_<task>/]              the same with continual.head = closed_form
             ...
             retention_final/metrics.json
-            report/continual.{json,md,png}
+            report/continual.{json,md,png}            (closed_form: report_closed_form/)
 
 Each ``train_*/model`` is a full checkpoint in the training dtype (float32 unless
 ``model.dtype`` says otherwise), so 4 bytes per parameter: about 0.54 GB for SmolLM2-135M,
@@ -312,6 +313,96 @@ class ContinualEvalStage(Stage):
         }
 
 
+HEAD_STATE = "closed_form_head.pt"
+
+
+class ClosedFormEvalStage(Stage):
+    """Class-incremental evaluation (SoTU's): add ``fit_tasks``' training features, taken from
+    this stage's model, to the previous stage's closed-form head, then classify every task's
+    items over all classes seen so far.
+
+    The head keeps only Gram statistics, no old samples, so the statistics of earlier tasks
+    stay those of the model at their own stage.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ForgetlessConfig,
+        data: TaskData,
+        tasks: list[str],
+        fit_tasks: list[str],
+        model_from: str,
+        previous_head: str | None,
+    ):
+        self.name, self.config, self.data, self.tasks = name, config, data, tasks
+        self.fit_tasks, self.model_from, self.previous_head = fit_tasks, model_from, previous_head
+        self.depends_on = (model_from, *((previous_head,) if previous_head else ()))
+
+    def settings(self) -> dict[str, Any]:
+        continual = self.config.continual
+        return {
+            "tasks": self.tasks,
+            "fit_tasks": self.fit_tasks,
+            "subset": self.data.subset,
+            "split": continual.eval_split,
+            "limit": continual.eval_limit,
+            "train_limit": continual.train_limit,
+            "projection_dim": continual.projection_dim,
+            "seed": self.config.train.seed,
+            "max_length": self.config.train.max_length,
+        }
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        import torch
+
+        from forgetless.merge.closed_form import RandomProjectionRidge, extract_features
+
+        started = time.perf_counter()
+        loaded = load_stage_model(self.config, inputs, self.model_from)
+
+        def features(records: list) -> torch.Tensor:
+            prompts = [in_training_format(loaded.tokenizer, record).query for record in records]
+            return extract_features(
+                loaded.model, loaded.tokenizer, prompts, max_length=self.config.train.max_length
+            )
+
+        # Global class ids: each task's labels follow those of the tasks before it.
+        offsets, total = {}, 0
+        for task in self.tasks:
+            offsets[task] = total
+            total += len(self.data.eval_records(task)[0].choices)
+        head = RandomProjectionRidge(
+            loaded.model.config.hidden_size,
+            self.config.continual.projection_dim,
+            seed=self.config.train.seed,
+        )
+        if self.previous_head is not None:
+            head.load(inputs[self.previous_head].directory / HEAD_STATE)
+        for task in self.fit_tasks:
+            records = self.data.train_records(task)
+            labels = torch.tensor([offsets[task] + record.gold for record in records])
+            head.partial_fit(features(records), labels)
+        head.save(workdir / HEAD_STATE)
+        accuracy = {}
+        for task in self.tasks:
+            records = self.data.eval_records(task)
+            gold = torch.tensor([offsets[task] + record.gold for record in records])
+            # Tasks not fitted yet come later in the sequence, so their class ids lie beyond
+            # the head's outputs: they score 0, as class-incremental learning implies.
+            correct = head.predict(features(records)) == gold
+            accuracy[task] = float(correct.float().mean())
+            write_json_atomic(
+                workdir / "tasks" / f"{task}.json",
+                {"task": task, "metric": "acc", "value": accuracy[task], "n": len(records)},
+            )
+        return {
+            "accuracy": accuracy,
+            "ridge": head.ridge,
+            "seconds": time.perf_counter() - started,
+        }
+
+
 class RetentionStage(Stage):
     """The retention tasks (general abilities) on the base or the final model."""
 
@@ -345,17 +436,16 @@ class RetentionStage(Stage):
 
 
 class ContinualReportStage(Stage):
-    name = "report"
-
     def __init__(
         self,
+        name: str,
         config: ForgetlessConfig,
         tasks: list[str],
         train_stages: list[str],
         eval_stages: list[str],
         retention: tuple[str, str] | None,
     ):
-        self.config, self.tasks = config, tasks
+        self.name, self.config, self.tasks = name, config, tasks
         self.train_stages, self.eval_stages, self.retention = train_stages, eval_stages, retention
         self.depends_on = ("eval_base", *train_stages, *eval_stages, *(retention or ()))
 
@@ -365,6 +455,7 @@ class ContinualReportStage(Stage):
             "benchmark": continual.benchmark,
             "order": continual.order,
             "method": continual.method,
+            "head": continual.head,
             "tasks": self.tasks,
             "model": self.config.model.name,
         }
@@ -395,11 +486,17 @@ class ContinualReportStage(Stage):
             rows, change = retention["rows"], retention["summary"]["general_improvement_pct"]
         seconds = {name: inputs[name].summary["seconds"] for name in self.depends_on}
         continual = self.config.continual
+        metrics = continual_metrics(matrix, base_row)
+        if continual.head == "closed_form":
+            # Before its own stage a task's classes are unknown to the head (accuracy 0), so
+            # the base comparison measures nothing.
+            metrics["fwt"] = None
         report = {
             "benchmark": continual.benchmark,
             "order": continual.order,
             "subset": continual.subset if continual.benchmark == "fewshot" else None,
             "method": continual.method,
+            "head": continual.head,
             "model": self.config.model.name,
             "tasks": self.tasks,
             "evaluation": {
@@ -410,7 +507,7 @@ class ContinualReportStage(Stage):
             },
             "base": base_row,
             "matrix": matrix,
-            "metrics": continual_metrics(matrix, base_row),
+            "metrics": metrics,
             "retention": rows,
             "retention_change_pct": change,
             "training": [
@@ -460,14 +557,24 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
             previous = name.replace("train_", "merge_", 1)
             stages.append(MergeExpertsStage(previous, config, list(experts)))
             train_names.append(previous)
-        evaluation = name.replace("train_", "eval_", 1)
-        stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=previous))
+        if config.continual.head == "closed_form":
+            # Own stage names, so both heads' results can sit beside the same trained models.
+            evaluation = name.replace("train_", "cil_", 1)
+            head_from = eval_names[-1] if eval_names else None
+            closed_form = ClosedFormEvalStage(
+                evaluation, config, data, tasks, trained_on, previous, head_from
+            )
+            stages.append(closed_form)
+        else:
+            evaluation = name.replace("train_", "eval_", 1)
+            stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=previous))
         eval_names.append(evaluation)
     retention = None
     if config.continual.retention_tasks:
         stages.append(RetentionStage("retention_final", config, model_from=previous))
         retention = ("retention_base", "retention_final")
-    stages.append(ContinualReportStage(config, tasks, train_names, eval_names, retention))
+    report = "report" if config.continual.head == "lm" else "report_closed_form"
+    stages.append(ContinualReportStage(report, config, tasks, train_names, eval_names, retention))
     return stages
 
 
@@ -503,6 +610,8 @@ def run_continual(
     results = {"eval_base": shared.run(ContinualEvalStage("eval_base", config, data, tasks), {})}
     if continual.retention_tasks:
         results["retention_base"] = shared.run(RetentionStage("retention_base", config), {})
-    for stage in sequence_stages(config, data, tasks):
+    stages = sequence_stages(config, data, tasks)
+    for stage in stages:
         results[stage.name] = sequence.run(stage, results)
+    results["report"] = results[stages[-1].name]
     return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -181,6 +182,32 @@ class RandomProjectionRidge:
             self.ridge = self._select_ridge(phi[holdout], targets[holdout])
             self._accumulate(phi[holdout], targets[holdout])
         self._seen.update(labels.tolist())
+        self._weights = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the accumulated statistics (and RNG state) so a later task can continue."""
+        state = {
+            "gram": self.gram.cpu(),
+            "cross": self.cross.cpu(),
+            "ridge": self.ridge,
+            "seen": sorted(self._seen),
+            "generator": self._generator.get_state(),
+        }
+        torch.save(state, path)
+
+    def load(self, path: str | Path) -> None:
+        """Continue from :meth:`save`'s file, written by a head built with the same arguments."""
+        state = torch.load(path, weights_only=True)
+        if state["gram"].shape != self.gram.shape:
+            raise ForgetlessError(
+                f"{path}: saved for projection_dim {state['gram'].shape[0]}, "
+                f"not {self.gram.shape[0]}"
+            )
+        self.gram = state["gram"].to(self.device)
+        self.cross = state["cross"].to(self.device)
+        self.ridge = state["ridge"]
+        self._seen = set(state["seen"])
+        self._generator.set_state(state["generator"])
         self._weights = None
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:

@@ -136,11 +136,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     subset = f", subset {report['subset']}" if report.get("subset") else ""
     evaluated = report["evaluation"]
     limit = f", at most {evaluated['limit']} items per task" if evaluated.get("limit") else ""
+    head = ""
+    if report.get("head") == "closed_form":
+        head = (
+            " Class-incremental: a closed-form head over every class seen so far (the base "
+            "row is the base model's label log-likelihood scoring)."
+        )
     lines = [
         f"# Continual learning: {report['benchmark']} order {report['order']}, {report['method']}",
         "",
         f"model: `{report['model']}`{subset}; accuracy (%) on the {evaluated['split']} "
-        f"split{limit}. Row = after training on that task, column = task evaluated.",
+        f"split{limit}. Row = after training on that task, column = task evaluated.{head}",
         "",
         "| after \\ on | " + " | ".join(short_name(task) for task in report["tasks"]) + " |",
         "|---|" + "---|" * len(report["tasks"]),
