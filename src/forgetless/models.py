@@ -137,9 +137,13 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def is_path_like(name: str) -> bool:
+    """Whether ``name`` can only mean a local path (a hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
-    local = Path(name).expanduser()
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    if not Path(name).expanduser().exists() and is_path_like(name):
         raise ForgetlessError(f"model path not found: {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -66,7 +66,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
 
     @classmethod
-    def open(cls, name: str, label: str | None = None) -> Checkpoint:
+    def open(cls, name: str) -> Checkpoint:
         directory = resolve_checkpoint_dir(name)
         shard_of = _weight_files(directory)
         tensors: dict[str, TensorInfo] = {}
@@ -82,7 +82,7 @@ class Checkpoint:
                     tensors[key] = TensorInfo(
                         SAFETENSORS_DTYPES[dtype_name], tuple(view.get_shape())
                     )
-        return cls(directory, label or name, shard_of, tensors)
+        return cls(directory, name, shard_of, tensors)
 
     def config(self) -> dict:
         file = self.directory / "config.json"
@@ -96,16 +96,13 @@ class Checkpoint:
         with safe_open(self.shard_of[key], framework="pt") as handle:
             return handle.get_tensor(key)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for info in self.tensors.values())
-
 
 def resolve_checkpoint_dir(name: str) -> Path:
     """A local checkpoint directory for an alias, a path, or a hub id (downloaded if online)."""
     from forgetless.models import (
         SMOLLM2_ALIAS,
         TINY_LLAMA_ALIAS,
+        is_path_like,
         smollm2_checkpoint_dir,
         tiny_llama_checkpoint_dir,
     )
@@ -119,7 +116,7 @@ def resolve_checkpoint_dir(name: str) -> Path:
         return local
     if local.exists():
         raise ForgetlessError(f"{name} is a file; give the checkpoint directory")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if is_path_like(name):
         raise ForgetlessError(f"checkpoint not found: {name}")
     from huggingface_hub import snapshot_download
 
