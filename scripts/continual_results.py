@@ -8,6 +8,8 @@ splits (average accuracy, BWT, FWT, forgetting, retention of the final model) to
     python scripts/continual_results.py --data-dir ../shared/data
     python scripts/continual_results.py --methods seqft osft --subsets 0_42 \\
         --set continual.eval_limit=100 --output docs/results/continual_pilot
+    python scripts/continual_results.py --methods seqft sotu --set merge.keep=0.25 \\
+        --set continual.head=closed_form --output docs/results/continual_sotu_closed_form
 
 Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``.
 """
@@ -25,6 +27,8 @@ from forgetless.continual import run_continual
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
+# Per-task experts merged after every task; compared with seqft in docs/merge.md.
+OPTIONAL_METHODS = ("sotu",)
 PACKAGED_CONFIG = (
     Path(__file__).resolve().parents[1] / "src/forgetless/configs/continual_fewshot.yaml"
 )
@@ -126,7 +130,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS + OPTIONAL_METHODS
+    )
     parser.add_argument("--subsets", nargs="+", default=list(SUBSETS))
     parser.add_argument("--order", type=int, default=1)
     parser.add_argument("--run-dir", default="runs/continual")

@@ -148,6 +148,8 @@ evaluate:
     assert (run_dir / "train" / "model" / "model.safetensors").is_file()
     assert not (run_dir / "train" / "checkpoints").exists()
     assert not list(run_dir.glob("*.partial-*"))
+    items = json.loads((run_dir / "eval_adapted" / "items.json").read_text())
+    assert len(items["arc_easy"]["correct"]) == 4 and len(items["c4"]["document_nll"]) == 2
 
     code, out, err = run_cli(argv)
     assert code == 0

@@ -27,6 +27,8 @@ from forgetless.evaluate import multiple_choice as mc
 from forgetless.evaluate.perplexity import document_windows
 from forgetless.evaluate.stats import (
     bootstrap_ratio_interval,
+    paired_accuracy_change,
+    paired_perplexity_ratio,
     proportion_stderr,
     wilson_interval,
 )
@@ -440,6 +442,29 @@ def test_interval_and_stderr_values():
     first = bootstrap_ratio_interval([1.0, 2.0, 3.0], [1, 1, 1], seed=3)
     assert first == bootstrap_ratio_interval([1.0, 2.0, 3.0], [1, 1, 1], seed=3)
     assert 1.0 <= first[0] <= 2.0 <= first[1] <= 3.0
+
+
+def test_paired_changes_see_a_consistent_shift_that_unpaired_intervals_hide():
+    rng = random.Random(0)
+    # Items of very different difficulty: each model's own interval is wide.
+    before = [rng.random() < 0.5 for _ in range(400)]
+    after = list(before)
+    for index in rng.sample(range(400), 20):
+        after[index] = False
+    change, low, high = paired_accuracy_change(before, after)
+    assert change == pytest.approx((sum(after) - sum(before)) / 400)
+    assert low < change < high < 0
+    with pytest.raises(ValueError):
+        paired_accuracy_change([1, 0], [1])
+
+    tokens = [rng.randint(50, 500) for _ in range(60)]
+    nll_before = [n * rng.uniform(2.0, 4.0) for n in tokens]
+    nll_after = [nll + 0.05 * n for nll, n in zip(nll_before, tokens, strict=True)]
+    ratio, low, high = paired_perplexity_ratio(nll_before, nll_after, tokens)
+    # Every document's NLL rose by 0.05 nats per token: the ratio is exactly exp(0.05).
+    assert ratio == pytest.approx(math.exp(0.05))
+    assert low == pytest.approx(ratio) and high == pytest.approx(ratio)
+    assert paired_perplexity_ratio(nll_before, nll_before, tokens) == (1.0, 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------

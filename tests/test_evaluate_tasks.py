@@ -1,5 +1,7 @@
 """Task names -> data + metric, and evaluation of every metric kind on the tiny model."""
 
+import math
+
 import pytest
 
 from forgetless.config import EvalConfig
@@ -51,3 +53,11 @@ def test_every_metric_kind_on_the_tiny_model(shared_data_dir, tmp_path):
     assert results["gsm8k"].metric == "exact_match"
     assert results[f"ppl:{user_file}"].n == 3
     assert "items" not in results["arc_easy"].to_dict()["details"]
+    assert "per_item" not in results["arc_easy"].to_dict()
+    # Per-item outcomes, for paired comparisons, agree with the aggregate metrics.
+    correct = results["arc_easy"].per_item["correct"]
+    assert len(correct) == 6 and sum(correct) / 6 == results["arc_easy"].value
+    c4 = results["c4"].per_item
+    mean_nll = sum(c4["document_nll"]) / sum(c4["document_tokens"])
+    assert math.exp(mean_nll) == pytest.approx(results["c4"].value)
+    assert len(results["gsm8k"].per_item["correct"]) == results["gsm8k"].n

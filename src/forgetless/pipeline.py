@@ -196,7 +196,10 @@ class EvaluateStage(Stage):
         results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, self.config.evaluate)
         metrics = {task: result.to_dict() for task, result in results.items()}
         write_json_atomic(workdir / "metrics.json", metrics)
-        return {"metrics_file": "metrics.json", "tasks": list(metrics)}
+        write_json_atomic(
+            workdir / "items.json", {task: result.per_item for task, result in results.items()}
+        )
+        return {"metrics_file": "metrics.json", "items_file": "items.json", "tasks": list(metrics)}
 
 
 class TrainStage(Stage):

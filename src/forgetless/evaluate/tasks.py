@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from forgetless.config import EvalConfig
@@ -96,9 +96,15 @@ class TaskResult:
     n: int
     seconds: float
     details: dict[str, Any]
+    # Per item, in input order: what a paired comparison of two models on the same items
+    # needs (0/1 correctness, or each document's summed NLL and token count). Kept out of
+    # ``to_dict`` so that metrics files stay small; ``EvaluateStage`` writes it separately.
+    per_item: dict[str, list] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        result = asdict(self)
+        del result["per_item"]
+        return result
 
 
 def load_task_records(spec: TaskSpec, config: EvalConfig, *, data_dir=None) -> list:
@@ -125,6 +131,10 @@ def score_task(
             progress=progress,
         )
         value, n = result.perplexity, len(texts)
+        per_item = {
+            "document_nll": list(result.document_nll),
+            "document_tokens": list(result.document_tokens),
+        }
     elif spec.kind == "multiple_choice":
         items = [record for record in records if isinstance(record, MultipleChoiceRecord)]
         result = score_multiple_choice(
@@ -136,6 +146,7 @@ def score_task(
             desc=spec.name,
         )
         value, n = result.accuracy, result.n
+        per_item = {"correct": [int(item.correct) for item in result.items]}
     else:
         questions = [record for record in records if isinstance(record, InstructionRecord)]
         result = gsm8k_exact_match(
@@ -147,6 +158,7 @@ def score_task(
             progress=progress,
         )
         value, n = result.accuracy, result.n
+        per_item = {"correct": [int(item.correct) for item in result.items]}
     per_item_keys = ("items", "document_nll", "document_tokens")
     details = {key: val for key, val in result.to_dict().items() if key not in per_item_keys}
     return TaskResult(
@@ -159,6 +171,7 @@ def score_task(
         n=n,
         seconds=time.perf_counter() - started,
         details=details,
+        per_item=per_item,
     )
 
 

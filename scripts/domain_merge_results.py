@@ -1,0 +1,335 @@
+"""Domain experts merged into one model: the merging results table.
+
+Fine-tunes SmolLM2-135M-Instruct in full once per domain (medical: PubMedQA abstracts;
+financial: NWGI news sentences; legal: EUR-Lex acts), merges the experts with each method of
+``forgetless merge`` at several keep fractions, and evaluates the base, every expert and every
+merge on each domain's held-out perplexity and on the general tasks. Changes against the base
+are paired (same items, same documents), so their intervals are far tighter than those of the
+scores themselves. Every stage is cached in the run directory: an interrupted run resumes, and
+adding a merge reuses the experts. Writes ``<output>.md`` (tables) and ``<output>.json``::
+
+    python scripts/domain_merge_results.py --data-dir ../shared/data
+    python scripts/domain_merge_results.py --merges sotu:0.33 dare:0.33:norescale \\
+        --set evaluate.limit=50 --output /tmp/domain_merge_pilot
+
+A merge is ``method[:keep][:rescale|:norescale]`` (see ``forgetless merge --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forgetless.config import ForgetlessConfig, load_config, parse_assignment
+from forgetless.continual import MergeExpertsStage
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.stats import paired_accuracy_change, paired_perplexity_ratio
+from forgetless.pipeline import EvaluateStage, RunDirectory, Stage, TrainStage
+
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/domain_merge.yaml"
+
+
+@dataclass(frozen=True)
+class Domain:
+    source: str
+    split: str
+    task: str  # the held-out evaluation of the domain; never the training text itself
+
+
+# NWGI and the Financial PhraseBank are both financial-news sentences from different sources,
+# so the financial expert is scored on text of its genre that it never saw (NWGI ships only a
+# test split; it is used here as unlabelled training text).
+DOMAINS = {
+    "medical": Domain("pubmedqa", "train", "ppl:pubmedqa@test"),
+    "financial": Domain("nwgi", "test", "ppl:financial_phrasebank"),
+    "legal": Domain("eurlex", "train", "ppl:eurlex@test"),
+}
+DEFAULT_MERGES = (
+    "task_arithmetic",
+    "ties:0.2",
+    "dare:0.33",
+    "sotu:0.1",
+    "sotu:0.33",
+    "sotu:0.5",
+    "sotu:0.33:rescale",
+)
+GAIN_KEPT_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    label: str
+    overrides: dict[str, Any]
+
+
+def parse_merge(text: str) -> MergeSpec:
+    method, *rest = text.split(":")
+    overrides: dict[str, Any] = {"merge.method": method}
+    for part in rest:
+        if part in ("rescale", "norescale"):
+            overrides["merge.rescale"] = part == "rescale"
+        else:
+            try:
+                overrides["merge.keep"] = float(part)
+            except ValueError:
+                raise ForgetlessError(
+                    f"merge {text!r}: expected method[:keep][:rescale|:norescale]"
+                ) from None
+    return MergeSpec(text.replace(":", "_"), overrides)
+
+
+def build_stages(
+    args: argparse.Namespace, domains: list[str], merges: list[MergeSpec]
+) -> tuple[ForgetlessConfig, list[Stage]]:
+    shared = dict(parse_assignment(item) for item in args.set or [])
+    shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+    config = load_config(args.config, shared)
+    unscored = [name for name in domains if DOMAINS[name].task not in config.evaluate.domain_tasks]
+    if unscored:
+        raise ForgetlessError(
+            f"evaluate.domain_tasks must include {[DOMAINS[name].task for name in unscored]}"
+        )
+    stages: list[Stage] = [EvaluateStage("eval_base", config)]
+    for name in domains:
+        domain = DOMAINS[name]
+        expert_config = load_config(
+            args.config,
+            {
+                **shared,
+                "data.source": domain.source,
+                "data.split": domain.split,
+                "data.kind": "text",
+            },
+        )
+        train = TrainStage(expert_config)
+        train.name = f"train_{name}"
+        stages += [train, EvaluateStage(f"eval_{name}", config, model_from=train.name)]
+    experts = [f"train_{name}" for name in domains]
+    for merge in merges:
+        merge_config = load_config(args.config, {**shared, **merge.overrides})
+        stage = MergeExpertsStage(f"merge_{merge.label}", merge_config, experts)
+        stages += [stage, EvaluateStage(f"eval_merge_{merge.label}", config, model_from=stage.name)]
+    return config, stages
+
+
+# --- the tables -------------------------------------------------------------------------------
+
+
+def load_evaluation(result) -> tuple[dict, dict]:
+    directory = result.directory
+    metrics = json.loads((directory / "metrics.json").read_text())
+    items = json.loads((directory / "items.json").read_text())
+    return metrics, items
+
+
+def paired_change(task: str, base: tuple[dict, dict], other: tuple[dict, dict]) -> dict:
+    """Change of ``other`` against the base on one task: value, 95 % interval, and unit."""
+    metric = base[0][task]["metric"]
+    before, after = base[1][task], other[1][task]
+    if metric == "perplexity":
+        if before["document_tokens"] != after["document_tokens"]:
+            raise ForgetlessError(f"{task}: the two models were scored on different documents")
+        ratio, low, high = paired_perplexity_ratio(
+            before["document_nll"], after["document_nll"], before["document_tokens"]
+        )
+        return {
+            "unit": "% perplexity",
+            "change": 100 * (ratio - 1),
+            "ci95": [100 * (low - 1), 100 * (high - 1)],
+        }
+    change, low, high = paired_accuracy_change(before["correct"], after["correct"])
+    return {"unit": "points", "change": 100 * change, "ci95": [100 * low, 100 * high]}
+
+
+def summarise(config, domains, merges, results) -> dict[str, Any]:
+    base = load_evaluation(results["eval_base"])
+    models = {"base": "eval_base"}
+    models.update({f"expert {name}": f"eval_{name}" for name in domains})
+    models.update({f"{merge.label}": f"eval_merge_{merge.label}" for merge in merges})
+    tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
+    rows = []
+    for label, stage in models.items():
+        evaluation = load_evaluation(results[stage])
+        row: dict[str, Any] = {"model": label, "scores": {}, "changes": {}}
+        for task in tasks:
+            task_metrics = evaluation[0][task]
+            row["scores"][task] = {
+                "value": task_metrics["value"],
+                "ci95": task_metrics["ci95"],
+                "metric": task_metrics["metric"],
+                "n": task_metrics["n"],
+            }
+            if label != "base":
+                row["changes"][task] = paired_change(task, base, evaluation)
+        rows.append(row)
+
+    by_label = {row["model"]: row for row in rows}
+    base_scores = by_label["base"]["scores"]
+
+    def gain(label: str, task: str) -> float:
+        """Improvement over the base in the task's own units; positive = better."""
+        delta = by_label[label]["scores"][task]["value"] - base_scores[task]["value"]
+        return delta if base[0][task]["higher_is_better"] else -delta
+
+    best_expert_gain = {
+        task: max(gain(f"expert {name}", task) for name in domains)
+        for task in config.evaluate.general_tasks
+    }
+    for merge in merges:
+        row = by_label[merge.label]
+        kept = {}
+        for name in domains:
+            task, expert_gain = DOMAINS[name].task, gain(f"expert {name}", DOMAINS[name].task)
+            kept[name] = gain(merge.label, task) / expert_gain if expert_gain > 0 else None
+        general_ok = {
+            task: gain(merge.label, task) >= best_expert_gain[task]
+            for task in config.evaluate.general_tasks
+        }
+        row["gain_kept"] = kept
+        row["general_no_worse_than_best_expert"] = general_ok
+        row["meets_target"] = all(
+            value is not None and value >= GAIN_KEPT_TARGET for value in kept.values()
+        ) and all(general_ok.values())
+        merge_summary = results[f"merge_{merge.label}"].summary
+        row["merge"] = {
+            key: merge_summary.get(key)
+            for key in ("collision_rate", "mean_abs_cosine_masked", "seconds")
+        }
+    training = {name: results[f"train_{name}"].summary for name in domains}
+    return {
+        "model": config.model.name,
+        "train": config.train.model_dump(mode="json"),
+        "evaluate": config.evaluate.model_dump(mode="json"),
+        "domains": {name: vars(DOMAINS[name]) for name in domains},
+        "training": training,
+        "best_expert_general_gain": best_expert_gain,
+        "rows": rows,
+    }
+
+
+def _score(score: dict) -> str:
+    if score["metric"] == "perplexity":
+        return f"{score['value']:.2f}"
+    return f"{100 * score['value']:.1f}"
+
+
+def _change(change: dict) -> str:
+    low, high = change["ci95"]
+    return f"{change['change']:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
+    tasks = [*summary["evaluate"]["domain_tasks"], *summary["evaluate"]["general_tasks"]]
+    domain_of = {domain.task: name for name, domain in DOMAINS.items()}
+    headers = [f"{domain_of[task]} ({task})" if task in domain_of else task for task in tasks]
+    train = summary["train"]
+    limits = summary["evaluate"]["task_limits"]
+    train_seconds = sum(t["train_runtime_s"] for t in summary["training"].values())
+    lines = [
+        f"# Domain experts merged into one model: {summary['model']}",
+        "",
+        f"Experts: full fine-tuning, {train['max_steps']} steps of {train['batch_size']} x "
+        f"{train['max_length']} packed tokens, lr {train['learning_rate']:g} "
+        f"({train['lr_scheduler']}, {train['warmup_steps']} warm-up steps), AdamW, seed "
+        f"{train['seed']}; training data: "
+        + ", ".join(f"{name} = {DOMAINS[name].source}@{DOMAINS[name].split}" for name in domains)
+        + f". Training took {train_seconds / 60:.0f} min for the {len(domains)} experts "
+        "together; a merge takes seconds.",
+        "",
+        "Items per task: "
+        + ", ".join(f"{task} {limits.get(task, 'all')}" for task in tasks)
+        + ". Perplexity: lower is better; accuracy in %.",
+        "",
+        "## Scores",
+        "",
+        "| model | " + " | ".join(headers) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for row in summary["rows"]:
+        cells = [_score(row["scores"][task]) for task in tasks]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Change against the base (paired, 95 % interval)",
+        "",
+        "Perplexity: % change (negative = better); accuracy: points. Gain kept: the merge's "
+        "perplexity gain on a domain as a share of that domain's expert's gain "
+        f"(target ≥ {GAIN_KEPT_TARGET:.0%}); general: the merge must lose no more than the "
+        "best single expert on each general task.",
+        "",
+        "| model | " + " | ".join(headers) + " | gain kept | target met |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
+    for row in summary["rows"][1:]:
+        cells = [_change(row["changes"][task]) for task in tasks]
+        if "gain_kept" in row:
+            kept = " / ".join(
+                "n/a" if value is None else f"{100 * value:.0f} %"
+                for value in row["gain_kept"].values()
+            )
+            verdict = "yes" if row["meets_target"] else "no"
+        else:
+            kept, verdict = "", ""
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {kept} | {verdict} |")
+    merge_rows = [row for row in summary["rows"] if "merge" in row]
+    if merge_rows:
+        lines += [
+            "",
+            "## Overlap of the merged deltas",
+            "",
+            "| merge | collision rate | mean abs cosine (masked) | seconds |",
+            "|---|---|---|---|",
+        ]
+        for row in merge_rows:
+            merge = row["merge"]
+            collision = merge["collision_rate"]
+            cosine = merge["mean_abs_cosine_masked"]
+            lines.append(
+                f"| {row['model']} | "
+                + ("–" if collision is None else f"{collision:.4f}")
+                + " | "
+                + ("–" if cosine is None else f"{cosine:.4f}")
+                + f" | {merge['seconds']:.0f} |"
+            )
+    lines += ["", f"Command: `python scripts/domain_merge_results.py {' '.join(args.argv)}`"]
+    return "\n".join(lines)
+
+
+def print_event(event: str, info) -> None:
+    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    parser.add_argument("--merges", nargs="*", default=list(DEFAULT_MERGES))
+    parser.add_argument("--run-dir", default="runs/domain_merge")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
+    parser.add_argument("--output", default="docs/results/domain_merge")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    try:
+        merges = [parse_merge(text) for text in args.merges]
+        config, stages = build_stages(args, args.domains, merges)
+        results = RunDirectory(Path(config.run_dir), on_event=print_event).run_all(stages)
+    except ForgetlessError as error:
+        sys.exit(f"error: {error}")
+    summary = summarise(config, args.domains, merges, results)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = render(summary, args.domains, args)
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

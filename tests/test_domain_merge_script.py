@@ -1,0 +1,84 @@
+"""scripts/domain_merge_results.py end to end on the tiny model: experts, merges, paired table."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "domain_merge_results.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("domain_merge_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is being built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def tiny_argv(tmp_path, shared_data_dir, *extra):
+    return [
+        "--data-dir",
+        str(shared_data_dir),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--output",
+        str(tmp_path / "out" / "table"),
+        "--domains",
+        "medical",
+        "legal",
+        "--set",
+        "model.name=tiny-llama",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.max_length=32",
+        "--set",
+        "evaluate.limit=4",
+        "--set",
+        "evaluate.task_limits={}",
+        *extra,
+    ]
+
+
+def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, capsys):
+    argv = tiny_argv(tmp_path, shared_data_dir, "--merges", "task_arithmetic", "sotu:0.5")
+    script.main(argv)
+    summary = json.loads((tmp_path / "out" / "table.json").read_text())
+    models = [row["model"] for row in summary["rows"]]
+    assert models == ["base", "expert medical", "expert legal", "task_arithmetic", "sotu_0.5"]
+    rows = {row["model"]: row for row in summary["rows"]}
+    task = "ppl:pubmedqa@test"
+    base, expert, merged = (
+        rows[name]["scores"][task]["value"] for name in models[:2] + ["sotu_0.5"]
+    )
+    assert rows["sotu_0.5"]["gain_kept"]["medical"] == pytest.approx(
+        (base - merged) / (base - expert)
+    )
+    change = rows["expert medical"]["changes"][task]
+    assert change["change"] == pytest.approx(100 * (expert / base - 1))
+    assert change["ci95"][0] <= change["change"] <= change["ci95"][1]
+    # Unmasked deltas overlap almost everywhere (rows of tokens never seen stay untouched).
+    assert rows["task_arithmetic"]["merge"]["collision_rate"] > 0.95
+    # Two independent keep-0.5 masks: of the positions either keeps, both keep 0.25 / 0.75.
+    assert rows["sotu_0.5"]["merge"]["collision_rate"] == pytest.approx(1 / 3, abs=0.02)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| sotu_0.5 |" in table and "gain kept" in table
+
+    # Another merge reuses the base evaluation and the experts.
+    capsys.readouterr()
+    script.main(tiny_argv(tmp_path, shared_data_dir, "--merges", "dare:0.5"))
+    events = capsys.readouterr().out
+    for stage in ("eval_base", "train_medical", "eval_medical", "train_legal"):
+        assert f"cached: {stage}\n" in events
+    assert "start: merge_dare_0.5" in events
+
+
+def test_a_malformed_merge_is_a_one_line_error(tmp_path, shared_data_dir, script):
+    with pytest.raises(SystemExit, match="expected method"):
+        script.main(tiny_argv(tmp_path, shared_data_dir, "--merges", "sotu:lots"))
