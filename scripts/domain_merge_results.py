@@ -12,7 +12,8 @@ adding a merge reuses the experts. Writes ``<output>.md`` (tables) and ``<output
     python scripts/domain_merge_results.py --merges sotu:0.33 dare:0.33:norescale \\
         --set evaluate.limit=50 --output /tmp/domain_merge_pilot
 
-A merge is ``method[:keep][:rescale|:norescale]`` (see ``forgetless merge --help``).
+A merge is ``method[:keep][:rescale|:norescale][:key=value]``, the key being any setting of
+the config's ``merge`` section (e.g. ``task_arithmetic:scale=0.33``).
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ DOMAINS = {
     "financial": Domain("nwgi", "test", "ppl:financial_phrasebank"),
     "legal": Domain("eurlex", "train", "ppl:eurlex@test"),
 }
+# Masks depend only on the seed, the expert and the tensor, so dare:K is sotu:K:rescale, and
+# task_arithmetic:scale=0.33 (the experts' average) is what sotu:0.33 equals in expectation.
 DEFAULT_MERGES = (
     "task_arithmetic",
+    "task_arithmetic:scale=0.33",
     "ties:0.2",
     "dare:0.33",
     "sotu:0.1",
     "sotu:0.33",
     "sotu:0.5",
-    "sotu:0.33:rescale",
 )
 GAIN_KEPT_TARGET = 0.8
 
@@ -70,14 +73,17 @@ def parse_merge(text: str) -> MergeSpec:
     method, *rest = text.split(":")
     overrides: dict[str, Any] = {"merge.method": method}
     for part in rest:
-        if part in ("rescale", "norescale"):
+        if "=" in part:
+            key, value = parse_assignment(f"merge.{part}")
+            overrides[key] = value
+        elif part in ("rescale", "norescale"):
             overrides["merge.rescale"] = part == "rescale"
         else:
             try:
                 overrides["merge.keep"] = float(part)
             except ValueError:
                 raise ForgetlessError(
-                    f"merge {text!r}: expected method[:keep][:rescale|:norescale]"
+                    f"merge {text!r}: expected method[:keep][:rescale|:norescale][:key=value]"
                 ) from None
     return MergeSpec(text.replace(":", "_"), overrides)
 

@@ -47,11 +47,12 @@ def tiny_argv(tmp_path, shared_data_dir, *extra):
 
 
 def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, capsys):
-    argv = tiny_argv(tmp_path, shared_data_dir, "--merges", "task_arithmetic", "sotu:0.5")
+    argv = tiny_argv(tmp_path, shared_data_dir, "--merges", "task_arithmetic:scale=0.5", "sotu:0.5")
     script.main(argv)
     summary = json.loads((tmp_path / "out" / "table.json").read_text())
     models = [row["model"] for row in summary["rows"]]
-    assert models == ["base", "expert medical", "expert legal", "task_arithmetic", "sotu_0.5"]
+    merged = ["task_arithmetic_scale=0.5", "sotu_0.5"]
+    assert models == ["base", "expert medical", "expert legal", *merged]
     rows = {row["model"]: row for row in summary["rows"]}
     task = "ppl:pubmedqa@test"
     base, expert, merged = (
@@ -64,7 +65,11 @@ def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, 
     assert change["change"] == pytest.approx(100 * (expert / base - 1))
     assert change["ci95"][0] <= change["change"] <= change["ci95"][1]
     # Unmasked deltas overlap almost everywhere (rows of tokens never seen stay untouched).
-    assert rows["task_arithmetic"]["merge"]["collision_rate"] > 0.95
+    assert rows["task_arithmetic_scale=0.5"]["merge"]["collision_rate"] > 0.95
+    merge_report = (
+        tmp_path / "run" / "merge_task_arithmetic_scale=0.5" / "model" / "merge_report.json"
+    )
+    assert json.loads(merge_report.read_text())["scale"] == 0.5
     # Two independent keep-0.5 masks: of the positions either keeps, both keep 0.25 / 0.75.
     assert rows["sotu_0.5"]["merge"]["collision_rate"] == pytest.approx(1 / 3, abs=0.02)
     table = (tmp_path / "out" / "table.md").read_text()
