@@ -159,7 +159,7 @@ def summarise(config, domains, merges, results) -> dict[str, Any]:
     tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
     rows = []
     for label, stage in models.items():
-        evaluation = load_evaluation(results[stage])
+        evaluation = base if stage == "eval_base" else load_evaluation(results[stage])
         row: dict[str, Any] = {"model": label, "scores": {}, "changes": {}}
         for task in tasks:
             task_metrics = evaluation[0][task]
