@@ -28,7 +28,7 @@ from typing import Any
 from forgetless.config import ForgetlessConfig, load_config, parse_assignment
 from forgetless.continual import MergeExpertsStage
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import paired_accuracy_change, paired_perplexity_ratio
+from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.pipeline import EvaluateStage, RunDirectory, Stage, TrainStage
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/domain_merge.yaml"
@@ -126,29 +126,14 @@ def build_stages(
 
 
 def load_evaluation(result) -> tuple[dict, dict]:
-    directory = result.directory
-    metrics = json.loads((directory / "metrics.json").read_text())
-    items = json.loads((directory / "items.json").read_text())
-    return metrics, items
+    return read_evaluation(result.directory)
 
 
 def paired_change(task: str, base: tuple[dict, dict], other: tuple[dict, dict]) -> dict:
-    """Change of ``other`` against the base on one task: value, 95 % interval, and unit."""
-    metric = base[0][task]["metric"]
-    before, after = base[1][task], other[1][task]
-    if metric == "perplexity":
-        if before["document_tokens"] != after["document_tokens"]:
-            raise ForgetlessError(f"{task}: the two models were scored on different documents")
-        ratio, low, high = paired_perplexity_ratio(
-            before["document_nll"], after["document_nll"], before["document_tokens"]
-        )
-        return {
-            "unit": "% perplexity",
-            "change": 100 * (ratio - 1),
-            "ci95": [100 * (low - 1), 100 * (high - 1)],
-        }
-    change, low, high = paired_accuracy_change(before["correct"], after["correct"])
-    return {"unit": "points", "change": 100 * change, "ci95": [100 * low, 100 * high]}
+    try:
+        return paired_task_change(task, base, other)
+    except ValueError as error:
+        raise ForgetlessError(str(error)) from None
 
 
 def summarise(config, domains, merges, results) -> dict[str, Any]:

@@ -16,6 +16,7 @@ COMMANDS = [
     "demo",
     "continual",
     "merge",
+    "select",
     "config",
     "data",
     "data list",
@@ -68,6 +69,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
         (["eval", "--bogus-flag"], "bogus-flag"),
         (["run", "--config", "missing.yaml"], "missing.yaml"),
         (["eval", "--set", "evaluate.limit=-3", "--tasks", "c4"], "evaluate.limit"),
+        (["select", "--output", "x", "--method", "best"], "select.method"),
+        (["select", "--output", "x", "--budget", "1.5"], "select.budget"),
+        (
+            ["select", "--output", "x", "--set", "select.validation_samples=100000"],
+            "validation_samples",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line(argv, needle, tmp_path, monkeypatch, run_cli):

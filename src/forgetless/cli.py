@@ -348,6 +348,65 @@ def merge(
     )
 
 
+@app.command()
+def select(
+    output: Annotated[Path, typer.Option(help="Run directory (stages are cached there).")],
+    method: Annotated[str | None, typer.Option(help="random, less, orthogonal or ogs.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Fraction of the pool to select.")] = None,
+    data: Annotated[str | None, typer.Option(help="Pool: data set name or file.")] = None,
+    kind: Annotated[str | None, typer.Option(help="text, instruction or multiple_choice.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of the pool data set.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N pool records.")] = None,
+    anchor: Annotated[
+        str | None, typer.Option(help="General-knowledge anchor data (default gsm8k).")
+    ] = None,
+    model: ModelOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Select training data whose gradients help the domain but stay clear of the anchor's.
+
+    Writes OUTPUT/selection_METHOD/selected.jsonl (records, rank, score; trainable with
+    `forgetless train --data`), summary.json and histograms.png. Interrupted runs resume, and
+    methods run into the same OUTPUT share its gradients.
+    """
+    cfg = _config(
+        config,
+        set_,
+        {
+            "select.method": method,
+            "select.budget": budget,
+            "select.anchor": anchor,
+            "select.seed": seed,
+            "data.source": data,
+            "data.kind": kind,
+            "data.split": split,
+            "data.limit": limit,
+            "model.name": model,
+            "data_dir": data_dir,
+        },
+    )
+    from forgetless.select import run_selection
+
+    results = run_selection(cfg, output, on_event=_stage_event)
+    selection = results[f"selection_{cfg.select.method}"]
+    summary = selection.summary
+    table = Table(title=f"{summary['method']}: {summary['selected']} of {summary['pool']} records")
+    for column in ("metric", "pool mean", "selected mean"):
+        table.add_column(column)
+    for name, values in summary.get("gradient_metrics", {}).items():
+        if isinstance(values, dict):
+            selected = values["selected_mean"]
+            table.add_row(
+                name, f"{values['pool_mean']:.4f}", "" if selected is None else f"{selected:.4f}"
+            )
+    if table.rows:
+        out.print(table)
+    err.print(f"selected records: {selection.directory / 'selected.jsonl'}")
+
+
 def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 

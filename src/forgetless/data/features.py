@@ -92,22 +92,33 @@ def chat_prompt_and_response(
     return prompt, full[len(prompt) :]
 
 
+def instruction_example(
+    tokenizer: PreTrainedTokenizerBase, record: InstructionRecord, max_length: int
+) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) of one conversation, or None when the prompt fills max_length."""
+    prompt, response = chat_prompt_and_response(tokenizer, record)
+    # Tokenising the two parts separately keeps the boundary exact; the special tokens are
+    # already in the rendered text.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return input_ids, labels
+
+
 def instruction_features(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[InstructionRecord], max_length: int
 ) -> Dataset:
     rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     dropped = 0
     for record in records:
-        prompt, response = chat_prompt_and_response(tokenizer, record)
-        # Tokenising the two parts separately keeps the boundary exact; the special tokens
-        # are already in the rendered text.
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        input_ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        example = instruction_example(tokenizer, record, max_length)
+        if example is None:
             dropped += 1
             continue
+        input_ids, labels = example
         rows["input_ids"].append(input_ids)
         rows["attention_mask"].append([1] * len(input_ids))
         rows["labels"].append(labels)
@@ -121,3 +132,16 @@ def instruction_features(
     if not rows["input_ids"]:
         raise ForgetlessError(f"every prompt is longer than max_length={max_length}")
     return Dataset.from_dict(rows)
+
+
+def sample_example(
+    tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int
+) -> tuple[list[int], list[int]] | None:
+    """One record as its own training sequence (no packing), for per-sample quantities such
+    as gradients and losses: text is truncated to max_length, every token a target; other
+    kinds go through the chat template. None when nothing is left to learn."""
+    if isinstance(record, TextRecord):
+        ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
+        ids = (ids + [tokenizer.eos_token_id])[:max_length]
+        return (ids, list(ids)) if len(ids) >= 2 else None
+    return instruction_example(tokenizer, as_instruction(record), max_length)

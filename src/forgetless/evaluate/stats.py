@@ -122,3 +122,34 @@ def paired_perplexity_ratio(
     ratio = math.exp(differences.sum() / float(np.sum(tokens)))
     low, high = bootstrap_ratio_interval(differences, tokens, resamples=resamples, seed=seed)
     return ratio, math.exp(low), math.exp(high)
+
+
+def read_evaluation(directory) -> tuple[dict, dict]:
+    """``(metrics, items)`` of an evaluation stage's folder (metrics.json, items.json)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    metrics = json.loads((directory / "metrics.json").read_text())
+    items = json.loads((directory / "items.json").read_text())
+    return metrics, items
+
+
+def paired_task_change(task: str, base: tuple[dict, dict], other: tuple[dict, dict]) -> dict:
+    """Change of ``other`` against ``base`` on one task, both ``(metrics, items)``: the value,
+    its 95 % interval and the unit (% perplexity, or accuracy points)."""
+    metric = base[0][task]["metric"]
+    before, after = base[1][task], other[1][task]
+    if metric == "perplexity":
+        if before["document_tokens"] != after["document_tokens"]:
+            raise ValueError(f"{task}: the two models were scored on different documents")
+        ratio, low, high = paired_perplexity_ratio(
+            before["document_nll"], after["document_nll"], before["document_tokens"]
+        )
+        return {
+            "unit": "% perplexity",
+            "change": 100 * (ratio - 1),
+            "ci95": [100 * (low - 1), 100 * (high - 1)],
+        }
+    change, low, high = paired_accuracy_change(before["correct"], after["correct"])
+    return {"unit": "points", "change": 100 * change, "ci95": [100 * low, 100 * high]}

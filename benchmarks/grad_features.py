@@ -1,0 +1,189 @@
+"""Throughput of the per-sample gradient feature extractor, and of Navigator pool scoring.
+
+Three ways over the same samples, in one run, with the same model and parameter set:
+
+* ``batched``: forgetless' extractor (one batched forward/backward with per-sample gradient
+  hooks, projected to d dimensions, stored);
+* ``batch1``: a LESS-style loop, one sample per forward/backward, its flattened gradient
+  projected with the same projector;
+* ``plain``: one ordinary batched forward/backward of the summed loss over the same batches
+  (the floor: no per-sample gradients, no projection).
+
+Targets: batched >= 5x batch1 and >= 0.7x plain. Then the Navigator scores a synthetic pool
+of 386-dimensional inputs (embedding + length + loss); target >= 1000 samples/s::
+
+    python benchmarks/grad_features.py                       # SmolLM2-135M, LoRA r=8 q/v
+    python benchmarks/grad_features.py --model tiny-llama --samples 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+
+def sample_records(args):
+    from forgetless.data import load_records
+    from forgetless.data.records import TextRecord
+
+    try:
+        records = load_records("pubmedqa", split="train", data_dir=args.data_dir)
+    except Exception:  # no data directory: synthetic text of similar length
+        records = [
+            TextRecord(text=" ".join(f"word{j % 97}" for j in range(400)), id=str(i))
+            for i in range(args.samples)
+        ]
+    return records[: args.samples]
+
+
+def feature_model(args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from forgetless.models import load_model
+
+    loaded = load_model(args.model, dtype="float32")
+    model = loaded.model
+    if args.parameters == "lora":
+        torch.manual_seed(0)
+        # Non-zero B so that both LoRA factors have gradients, as after a warm-up.
+        lora = LoraConfig(
+            r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        )
+        model = get_peft_model(model, lora)
+    return model.eval(), loaded.tokenizer
+
+
+def time_batched(model, tokenizer, records, settings):
+    from forgetless.select.gradients import extract_gradient_features
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        extract_gradient_features(model, tokenizer, records, settings, folder, progress=False)
+        return time.perf_counter() - started
+
+
+def _batches(tokenizer, records, settings):
+    from forgetless.data.features import sample_example
+
+    examples = [sample_example(tokenizer, record, settings.max_length) for record in records]
+    examples = sorted((e for e in examples if e is not None), key=lambda e: len(e[0]))
+    size = settings.batch_size
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def time_batch1(model, tokenizer, records, settings):
+    import torch
+
+    from forgetless.select.gradients import (
+        RandomProjector,
+        gradient_modules,
+        pad_batch,
+        per_sample_losses,
+    )
+
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    weights = [module.weight for module in modules.values()]
+    projector = RandomProjector(settings.projection_dim, settings.projector, 0, "cpu")
+    device = next(model.parameters()).device
+    projector.device = device
+    for weight in weights:
+        weight.requires_grad_(True)
+    started = time.perf_counter()
+    for batch in _batches(tokenizer, records, settings):
+        for example in batch:
+            ids, mask, labels = pad_batch([example], tokenizer.pad_token_id, device)
+            loss, _ = per_sample_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+            grads = torch.autograd.grad(loss.sum(), weights)
+            for name, grad in zip(modules, grads, strict=True):
+                projector.project(name, grad.reshape(1, -1))
+    return time.perf_counter() - started
+
+
+def time_plain(model, tokenizer, records, settings):
+    import torch
+
+    from forgetless.select.gradients import gradient_modules, pad_batch, per_sample_losses
+
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    weights = [module.weight for module in modules.values()]
+    for weight in weights:
+        weight.requires_grad_(True)
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    for batch in _batches(tokenizer, records, settings):
+        ids, mask, labels = pad_batch(batch, tokenizer.pad_token_id, device)
+        loss, _ = per_sample_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+        torch.autograd.grad(loss.sum(), weights)
+    return time.perf_counter() - started
+
+
+def navigator_rate(pool: int, repeats: int = 3) -> float:
+    import numpy as np
+
+    from forgetless.select.navigator import Navigator
+
+    inputs = np.random.default_rng(0).normal(size=(pool, 386)).astype(np.float32)
+    navigator = Navigator(386, 128)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        navigator.score(inputs)
+        best = min(best, time.perf_counter() - started)
+    return pool / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--parameters", default="lora", choices=["lora", "last_blocks", "blocks"])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--projection-dim", type=int, default=1024)
+    parser.add_argument("--pool", type=int, default=100_000, help="Navigator scoring pool.")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from forgetless.config import GradientConfig
+
+    torch.set_grad_enabled(True)
+    model, tokenizer = feature_model(args)
+    records = sample_records(args)
+    settings = GradientConfig(
+        parameters=args.parameters,
+        projection_dim=args.projection_dim,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        shard_size=max(args.samples, 1),
+    )
+    # One untimed pass: first-call allocations and the projection cache are not measured.
+    time_batched(model, tokenizer, records[: args.batch_size], settings)
+    seconds = {
+        "batched": time_batched(model, tokenizer, records, settings),
+        "batch1": time_batch1(model, tokenizer, records, settings),
+        "plain": time_plain(model, tokenizer, records, settings),
+    }
+    count = len(records)
+    print(
+        f"model {args.model}, parameters {args.parameters}, {count} samples of <= "
+        f"{args.max_length} tokens, batch {args.batch_size}, d = {args.projection_dim}, "
+        f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'way':<10}{'samples/s':>12}{'batched speed vs this':>24}")
+    for way, elapsed in seconds.items():
+        ratio = elapsed / seconds["batched"]
+        print(f"{way:<10}{count / elapsed:>12.2f}{ratio:>23.2f}x")
+    print(
+        f"batched vs batch1: {seconds['batch1'] / seconds['batched']:.2f}x (target >= 5x); "
+        f"batched vs plain: {seconds['plain'] / seconds['batched']:.2f}x (target >= 0.7x)"
+    )
+    rate = navigator_rate(args.pool)
+    print(f"navigator pool scoring: {rate:,.0f} samples/s over {args.pool:,} (target >= 1000)")
+
+
+if __name__ == "__main__":
+    main()

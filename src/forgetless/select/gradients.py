@@ -1,0 +1,381 @@
+"""Per-sample gradient features: batched, randomly projected, stored memory-mapped.
+
+Per-sample gradients come from one ordinary batched forward and backward pass. For a linear
+layer y = W x the gradient of sample b is sum_t dy[b, t] x[b, t]^T, so a forward hook keeps
+each selected layer's input and a hook on its output gradient forms the per-sample gradients
+with one einsum (the "ghost" trick of Opacus). This is written here rather than taken from
+``torch.func.vmap(grad(...))``: on the models we target vmap falls back to a per-sample loop
+inside attention's backward and ran slower than a plain batch-1 loop, while the hooks cost
+about one batched backward. Only linear weights (and biases) are featurised — LoRA factors,
+attention and MLP projections; norms and embeddings are left out.
+
+The backward pass runs from the input embeddings only, so no weight gradient is ever
+accumulated: the hooks are the only consumers. Each layer's per-sample gradient is projected
+to d dimensions as soon as it exists, so memory holds one layer's per-sample gradients at a
+time, whatever the parameter set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from forgetless.config import GradientConfig
+from forgetless.data.features import IGNORE_INDEX, sample_example
+from forgetless.data.records import Record
+from forgetless.errors import ForgetlessError
+from forgetless.pipeline import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+# Largest projection block generated at once (entries); bounds memory for huge layers.
+BLOCK_ENTRIES = 1 << 24
+FEATURES_FILE = "features.npy"
+STATS_FILE = "stats.npz"
+MANIFEST_FILE = "manifest.json"
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer's block list: the longest ModuleList of same-class modules."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (
+                best is None or len(module) > len(best)
+            ):
+                best = module
+    if best is None:
+        raise ForgetlessError("cannot find the model's transformer blocks (no ModuleList)")
+    return best
+
+
+def gradient_modules(
+    model: nn.Module, parameters: str, last_blocks: int = 2
+) -> dict[str, nn.Linear]:
+    """The linear layers whose per-sample weight gradients form the features."""
+    if parameters == "lora":
+        chosen = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (".lora_A." in name or ".lora_B." in name)
+        }
+        if not chosen:
+            raise ForgetlessError("parameters=lora but the model has no LoRA adapter")
+        return chosen
+    blocks = list(decoder_blocks(model))
+    if parameters == "last_blocks":
+        blocks = blocks[-last_blocks:]
+    elif parameters != "blocks":
+        raise ForgetlessError(f"unknown gradient parameter set {parameters!r}")
+    wanted = {id(module) for block in blocks for module in block.modules()}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) in wanted
+    }
+
+
+class RandomProjector:
+    """A seeded d-column random matrix per layer, applied to flattened per-sample gradients.
+
+    Row blocks of at most ``BLOCK_ENTRIES`` entries are generated on the CPU from a seed
+    derived from (seed, layer, block), so the features are identical on every device and in
+    every run; blocks are kept until ``cache_bytes`` is used up, later ones are regenerated.
+    """
+
+    def __init__(
+        self, dim: int, kind: str, seed: int, device: torch.device, cache_bytes: int = 1 << 30
+    ):
+        self.dim, self.kind, self.seed, self.device = dim, kind, seed, torch.device(device)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def _block(self, name: str, start: int, rows: int) -> torch.Tensor:
+        key = (name, start)
+        if key in self._cache:
+            return self._cache[key]
+        digest = hashlib.sha256(f"{self.seed}/{name}/{start}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if self.kind == "rademacher":
+            # +-1 kept as int8 (4x more blocks fit the cache); the 1/sqrt(d) scale is applied
+            # after the product.
+            signs = torch.randint(0, 2, (rows, self.dim), generator=generator, dtype=torch.int8)
+            block = (signs * 2 - 1).to(self.device)
+        elif self.kind == "gaussian":
+            block = torch.randn(rows, self.dim, generator=generator).to(self.device)
+        else:
+            raise ForgetlessError(f"unknown projector {self.kind!r}")
+        size = block.numel() * block.element_size()
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[key] = block
+            self._cached_bytes += size
+        return block
+
+    def project(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """(batch, D) -> (batch, d) for the layer called ``name``."""
+        rows_per_block = max(1, BLOCK_ENTRIES // self.dim)
+        total = flat.new_zeros(flat.shape[0], self.dim, dtype=torch.float32)
+        for start in range(0, flat.shape[1], rows_per_block):
+            stop = min(start + rows_per_block, flat.shape[1])
+            block = self._block(name, start, stop - start)
+            total += flat[:, start:stop].float() @ block.float()
+        return total / self.dim**0.5
+
+
+class PerSampleGradients:
+    """Hooks that turn one batched backward pass into projected per-sample gradients."""
+
+    def __init__(self, modules: dict[str, nn.Linear], projector: RandomProjector):
+        self.modules, self.projector = modules, projector
+        self.projected: torch.Tensor | None = None
+        self.squared_norm: torch.Tensor | None = None
+        self._handles = [
+            module.register_forward_hook(self._forward_hook(name))
+            for name, module in modules.items()
+        ]
+
+    def reset(self, batch: int, device: torch.device) -> None:
+        self.projected = torch.zeros(batch, self.projector.dim, device=device)
+        self.squared_norm = torch.zeros(batch, device=device)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Linear, inputs, output):
+            if output.requires_grad:
+                x = inputs[0].detach()
+                has_bias = module.bias is not None
+                output.register_hook(lambda grad: self._accumulate(name, x, grad, has_bias))
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor, has_bias: bool) -> None:
+        batch = grad.shape[0]
+        grad, x = grad.reshape(batch, -1, grad.shape[-1]).float(), x.reshape(batch, -1, x.shape[-1])
+        per_sample = torch.einsum("bto,bti->boi", grad, x.float()).reshape(batch, -1)
+        if has_bias:
+            per_sample = torch.cat([per_sample, grad.sum(1)], dim=1)
+        self.projected += self.projector.project(name, per_sample)
+        self.squared_norm += per_sample.pow(2).sum(1)
+
+
+def per_sample_losses(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss of each sequence and its number of target tokens."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    token_loss = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )
+    counts = valid.sum(1)
+    return (token_loss * valid).sum(1) / counts.clamp(min=1), counts
+
+
+def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
+    """Right-padded ids, attention mask and labels (-100 on padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (input_ids, target) in enumerate(examples):
+        ids[row, : len(input_ids)] = torch.tensor(input_ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        mask[row, : len(input_ids)] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+@dataclass
+class GradientFeatures:
+    """Projected per-sample gradients (rows) with their ids, losses and exact norms."""
+
+    ids: list[str]
+    vectors: np.ndarray  # (n, d) float16, memory-mapped
+    loss: np.ndarray  # mean token loss
+    norm: np.ndarray  # norm of the full (unprojected) gradient
+    tokens: np.ndarray  # target tokens; 0 marks a sample with nothing to learn
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.tokens > 0
+
+    def dense(self) -> np.ndarray:
+        return np.asarray(self.vectors, dtype=np.float32)
+
+
+def load_gradient_features(directory: str | Path) -> GradientFeatures:
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    if manifest["done_shards"] < manifest["shards"]:
+        raise ForgetlessError(f"{directory}: gradient extraction is incomplete; rerun to resume")
+    stats = np.load(directory / STATS_FILE)
+    vectors = np.load(directory / FEATURES_FILE, mmap_mode="r")
+    return GradientFeatures(manifest["ids"], vectors, stats["loss"], stats["norm"], stats["tokens"])
+
+
+def extract_gradient_features(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    settings: GradientConfig,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "gradients",
+) -> GradientFeatures:
+    """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
+
+    ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). The
+    work is cut into shards; a rerun with the same inputs skips the finished ones.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    ids = [record.id or str(index) for index, record in enumerate(records)]
+    if len(set(ids)) != len(ids):
+        raise ForgetlessError("sample ids must be unique to store gradient features")
+    shards = (len(records) + settings.shard_size - 1) // settings.shard_size
+    identity = {
+        "ids": ids,
+        "settings": settings.model_dump(mode="json"),
+        "seed": seed,
+        "shards": shards,
+    }
+    manifest_file = output / MANIFEST_FILE
+    manifest = {**identity, "done_shards": 0}
+    if manifest_file.is_file():
+        previous = json.loads(manifest_file.read_text())
+        if {key: previous.get(key) for key in identity} == identity:
+            manifest = previous
+    fresh = manifest["done_shards"] == 0
+    vectors = np.lib.format.open_memmap(
+        output / FEATURES_FILE,
+        mode="w+" if fresh else "r+",
+        dtype=np.float16,
+        shape=(len(records), settings.projection_dim),
+    )
+    stats_file = output / STATS_FILE
+    stats = (
+        {key: value.copy() for key, value in np.load(stats_file).items()}
+        if not fresh and stats_file.is_file()
+        else {
+            "loss": np.zeros(len(records), np.float32),
+            "norm": np.zeros(len(records), np.float32),
+            "tokens": np.zeros(len(records), np.int32),
+        }
+    )
+    write_json_atomic(manifest_file, manifest)
+
+    device = next(model.parameters()).device
+    projector = RandomProjector(
+        settings.projection_dim,
+        settings.projector,
+        seed,
+        device,
+        cache_bytes=settings.projector_cache_mb << 20,
+    )
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    hooks = PerSampleGradients(modules, projector)
+    was_training = model.training
+    model.eval()  # no dropout: a sample's gradient must not depend on its batch or the run
+    requires = {name: param.requires_grad for name, param in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    embed = model.get_input_embeddings()
+    bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
+    bar.update(min(len(records), manifest["done_shards"] * settings.shard_size))
+    try:
+        for shard in range(manifest["done_shards"], shards):
+            start = shard * settings.shard_size
+            stop = min(start + settings.shard_size, len(records))
+            examples = {
+                index: sample_example(tokenizer, records[index], settings.max_length)
+                for index in range(start, stop)
+            }
+            usable = [index for index, example in examples.items() if example is not None]
+            # Similar lengths share a batch, so little compute goes to padding.
+            usable.sort(key=lambda index: len(examples[index][0]))
+            for first in range(0, len(usable), settings.batch_size):
+                batch = usable[first : first + settings.batch_size]
+                ids_t, mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
+                hooks.reset(len(batch), device)
+                embeds = embed(ids_t).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+                loss, counts = per_sample_losses(logits, labels)
+                # A sum of per-sample means: each sample's hooks see its own loss's gradient.
+                torch.autograd.grad(loss.sum(), embeds)
+                vectors[batch] = hooks.projected.cpu().numpy().astype(np.float16)
+                stats["loss"][batch] = loss.detach().cpu().numpy()
+                stats["norm"][batch] = hooks.squared_norm.sqrt().cpu().numpy()
+                stats["tokens"][batch] = counts.cpu().numpy()
+                bar.update(len(batch))
+            bar.update(stop - start - len(usable))
+            vectors.flush()
+            np.savez(stats_file.with_suffix(".tmp.npz"), **stats)
+            stats_file.with_suffix(".tmp.npz").replace(stats_file)
+            manifest["done_shards"] = shard + 1
+            write_json_atomic(manifest_file, manifest)
+    finally:
+        bar.close()
+        hooks.remove()
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires[name])
+        model.train(was_training)
+    skipped = int((stats["tokens"] == 0).sum())
+    if skipped:
+        logger.warning(
+            "%d of %d samples had no target token and get zero features", skipped, len(ids)
+        )
+    del vectors
+    return load_gradient_features(output)
+
+
+@torch.no_grad()
+def sample_losses(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    max_length: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean token loss and target-token count of each record under ``model`` (forward only).
+
+    Records with nothing to learn get loss 0 and count 0.
+    """
+    examples = [sample_example(tokenizer, record, max_length) for record in records]
+    losses = np.zeros(len(records), np.float32)
+    counts = np.zeros(len(records), np.int32)
+    usable = sorted(
+        (index for index, example in enumerate(examples) if example is not None),
+        key=lambda index: len(examples[index][0]),
+    )
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(usable), desc="losses", disable=not progress, unit="sample")
+    for first in range(0, len(usable), batch_size):
+        batch = usable[first : first + batch_size]
+        ids, mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss, count = per_sample_losses(logits, labels)
+        losses[batch] = loss.cpu().numpy()
+        counts[batch] = count.cpu().numpy()
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return losses, counts

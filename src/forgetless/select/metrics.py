@@ -1,0 +1,131 @@
+"""Anchor geometry and the per-sample quantities every selection method ranks by.
+
+All quantities use the projected gradients; random projection preserves inner products up
+to a small relative error, which is what makes the d-dimensional features usable here.
+
+* orthogonality o_i = 1 - |P_A g_i|^2 / |g_i|^2, with P_A the projector onto the anchor
+  subspace (top right singular vectors of the anchor gradients);
+* conflict c_i = max(0, -cos(g_i, g_ref)), with g_ref the mean anchor gradient;
+* utility u_i = cos(g_i, g_V), with g_V the mean unit validation gradient (as in LESS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from forgetless.errors import ForgetlessError
+
+EPS = 1e-12
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), EPS)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    mean: np.ndarray  # g_ref, (d,)
+    basis: np.ndarray  # (d, r) orthonormal columns
+    captured: float  # share of the anchor gradients' energy inside the subspace
+
+
+def anchor_from_gradients(vectors: np.ndarray, rank: int) -> Anchor:
+    """g_ref and the rank-r anchor subspace of a set of anchor gradients (rows)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if len(vectors) == 0:
+        raise ForgetlessError(
+            "no usable anchor gradients: the anchor data is empty or every sample's prompt "
+            "fills select.gradient.max_length"
+        )
+    # Unit rows so that a few anchor samples with huge gradients do not define the subspace.
+    units = unit_rows(vectors)
+    _, singular, right = np.linalg.svd(units, full_matrices=False)
+    rank = min(rank, len(singular))
+    energy = singular**2
+    return Anchor(
+        mean=vectors.mean(0),
+        basis=right[:rank].T.copy(),
+        captured=float(energy[:rank].sum() / max(energy.sum(), EPS)),
+    )
+
+
+def domain_direction(vectors: np.ndarray) -> np.ndarray:
+    """g_V: the mean unit gradient of the domain validation samples."""
+    if len(vectors) == 0:
+        raise ForgetlessError(
+            "no usable validation gradients: the validation data is empty or every sample's "
+            "prompt fills select.gradient.max_length"
+        )
+    return unit_rows(vectors).mean(0)
+
+
+def orthogonality(vectors: np.ndarray, anchor: Anchor) -> np.ndarray:
+    inside = unit_rows(vectors) @ anchor.basis
+    return 1.0 - (inside**2).sum(1)
+
+
+def cosine(vectors: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    direction = np.asarray(direction, dtype=np.float64)
+    return unit_rows(vectors) @ (direction / max(np.linalg.norm(direction), EPS))
+
+
+def conflict(vectors: np.ndarray, anchor: Anchor) -> np.ndarray:
+    return np.maximum(0.0, -cosine(vectors, anchor.mean))
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    utility: np.ndarray
+    orthogonality: np.ndarray
+    conflict: np.ndarray
+
+    def cost(self, kind: str) -> np.ndarray:
+        if kind == "energy":
+            return 1.0 - self.orthogonality
+        if kind == "conflict":
+            return self.conflict
+        raise ForgetlessError(f"unknown cost {kind!r}; choose energy or conflict")
+
+    def subset(self, index: np.ndarray) -> SampleScores:
+        return SampleScores(self.utility[index], self.orthogonality[index], self.conflict[index])
+
+
+def score_samples(vectors: np.ndarray, anchor: Anchor, target: np.ndarray) -> SampleScores:
+    return SampleScores(
+        utility=cosine(vectors, target),
+        orthogonality=orthogonality(vectors, anchor),
+        conflict=conflict(vectors, anchor),
+    )
+
+
+def constrained_top_k(
+    utility: np.ndarray, cost: np.ndarray, k: int, cost_limit: float
+) -> tuple[np.ndarray, float]:
+    """The k samples maximising utility - lam * cost, with the smallest lam >= 0 whose
+    selection has mean cost <= cost_limit (bisection on the Lagrange multiplier).
+
+    Returns the chosen indices (best first) and lam. When no lam meets the limit the
+    selection of the largest lam tried (the least costly one) is returned.
+    """
+    k = max(1, min(k, len(utility)))
+
+    def pick(lam: float) -> np.ndarray:
+        # A stable sort on the negated score: equal scores keep pool order, run after run.
+        return np.argsort(-(utility - lam * cost), kind="stable")[:k]
+
+    chosen = pick(0.0)
+    if cost[chosen].mean() <= cost_limit:
+        return chosen, 0.0
+    low, high = 0.0, 1.0
+    while cost[pick(high)].mean() > cost_limit and high < 1e6:
+        low, high = high, high * 4
+    for _ in range(50):
+        middle = (low + high) / 2
+        if cost[pick(middle)].mean() > cost_limit:
+            low = middle
+        else:
+            high = middle
+    return pick(high), high

@@ -1,0 +1,273 @@
+"""Data selection: per-sample gradient features, anchor metrics, the Navigator, and the
+selection run end to end on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from forgetless.config import GradientConfig, NavigatorConfig, load_config
+from forgetless.data.features import sample_example
+from forgetless.data.records import TextRecord
+from forgetless.errors import ForgetlessError
+from forgetless.models import load_model
+from forgetless.select import gradients as gradient_module
+from forgetless.select.gradients import (
+    RandomProjector,
+    extract_gradient_features,
+    gradient_modules,
+    per_sample_losses,
+)
+from forgetless.select.metrics import (
+    anchor_from_gradients,
+    conflict,
+    constrained_top_k,
+    orthogonality,
+)
+from forgetless.select.navigator import top_k_quality, train_navigator
+
+
+def _records(count=7):
+    return [
+        TextRecord(text=f"sample {index} says " + "abc def " * (index + 2), id=f"r{index}")
+        for index in range(count)
+    ]
+
+
+@pytest.fixture
+def tiny():
+    return load_model("tiny-llama")
+
+
+def _explicit_projection(model, tokenizer, record, modules, projector, max_length):
+    ids, labels = sample_example(tokenizer, record, max_length)
+    logits = model(input_ids=torch.tensor([ids])).logits
+    loss, _ = per_sample_losses(logits, torch.tensor([labels]))
+    grads = torch.autograd.grad(loss.sum(), [module.weight for module in modules.values()])
+    projected = sum(
+        projector.project(name, grad.reshape(1, -1))
+        for name, grad in zip(modules, grads, strict=True)
+    )
+    norm = torch.sqrt(sum(grad.pow(2).sum() for grad in grads))
+    return projected[0].detach(), norm.item(), loss.item()
+
+
+@pytest.mark.parametrize("parameters", ["blocks", "lora"])
+def test_batched_features_equal_per_sample_autograd(tiny, tmp_path, parameters):
+    model, tokenizer = tiny.model, tiny.tokenizer
+    if parameters == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+    settings = GradientConfig(
+        parameters=parameters, projection_dim=32, batch_size=3, shard_size=4, max_length=48
+    )
+    records = _records()
+    features = extract_gradient_features(
+        model, tokenizer, records, settings, tmp_path, progress=False
+    )
+    assert features.ids == [record.id for record in records]
+    projector = RandomProjector(32, "rademacher", 0, "cpu")
+    modules = gradient_modules(model, parameters)
+    for row, record in enumerate(records):
+        expected, norm, loss = _explicit_projection(
+            model, tokenizer, record, modules, projector, 48
+        )
+        # Padding and batching must not change a sample's gradient (float16 storage).
+        np.testing.assert_allclose(features.vectors[row], expected.numpy(), atol=2e-3, rtol=2e-3)
+        assert features.norm[row] == pytest.approx(norm, rel=1e-4)
+        assert features.loss[row] == pytest.approx(loss, rel=1e-5)
+
+
+def test_projection_is_seeded_and_preserves_inner_products():
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(4, 5000, generator=generator)
+    first = RandomProjector(2048, "rademacher", 7, "cpu").project("layer", vectors)
+    again = RandomProjector(2048, "rademacher", 7, "cpu", cache_bytes=0).project("layer", vectors)
+    assert torch.equal(first, again)
+    other = RandomProjector(2048, "rademacher", 8, "cpu").project("layer", vectors)
+    assert not torch.equal(first, other)
+    exact = vectors @ vectors.T
+    approx = first @ first.T
+    # Johnson-Lindenstrauss: relative error of norms ~ sqrt(2/d).
+    assert torch.allclose(approx.diagonal(), exact.diagonal(), rtol=0.1)
+    gaussian = RandomProjector(2048, "gaussian", 7, "cpu").project("layer", vectors)
+    assert torch.allclose((gaussian @ gaussian.T).diagonal(), exact.diagonal(), rtol=0.1)
+
+
+def test_extraction_resumes_after_an_interrupted_shard(tiny, tmp_path, monkeypatch):
+    settings = GradientConfig(parameters="blocks", projection_dim=16, batch_size=2, shard_size=3)
+    records = _records(8)
+    clean = extract_gradient_features(
+        tiny.model, tiny.tokenizer, records, settings, tmp_path / "clean", progress=False
+    )
+    calls = {"count": 0}
+    original = gradient_module.pad_batch
+
+    def failing_pad_batch(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:  # inside the second shard
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradient_module, "pad_batch", failing_pad_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_gradient_features(
+            tiny.model, tiny.tokenizer, records, settings, tmp_path / "resumed", progress=False
+        )
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert manifest["done_shards"] == 1
+    with pytest.raises(ForgetlessError, match="incomplete"):
+        gradient_module.load_gradient_features(tmp_path / "resumed")
+    monkeypatch.setattr(gradient_module, "pad_batch", original)
+    resumed = extract_gradient_features(
+        tiny.model, tiny.tokenizer, records, settings, tmp_path / "resumed", progress=False
+    )
+    assert np.array_equal(np.asarray(resumed.vectors), np.asarray(clean.vectors))
+    assert np.array_equal(resumed.loss, clean.loss)
+
+
+def test_anchor_metrics():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(20, 3)))[0]
+    anchor_gradients = rng.normal(size=(50, 3)) @ basis.T
+    anchor = anchor_from_gradients(anchor_gradients, rank=3)
+    assert anchor.captured == pytest.approx(1.0)
+    inside = anchor_gradients[:2]
+    outside = rng.normal(size=(2, 20))
+    outside -= outside @ basis @ basis.T
+    np.testing.assert_allclose(orthogonality(inside, anchor), 0.0, atol=1e-9)
+    np.testing.assert_allclose(orthogonality(outside, anchor), 1.0, atol=1e-9)
+    opposed = -anchor.mean[None, :]
+    assert conflict(opposed, anchor)[0] == pytest.approx(1.0)
+    assert conflict(anchor.mean[None, :], anchor)[0] == 0.0
+
+
+def test_constrained_top_k_meets_the_cost_limit():
+    rng = np.random.default_rng(0)
+    utility = rng.normal(size=200)
+    cost = np.clip(utility + rng.normal(scale=0.5, size=200), 0, None)  # useful = costly
+    free, lam = constrained_top_k(utility, cost, 20, cost_limit=10.0)
+    assert lam == 0.0 and set(free) == set(np.argsort(-utility)[:20])
+    limit = 0.5 * cost.mean()
+    chosen, lam = constrained_top_k(utility, cost, 20, cost_limit=limit)
+    assert lam > 0 and cost[chosen].mean() <= limit
+    assert utility[chosen].mean() < utility[free].mean()
+
+
+def _synthetic_task(count=400, seed=0):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(count, 6)).astype(np.float32)
+    utility = np.tanh(features[:, 0])
+    cost = 1 / (1 + np.exp(-2 * features[:, 1]))  # independent of utility
+    return features, utility, cost
+
+
+def test_navigator_learns_the_constrained_choice_and_is_deterministic():
+    features, utility, cost = _synthetic_task()
+    settings = NavigatorConfig(iterations=150, candidates=40, episodes=16, learning_rate=3e-3)
+    limit = 0.5 * cost.mean()
+    navigator, log = train_navigator(
+        features, utility, cost, settings, budget=0.1, cost_limit=limit, progress=False
+    )
+    again, _ = train_navigator(
+        features, utility, cost, settings, budget=0.1, cost_limit=limit, progress=False
+    )
+    for key, value in navigator.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+    assert len(log) == 150 and {"reward", "cost", "lam"} <= set(vars(log[0]))
+    # On fresh samples the Navigator's top 10 % beats a random pick on utility and keeps
+    # the cost near the limit it was trained for.
+    fresh_features, fresh_utility, fresh_cost = _synthetic_task(seed=1)
+    top = top_k_quality(navigator.score(fresh_features), fresh_utility, fresh_cost, 0.1)
+    assert top["utility"] > fresh_utility.mean() + 0.3
+    assert top["cost"] < 1.3 * limit
+    assert log[-1].lam > 0
+
+
+def _select_config(method, tmp_path):
+    return load_config(
+        None,
+        {
+            "model.name": "tiny-llama",
+            "data.source": "pubmedqa",
+            "data.limit": 40,
+            "select.method": method,
+            "select.budget": 0.25,
+            "select.anchor_samples": 8,
+            "select.validation_samples": 6,
+            "select.featured_samples": 24,
+            "select.gradient.projection_dim": 32,
+            "select.gradient.warmup_steps": 2,
+            "select.gradient.max_length": 400,
+            "select.gradient.shard_size": 16,
+            "select.navigator.iterations": 20,
+            "select.navigator.candidates": 12,
+        },
+    )
+
+
+@pytest.mark.parametrize("method", ["ogs", "orthogonal", "less", "random"])
+def test_selection_runs_end_to_end_and_is_reproducible(method, tmp_path, shared_data_dir):
+    from forgetless.data import load_records
+    from forgetless.select import run_selection
+
+    outputs = []
+    for run in ("first", "second"):
+        results = run_selection(_select_config(method, tmp_path), tmp_path / run, progress=False)
+        selection = results[f"selection_{method}"]
+        outputs.append((selection.directory / "selected.jsonl").read_bytes())
+    assert outputs[0] == outputs[1]
+    summary = selection.summary
+    assert summary["selected"] == round(0.25 * 34) == len(outputs[0].splitlines())
+    rows = [json.loads(line) for line in outputs[0].splitlines()]
+    assert [row["rank"] for row in rows] == list(range(len(rows)))
+    # The selection is a trainable data file.
+    records = load_records(str(selection.directory / "selected.jsonl"))
+    assert [record.id for record in records] == [row["id"] for row in rows]
+    if method != "random":
+        metrics = summary["gradient_metrics"]
+        assert set(metrics) >= {"orthogonality", "conflict", "utility"}
+        assert (selection.directory / "histograms.png").stat().st_size > 0
+    if method == "ogs":
+        navigator = results["navigator"].summary
+        assert "spearman_vs_lagrangian" in navigator["held_out"]
+        log = json.loads((results["navigator"].directory / "log.json").read_text())
+        assert len(log) == 20 and {"reward", "cost", "lam"} <= set(log[0])
+
+
+def test_selection_cli(tmp_path, run_cli, shared_data_dir):
+    code, out, err = run_cli(
+        [
+            "select",
+            "--output",
+            str(tmp_path / "run"),
+            "--model",
+            "tiny-llama",
+            "--data",
+            "pubmedqa",
+            "--limit",
+            "30",
+            "--method",
+            "less",
+            "--budget",
+            "0.2",
+            "--set",
+            "select.anchor_samples=4",
+            "--set",
+            "select.validation_samples=4",
+            "--set",
+            "select.gradient.warmup_steps=1",
+            "--set",
+            "select.gradient.max_length=400",
+            "--set",
+            "select.gradient.projection_dim=16",
+        ]
+    )
+    assert code == 0, err
+    assert "utility" in out
+    assert (tmp_path / "run" / "selection_less" / "selected.jsonl").is_file()

@@ -1,0 +1,80 @@
+"""scripts/select_results.py end to end on the tiny model: selections, equal-step training,
+the paired gain-vs-retention table."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "select_results.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("select_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_selection_experiment_table(tmp_path, shared_data_dir, script, capsys):
+    settings = {
+        "model.name": "tiny-llama",
+        "data.limit": 40,
+        "train.max_steps": 2,
+        "train.max_length": 32,
+        "evaluate.limit": 4,
+        "evaluate.task_limits": "{}",
+        "evaluate.general_tasks": "[c4, arc_easy]",
+        "select.budget": 0.25,
+        "select.anchor_samples": 8,
+        "select.validation_samples": 6,
+        "select.featured_samples": 20,
+        "select.gradient.projection_dim": 16,
+        "select.gradient.warmup_steps": 1,
+        "select.gradient.max_length": 400,
+        "select.navigator.iterations": 5,
+        "select.navigator.candidates": 8,
+    }
+    argv = [
+        "--data-dir",
+        str(shared_data_dir),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--output",
+        str(tmp_path / "out" / "select"),
+        "--domains",
+        "medical",
+    ]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    script.main(argv)
+    summary = json.loads((tmp_path / "out" / "select.json").read_text())
+    rows = summary["domains"]["medical"]["rows"]
+    assert list(rows) == ["full", "random", "less", "orthogonal", "ogs"]
+    for label, row in rows.items():
+        assert set(row["changes"]) == {
+            "ppl:pubmedqa@test",
+            "ppl:financial_phrasebank",
+            "c4",
+            "arc_easy",
+        }
+        # Every model trains for the same number of steps, whatever its data size.
+        assert row["training"]["steps"] == 2
+        if label != "full":
+            assert row["selected"] == round(0.25 * 34)
+    # The full baseline trains on exactly the candidates the methods choose from.
+    candidates = (tmp_path / "run" / "select_medical" / "candidates.jsonl").read_text()
+    assert len(candidates.splitlines()) == 34
+    target = summary["domains"]["medical"]["ogs_target"]
+    assert set(target) >= {"gain_share_ok", "drop_share_ok", "not_dominated_by_random_or_less"}
+    table = (tmp_path / "out" / "select.md").read_text()
+    assert "| ogs |" in table and "Navigator on" in table
+    # Rerunning reuses every stage.
+    capsys.readouterr()
+    script.main(argv)
+    assert "start:" not in capsys.readouterr().out
