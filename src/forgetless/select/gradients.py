@@ -18,7 +18,6 @@ time, whatever the parameter set.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,15 +32,12 @@ from forgetless.config import GradientConfig
 from forgetless.data.features import IGNORE_INDEX, sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
-from forgetless.pipeline import write_json_atomic
+from forgetless.shards import ShardedRows, load_sharded_rows
 
 logger = logging.getLogger(__name__)
 
 # Largest projection block generated at once (entries); bounds memory for huge layers.
 BLOCK_ENTRIES = 1 << 24
-FEATURES_FILE = "features.npy"
-STATS_FILE = "stats.npz"
-MANIFEST_FILE = "manifest.json"
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -216,13 +212,8 @@ class GradientFeatures:
 
 
 def load_gradient_features(directory: str | Path) -> GradientFeatures:
-    directory = Path(directory)
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    if manifest["done_shards"] < manifest["shards"]:
-        raise ForgetlessError(f"{directory}: gradient extraction is incomplete; rerun to resume")
-    stats = np.load(directory / STATS_FILE)
-    vectors = np.load(directory / FEATURES_FILE, mmap_mode="r")
-    return GradientFeatures(manifest["ids"], vectors, stats["loss"], stats["norm"], stats["tokens"])
+    ids, vectors, columns = load_sharded_rows(directory)
+    return GradientFeatures(ids, vectors, columns["loss"], columns["norm"], columns["tokens"])
 
 
 def extract_gradient_features(
@@ -241,42 +232,17 @@ def extract_gradient_features(
     ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). The
     work is cut into shards; a rerun with the same inputs skips the finished ones.
     """
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     ids = [record.id or str(index) for index, record in enumerate(records)]
-    if len(set(ids)) != len(ids):
-        raise ForgetlessError("sample ids must be unique to store gradient features")
-    shards = (len(records) + settings.shard_size - 1) // settings.shard_size
-    identity = {
-        "ids": ids,
-        "settings": settings.model_dump(mode="json"),
-        "seed": seed,
-        "shards": shards,
-    }
-    manifest_file = output / MANIFEST_FILE
-    manifest = {**identity, "done_shards": 0}
-    if manifest_file.is_file():
-        previous = json.loads(manifest_file.read_text())
-        if {key: previous.get(key) for key in identity} == identity:
-            manifest = previous
-    fresh = manifest["done_shards"] == 0
-    vectors = np.lib.format.open_memmap(
-        output / FEATURES_FILE,
-        mode="w+" if fresh else "r+",
+    store = ShardedRows(
+        output_dir,
+        ids,
+        identity={"settings": settings.model_dump(mode="json"), "seed": seed},
+        shard_size=settings.shard_size,
+        width=settings.projection_dim,
         dtype=np.float16,
-        shape=(len(records), settings.projection_dim),
+        columns={"loss": np.float32, "norm": np.float32, "tokens": np.int32},
     )
-    stats_file = output / STATS_FILE
-    stats = (
-        {key: value.copy() for key, value in np.load(stats_file).items()}
-        if not fresh and stats_file.is_file()
-        else {
-            "loss": np.zeros(len(records), np.float32),
-            "norm": np.zeros(len(records), np.float32),
-            "tokens": np.zeros(len(records), np.int32),
-        }
-    )
-    write_json_atomic(manifest_file, manifest)
+    vectors, stats = store.matrix, store.columns
 
     device = next(model.parameters()).device
     projector = RandomProjector(
@@ -296,11 +262,9 @@ def extract_gradient_features(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     embed = model.get_input_embeddings()
     bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
-    bar.update(min(len(records), manifest["done_shards"] * settings.shard_size))
+    bar.update(store.done)
     try:
-        for shard in range(manifest["done_shards"], shards):
-            start = shard * settings.shard_size
-            stop = min(start + settings.shard_size, len(records))
+        for shard, start, stop in store.pending():
             examples = {
                 index: sample_example(tokenizer, records[index], settings.max_length)
                 for index in range(start, stop)
@@ -323,11 +287,7 @@ def extract_gradient_features(
                 stats["tokens"][batch] = counts.cpu().numpy()
                 bar.update(len(batch))
             bar.update(stop - start - len(usable))
-            vectors.flush()
-            np.savez(stats_file.with_suffix(".tmp.npz"), **stats)
-            stats_file.with_suffix(".tmp.npz").replace(stats_file)
-            manifest["done_shards"] = shard + 1
-            write_json_atomic(manifest_file, manifest)
+            store.commit(shard)
     finally:
         bar.close()
         hooks.remove()
@@ -339,8 +299,8 @@ def extract_gradient_features(
         logger.warning(
             "%d of %d samples had no target token and get zero features", skipped, len(ids)
         )
-    del vectors
-    return load_gradient_features(output)
+    del vectors, store
+    return load_gradient_features(output_dir)
 
 
 @torch.no_grad()
