@@ -17,6 +17,8 @@ COMMANDS = [
     "continual",
     "merge",
     "select",
+    "mix",
+    "mix cluster",
     "config",
     "data",
     "data list",
@@ -71,6 +73,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
         (["eval", "--set", "evaluate.limit=-3", "--tasks", "c4"], "evaluate.limit"),
         (["select", "--output", "x", "--method", "best"], "select.method"),
         (["select", "--output", "x", "--budget", "1.5"], "select.budget"),
+        (["mix", "cluster", "--output", "x", "--sources", "no_such_set"], "no_such_set"),
+        (["mix", "cluster", "--output", "x", "--clusters", "1"], "mix.clusters"),
         (
             ["select", "--output", "x", "--set", "select.validation_samples=100000"],
             "validation_samples",

@@ -29,6 +29,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Built-in data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+mix_app = typer.Typer(
+    help="Data mixtures (CLIMB): cluster a pool, search weights.", no_args_is_help=True
+)
+app.add_typer(mix_app, name="mix")
 
 out = Console()
 err = Console(stderr=True)
@@ -407,6 +411,42 @@ def select(
     err.print(f"selected records: {selection.directory / 'selected.jsonl'}")
 
 
+@mix_app.command("cluster")
+def mix_cluster(
+    output: Annotated[Path, typer.Option(help="Run directory (stages are cached there).")],
+    sources: Annotated[
+        list[str] | None,
+        typer.Option(help="Pool sources: --sources c4 pubmedqa@train ... (names or files)."),
+    ] = None,
+    clusters: Annotated[int | None, typer.Option(help="k of the k-means.")] = None,
+    limit_per_source: Annotated[
+        int | None, typer.Option(help="Use at most N documents per source.")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed a pool, k-means it, prune low-quality clusters, merge the rest (Ward).
+
+    Writes OUTPUT/clusters/report.md (sizes, sources, top terms, examples), report.json,
+    assignments.csv and clustering.npz. Embeddings are cached per shard; reruns resume.
+    """
+    cfg = _config(
+        config,
+        set_,
+        {
+            "mix.sources": sources,
+            "mix.clusters": clusters,
+            "mix.limit_per_source": limit_per_source,
+            "data_dir": data_dir,
+        },
+    )
+    from forgetless.mix import run_clustering
+
+    results = run_clustering(cfg, output, on_event=_stage_event)
+    _print_markdown(results["clusters"].directory / "report.md")
+
+
 def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 
@@ -442,7 +482,7 @@ def _is_usage_error(error: Exception) -> bool:
 
 # Options that take several values after one flag (`--experts A B C`), which click cannot
 # parse natively; they are rewritten to the repeated form click understands.
-MULTI_VALUE_OPTIONS = ("--experts",)
+MULTI_VALUE_OPTIONS = ("--experts", "--sources")
 
 
 def _expand_multi_value_options(argv: list[str]) -> list[str]:

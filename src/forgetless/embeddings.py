@@ -40,6 +40,14 @@ def load_embedder(name: str, device: str | None = None):
         raise ForgetlessError(f"cannot load sentence embedder {name!r}: {first}") from None
 
 
+def embedding_dimension(embedder) -> int:
+    # Renamed in sentence-transformers 5; the old name still works there but warns.
+    method = getattr(embedder, "get_embedding_dimension", None)
+    if method is None:
+        method = embedder.get_sentence_embedding_dimension
+    return int(method())
+
+
 def record_text(record: Record) -> str:
     """The text a record stands for, as one string to embed."""
     if isinstance(record, TextRecord):

@@ -1,0 +1,103 @@
+"""Spherical k-means (faiss), quality pruning, and Ward merging into super-clusters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from forgetless.config import MixConfig
+from forgetless.errors import ForgetlessError
+from forgetless.mix.quality import passes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Clustering:
+    centroids: np.ndarray  # (k, dim), unit rows
+    assignment: np.ndarray  # (n,) fine cluster of each document
+    cluster_scores: dict[str, np.ndarray]  # scorer -> (k,) mean score per fine cluster
+    kept: np.ndarray  # (k,) bool
+    super_of_cluster: np.ndarray  # (k,) super-cluster id, -1 for pruned clusters
+
+    @property
+    def document_super(self) -> np.ndarray:
+        """(n,) super-cluster of each document, -1 where its cluster was pruned."""
+        return self.super_of_cluster[self.assignment]
+
+    @property
+    def super_count(self) -> int:
+        return int(self.super_of_cluster.max()) + 1 if self.kept.any() else 0
+
+
+def effective_k(documents: int, config: MixConfig) -> int:
+    k = min(config.clusters, max(2, documents // config.min_cluster_size))
+    if k < config.clusters:
+        logger.warning(
+            "mix.clusters=%d is too many for %d documents; using k=%d (min_cluster_size=%d)",
+            config.clusters,
+            documents,
+            k,
+            config.min_cluster_size,
+        )
+    return k
+
+
+def spherical_kmeans(
+    vectors: np.ndarray, k: int, iterations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit centroids and the nearest centroid (by cosine) of every row."""
+    import faiss
+
+    data = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(data) < k:
+        raise ForgetlessError(f"cannot make {k} clusters of {len(data)} documents")
+    kmeans = faiss.Kmeans(
+        data.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False
+    )
+    # faiss subsamples to 256 points per centroid by default; keep every point.
+    kmeans.max_points_per_centroid = max(256, (len(data) + k - 1) // k)
+    kmeans.train(data)
+    _, nearest = kmeans.index.search(data, 1)
+    return kmeans.centroids.copy(), nearest[:, 0].astype(np.int64)
+
+
+def cluster_means(assignment: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Mean of finite ``values`` per cluster (NaN for a cluster with none)."""
+    finite = np.isfinite(values)
+    sums = np.bincount(assignment[finite], weights=values[finite], minlength=k)
+    counts = np.bincount(assignment[finite], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def ward_super_clusters(centroids: np.ndarray, distance: float) -> np.ndarray:
+    """Super-cluster id of each centroid, numbered by first appearance (0, 1, ...)."""
+    if len(centroids) == 1:
+        return np.zeros(1, dtype=np.int64)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    labels = fcluster(linkage(centroids, method="ward"), t=distance, criterion="distance")
+    order: dict[int, int] = {}
+    return np.array([order.setdefault(label, len(order)) for label in labels], dtype=np.int64)
+
+
+def cluster_corpus(
+    embeddings: np.ndarray, scores: dict[str, np.ndarray], config: MixConfig
+) -> Clustering:
+    k = effective_k(len(embeddings), config)
+    centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, config.seed)
+    cluster_scores = {name: cluster_means(assignment, values, k) for name, values in scores.items()}
+    sizes = np.bincount(assignment, minlength=k)
+    kept = sizes > 0
+    for name, threshold in config.quality_thresholds.items():
+        kept &= np.array([passes(name, value, threshold) for value in cluster_scores[name]])
+    if not kept.any():
+        raise ForgetlessError(
+            f"every cluster was pruned; loosen mix.quality_thresholds ({config.quality_thresholds})"
+        )
+    super_of_cluster = np.full(k, -1, dtype=np.int64)
+    super_of_cluster[kept] = ward_super_clusters(centroids[kept], config.merge_distance)
+    return Clustering(centroids, assignment, cluster_scores, kept, super_of_cluster)

@@ -1,0 +1,106 @@
+"""Per-document quality scores; clusters are pruned on their mean score per scorer.
+
+* ``heuristic`` — the mean of four text statistics in [0, 1], in the spirit of the Gopher
+  rules: share of letters among non-space characters (0 at <= 50 %, 1 at >= 80 %), mean word
+  length within 3-10 characters, share of word 3-grams that are not repeats, and length
+  (0 at <= 5 words, 1 at >= 50). Higher is better.
+* ``perplexity`` — the reference LM's perplexity on the document's first tokens. Lower is
+  better.
+* ``fasttext`` — the probability a fastText classifier gives the high-quality label. Higher
+  is better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from forgetless.config import ForgetlessConfig
+from forgetless.errors import ForgetlessError
+
+# Scorer -> whether a higher score is better (kept if mean >= threshold, else <= threshold).
+HIGHER_IS_BETTER = {"heuristic": True, "perplexity": False, "fasttext": True}
+
+
+def _ramp(value: float, low: float, high: float) -> float:
+    return min(1.0, max(0.0, (value - low) / (high - low)))
+
+
+def heuristic_score(text: str) -> float:
+    words = text.split()
+    if not words:
+        return 0.0
+    visible = [char for char in text if not char.isspace()]
+    letters = sum(char.isalpha() for char in visible) / max(len(visible), 1)
+    mean_word = sum(len(word) for word in words) / len(words)
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+    checks = (
+        _ramp(letters, 0.5, 0.8),
+        1.0 if 3 <= mean_word <= 10 else 0.0,
+        unique,
+        _ramp(len(words), 5, 50),
+    )
+    return sum(checks) / len(checks)
+
+
+def perplexity_scores(texts: Sequence[str], config: ForgetlessConfig, progress=True) -> np.ndarray:
+    from forgetless.data.records import TextRecord
+    from forgetless.models import load_model
+    from forgetless.select.gradients import sample_losses
+
+    loaded = load_model(
+        config.mix.reference_model, dtype=config.model.dtype, device=config.model.device
+    )
+    records = [TextRecord(text=text) for text in texts]
+    losses, counts = sample_losses(
+        loaded.model, loaded.tokenizer, records, config.mix.perplexity_max_length, progress=progress
+    )
+    return np.where(counts > 0, np.exp(losses), np.inf)
+
+
+def fasttext_scores(texts: Sequence[str], config: ForgetlessConfig) -> np.ndarray:
+    mix = config.mix
+    if mix.fasttext_model is None:
+        raise ForgetlessError("the fasttext scorer needs mix.fasttext_model (a .bin file)")
+    try:
+        import fasttext
+    except ImportError:
+        raise ForgetlessError("the fasttext scorer needs the fasttext package") from None
+    try:
+        model = fasttext.load_model(mix.fasttext_model)
+    except ValueError as error:
+        raise ForgetlessError(f"cannot load {mix.fasttext_model}: {error}") from None
+    scores = np.zeros(len(texts))
+    for index, text in enumerate(texts):
+        labels, probabilities = model.predict(text.replace("\n", " "), k=-1)
+        scores[index] = dict(zip(labels, probabilities, strict=True)).get(mix.fasttext_label, 0.0)
+    return scores
+
+
+def score_documents(
+    texts: Sequence[str], config: ForgetlessConfig, progress=True
+) -> dict[str, np.ndarray]:
+    """One score array per configured scorer."""
+    unknown = set(config.mix.quality_thresholds) - set(HIGHER_IS_BETTER)
+    if unknown:
+        raise ForgetlessError(
+            f"unknown quality scorer(s) {sorted(unknown)}; choose from {sorted(HIGHER_IS_BETTER)}"
+        )
+    scores: dict[str, np.ndarray] = {}
+    for name in config.mix.quality_thresholds:
+        if name == "heuristic":
+            scores[name] = np.array([heuristic_score(text) for text in texts])
+        elif name == "perplexity":
+            scores[name] = perplexity_scores(texts, config, progress)
+        else:
+            scores[name] = fasttext_scores(texts, config)
+    return scores
+
+
+def passes(name: str, mean_score: float, threshold: float) -> bool:
+    if math.isnan(mean_score):
+        return False
+    return mean_score >= threshold if HIGHER_IS_BETTER[name] else mean_score <= threshold
