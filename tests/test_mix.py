@@ -101,3 +101,129 @@ def test_clustering_run_on_real_text(tmp_path, shared_data_dir):
     assert np.isfinite(scores["perplexity"]).all() and (scores["perplexity"] > 1).all()
     again = run_clustering(config, tmp_path / "run", progress=False)
     assert all(result.cached for result in again.values())
+
+
+# --- the search --------------------------------------------------------------------------
+
+
+def test_dirichlet_draws_are_distinct_capped_mixtures():
+    from forgetless.mix.search import dirichlet_draws, prior_from_tokens
+
+    prior = prior_from_tokens(np.array([1000.0, 100.0, 10.0, 1.0]))
+    assert prior[0] > prior[1] > prior[2] > prior[3]
+    config = MixConfig(weight_cap=3.0)
+    draws = dirichlet_draws(prior, 200, np.random.default_rng(0), config)
+    assert draws.shape == (200, 4)
+    np.testing.assert_allclose(draws.sum(1), 1.0, atol=1e-9)
+    assert (draws <= 3.0 * prior + 1e-3).all()
+    assert len({row.tobytes() for row in np.round(draws, 4)}) == 200
+    again = dirichlet_draws(prior, 200, np.random.default_rng(0), config)
+    assert np.array_equal(draws, again)
+
+
+def test_sampler_follows_weights_and_caps_repetition():
+    from forgetless.mix.sampler import sample_mixture
+
+    groups = np.repeat([0, 1, 2], [50, 50, 5])
+    tokens = np.full(105, 100.0)
+    sample = sample_mixture(tokens, groups, [0.5, 0.3, 0.2], 6000, repetition_cap=2.0, seed=0)
+    assert sample.tokens_per_cluster.tolist() == [3000.0, 1800.0, 1000.0]
+    assert sample.short_clusters == [2]  # 5 documents x 100 tokens x 2 passes at most
+    counts = np.bincount(sample.documents, minlength=105)
+    assert counts[:100].max() == 1 and counts[100:].max() == 2
+    repeat = sample_mixture(tokens, groups, [0.5, 0.3, 0.2], 6000, repetition_cap=2.0, seed=0)
+    assert np.array_equal(sample.documents, repeat.documents)
+    # A share that is not a whole number of documents is met in expectation.
+    drawn = [
+        sample_mixture(
+            tokens, groups, [0.25, 0.75, 0.0], 1000, repetition_cap=2.0, seed=seed
+        ).tokens_per_cluster[0]
+        for seed in range(200)
+    ]
+    assert set(drawn) == {200.0, 300.0} and abs(np.mean(drawn) - 250) < 15
+
+
+def _synthetic_objective(optimum):
+    calls = []
+
+    def runner(weights, workdir):
+        calls.append(weights)
+        return {"objective": float(np.abs(weights - optimum).sum()), "task": 0.0}
+
+    return runner, calls
+
+
+def test_search_finds_a_better_mixture_and_resumes(tmp_path):
+    from forgetless.mix.search import run_search
+
+    prior = np.full(5, 0.2)
+    optimum = np.array([0.6, 0.25, 0.1, 0.05, 0.0])
+    runner, calls = _synthetic_objective(optimum)
+    config = MixConfig(rounds=[24, 12, 12], candidates=5000, predictor_iterations=300)
+    outcome = run_search(config, prior, tmp_path, runner, progress=False)
+    assert outcome["status"] == "done" and len(calls) == 48
+    first, later = outcome["rounds"][0], outcome["rounds"][1:]
+    # Rounds guided by the predictor propose better mixtures than the Dirichlet prior does.
+    assert all(entry["mean_objective"] < first["mean_objective"] for entry in later)
+    final = np.array(outcome["final"]["weights"])
+    assert np.abs(final - optimum).sum() < np.abs(prior - optimum).sum()
+    assert "spearman_held_out" in later[0]
+    again = run_search(config, prior, tmp_path, runner, progress=False)
+    assert len(calls) == 48 and again["final"] == outcome["final"]
+
+
+def test_search_with_proxies_run_elsewhere(tmp_path):
+    import csv as csv_module
+
+    from forgetless.mix.search import METRICS_FILE, MIXTURES_FILE, run_search
+
+    config = MixConfig(rounds=[6, 4], candidates=500, predictor_iterations=50)
+    prior = np.full(3, 1 / 3)
+    waiting = run_search(config, prior, tmp_path, None, progress=False)
+    assert waiting["status"] == "waiting" and len(waiting["pending"]) == 6
+    with open(tmp_path / MIXTURES_FILE) as handle:
+        proposed = list(csv_module.DictReader(handle))
+    with open(tmp_path / METRICS_FILE, "w", newline="") as handle:
+        writer = csv_module.writer(handle)
+        writer.writerow(["id", "objective"])
+        for row in proposed:
+            writer.writerow([row["id"], float(row["w0"])])
+    second = run_search(config, prior, tmp_path, None, progress=False)
+    assert second["status"] == "waiting" and second["round"] == 1
+    assert len(second["pending"]) == 4
+
+
+def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
+    from forgetless.mix import materialise_mixture, run_mixture_search
+
+    config = load_config(
+        None,
+        {
+            "mix.sources": ["c4", "pubmedqa@train", "eurlex@train"],
+            "mix.limit_per_source": 15,
+            "mix.clusters": 6,
+            "mix.merge_distance": 0.6,
+            "mix.rounds": [4, 2],
+            "mix.candidates": 200,
+            "mix.predictor_iterations": 20,
+            "mix.proxy_tokens": 2048,
+            "mix.proxy_max_length": 32,
+            "mix.target_limit": 4,
+        },
+    )
+    outcome = run_mixture_search(config, tmp_path / "run", progress=False)
+    assert outcome["status"] == "done"
+    mixture = json.loads((tmp_path / "run" / "search" / "mixture.json").read_text())
+    assert abs(sum(mixture["weights"]) - 1) < 1e-6
+    assert len(mixture["weights"]) == len(mixture["super_clusters"])
+    with open(tmp_path / "run" / "search" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {"objective", "ppl:pubmedqa@test", "ppl:boolq"} <= set(rows[0])
+    summary = materialise_mixture(config, tmp_path / "run", 5000, tmp_path / "data.jsonl")
+    lines = (tmp_path / "data.jsonl").read_text().splitlines()
+    assert len(lines) == summary["documents"] > 0
+    drawn = np.array(summary["tokens_per_super_cluster"])
+    assert drawn.sum() > 0 and (drawn[np.array(mixture["weights"]) == 0] == 0).all()
+    changed = config.model_copy(update={"mix": config.mix.model_copy(update={"rounds": [3]})})
+    with pytest.raises(ForgetlessError, match="other settings"):
+        run_mixture_search(changed, tmp_path / "run", progress=False)

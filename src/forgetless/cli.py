@@ -447,6 +447,92 @@ def mix_cluster(
     _print_markdown(results["clusters"].directory / "report.md")
 
 
+@mix_app.command("search")
+def mix_search(
+    output: Annotated[Path, typer.Option(help="Run directory of `mix cluster` (or a new one).")],
+    sources: Annotated[
+        list[str] | None, typer.Option(help="Pool sources, as for `mix cluster`.")
+    ] = None,
+    rounds: Annotated[
+        str | None, typer.Option(help="Proxy runs per round, comma-separated (e.g. 64,32,16).")
+    ] = None,
+    propose_only: Annotated[
+        bool,
+        typer.Option(
+            help="Write the next round's mixtures to search/mixtures.csv and stop; add their "
+            "rows to search/metrics.csv (run elsewhere) and rerun."
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search mixture weights over the super-clusters with proxy models and a predictor.
+
+    Clusters first (cached), then runs or resumes the rounds; the result is
+    OUTPUT/search/mixture.json. Each proxy run is cached by its mixture's hash.
+    """
+    round_counts = None
+    if rounds is not None:
+        try:
+            round_counts = [int(part) for part in rounds.split(",") if part.strip()]
+        except ValueError:
+            raise ForgetlessError(
+                f"--rounds expects comma-separated integers, got {rounds!r}"
+            ) from None
+    cfg = _config(
+        config,
+        set_,
+        {"mix.sources": sources, "mix.rounds": round_counts, "data_dir": data_dir},
+    )
+    from forgetless.mix import run_mixture_search
+
+    outcome = run_mixture_search(cfg, output, propose_only=propose_only, on_event=_stage_event)
+    if outcome["status"] == "waiting":
+        err.print(
+            f"round {outcome['round'] + 1}: {len(outcome['pending'])} mixtures await proxy "
+            f"results in {output / 'search' / 'metrics.csv'}"
+        )
+        return
+    table = Table(title="mixture search")
+    for column in ("round", "runs", "best objective", "mean objective", "predictor Spearman"):
+        table.add_column(column)
+    for entry in outcome["rounds"]:
+        spearman = entry.get("spearman_held_out")
+        table.add_row(
+            str(entry["round"]),
+            str(entry["runs"]),
+            f"{entry['best_objective']:.4f}",
+            f"{entry['mean_objective']:.4f}",
+            "" if spearman is None else f"{spearman:+.2f}",
+        )
+    out.print(table)
+    weights = ", ".join(f"{w:.3f}" for w in outcome["final"]["weights"])
+    err.print(f"final mixture [{weights}] → {output / 'search' / 'mixture.json'}")
+
+
+@mix_app.command("sample")
+def mix_sample(
+    output: Annotated[Path, typer.Option(help="Run directory of `mix search`.")],
+    tokens: Annotated[int, typer.Option(help="Tokens to draw (proxy tokenizer).")],
+    to: Annotated[Path, typer.Option(help="The jsonl file to write.")],
+    sources: Annotated[
+        list[str] | None, typer.Option(help="Pool sources, as for `mix cluster`.")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a training set of TOKENS tokens drawn from the pool by the searched mixture."""
+    if tokens < 1:
+        raise ForgetlessError("--tokens must be positive")
+    cfg = _config(config, set_, {"mix.sources": sources, "data_dir": data_dir})
+    from forgetless.mix import materialise_mixture
+
+    summary = materialise_mixture(cfg, output, tokens, to)
+    out.print_json(data=summary)
+
+
 def _run_and_print(cfg) -> None:
     from forgetless.pipeline import run_adapt
 

@@ -454,6 +454,51 @@ class MixConfig(Section):
     )
     top_terms: int = Field(8, ge=1, description="Top TF-IDF terms per super-cluster in the report.")
     seed: int = Field(0, description="Seed of k-means and of every sampler.")
+    targets: dict[str, float] = Field(
+        default_factory=lambda: {"ppl:pubmedqa@test": 0.5, "ppl:boolq": 0.5},
+        description="Proxy objective: task -> weight; the objective is the weighted mean "
+        "token loss of the proxy model on each task's text (lower is better). Default: the "
+        "medical domain and Wikipedia passages (general), both outside the pool.",
+    )
+    target_limit: int = Field(64, ge=1, description="Documents per target task.")
+    proxy: Literal["scratch", "continue"] = Field(
+        "scratch",
+        description="scratch: a freshly initialised copy of proxy_model's architecture; "
+        "continue: continued pre-training of proxy_model's weights.",
+    )
+    proxy_model: str = Field("tiny-llama", description="Proxy model (alias, path or hub id).")
+    proxy_tokens: int = Field(
+        65536, ge=1, description="Training tokens per proxy run, sampled from the mixture."
+    )
+    proxy_batch_size: int = Field(8, ge=1, description="Sequences per proxy training step.")
+    proxy_max_length: int = Field(128, ge=8, description="Tokens per proxy training sequence.")
+    proxy_learning_rate: float = Field(1e-3, gt=0, description="Proxy AdamW learning rate.")
+    rounds: list[int] = Field(
+        default_factory=lambda: [64, 32, 16],
+        min_length=1,
+        description="Proxy runs per search round (CLIMB: 64, 32, 16).",
+    )
+    candidates: int = Field(
+        100_000, ge=1, description="Fresh Dirichlet draws the predictor ranks per round."
+    )
+    dirichlet_strengths: tuple[float, float, int] = Field(
+        (0.1, 5.0, 15),
+        description="Concentrations of the Dirichlet sampler: log-spaced from, to, count; "
+        "each draw uses one, times the prior (token share ** 0.5).",
+    )
+    weight_cap: float = Field(15.0, gt=1, description="A weight is at most cap x its prior.")
+    min_weight: float = Field(
+        2e-4, ge=0, description="Weights below this are set to zero (then renormalised)."
+    )
+    predictor_iterations: int = Field(1000, ge=1, description="LightGBM boosting rounds.")
+    predictor_learning_rate: float = Field(0.01, gt=0, description="LightGBM learning rate.")
+    predictor_max_depth: int = Field(4, ge=1, description="LightGBM tree depth.")
+    repetition_cap: float = Field(
+        4.0,
+        ge=1.0,
+        description="Sampler: a super-cluster's documents are repeated at most this many "
+        "times when its weight asks for more tokens than it holds.",
+    )
 
 
 class ForgetlessConfig(Section):

@@ -155,3 +155,150 @@ def run_clustering(
     load_corpus(config)  # data mistakes surface before any model is loaded
     runs = RunDirectory(Path(output_dir), on_event=on_event or (lambda event, info: None))
     return runs.run_all(clustering_stages(config, progress))
+
+
+SEARCH_DIR = "search"
+MIXTURE_FILE = "mixture.json"
+SEARCH_SETTINGS = (
+    "targets",
+    "target_limit",
+    "proxy",
+    "proxy_model",
+    "proxy_tokens",
+    "proxy_batch_size",
+    "proxy_max_length",
+    "proxy_learning_rate",
+    "rounds",
+    "candidates",
+    "dirichlet_strengths",
+    "weight_cap",
+    "min_weight",
+    "predictor_iterations",
+    "predictor_learning_rate",
+    "predictor_max_depth",
+    "repetition_cap",
+    "seed",
+)
+
+
+def load_groups(clusters_dir: Path) -> np.ndarray:
+    clustering = np.load(clusters_dir / CLUSTERING_FILE)
+    return clustering["super_of_cluster"][clustering["assignment"]]
+
+
+def run_mixture_search(
+    config: ForgetlessConfig,
+    output_dir: str | Path,
+    *,
+    progress: bool = True,
+    propose_only: bool = False,
+    on_event=None,
+) -> dict[str, Any]:
+    """Cluster (cached), then run or resume the mixture search in ``<output_dir>/search``.
+
+    ``propose_only`` writes the next round's mixtures to ``search/mixtures.csv`` and stops, for
+    proxy runs done elsewhere: add their rows to ``search/metrics.csv`` and run again.
+    """
+    import json
+
+    from forgetless.errors import ForgetlessError
+    from forgetless.mix.corpus import load_corpus
+    from forgetless.mix.proxy import LanguageModelProxy, load_target_texts
+    from forgetless.mix.search import prior_from_tokens, run_search
+
+    load_target_texts(config)  # target mistakes surface before any clustering work
+    results = run_clustering(config, output_dir, progress=progress, on_event=on_event)
+    clusters = results["clusters"]
+    directory = Path(output_dir) / SEARCH_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "clusters": clusters.fingerprint,
+        **config.mix.model_dump(mode="json", include=set(SEARCH_SETTINGS)),
+    }
+    settings_file = directory / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != identity:
+        raise ForgetlessError(
+            f"{directory} holds a search with other settings or clusters; "
+            "use another output directory or delete it"
+        )
+    write_json_atomic(settings_file, identity)
+    corpus = load_corpus(config)
+    groups = load_groups(clusters.directory)
+    proxy = LanguageModelProxy(config, corpus, groups, progress=False)
+    prior = prior_from_tokens(proxy.cluster_tokens())
+    outcome = run_search(
+        config.mix, prior, directory, None if propose_only else proxy, progress=progress
+    )
+    if outcome["status"] == "done":
+        report = json.loads((clusters.directory / "report.json").read_text())
+        mixture = {
+            "weights": outcome["final"]["weights"],
+            "predicted_objective": outcome["final"]["predicted_objective"],
+            "prior": outcome["prior"],
+            "targets": config.mix.targets,
+            "super_clusters": [
+                {key: cluster[key] for key in ("id", "documents", "sources", "top_terms")}
+                for cluster in report["super_clusters"]
+            ],
+        }
+        write_json_atomic(directory / MIXTURE_FILE, mixture)
+        write_json_atomic(directory / "search.json", outcome)
+    return outcome
+
+
+def materialise_mixture(
+    config: ForgetlessConfig,
+    output_dir: str | Path,
+    tokens: int,
+    target: str | Path,
+    weights: list[float] | None = None,
+) -> dict[str, Any]:
+    """Write ``tokens`` tokens of the pool, sampled by the searched (or given) weights, as a
+    jsonl of ``{"text", "id", "super_cluster"}`` rows; returns a summary."""
+    import json
+
+    from forgetless.errors import ForgetlessError
+    from forgetless.mix.corpus import load_corpus
+    from forgetless.mix.sampler import sample_mixture
+    from forgetless.models import load_model
+
+    clusters_dir = Path(output_dir) / "clusters"
+    mixture_file = Path(output_dir) / SEARCH_DIR / MIXTURE_FILE
+    if weights is None:
+        if not mixture_file.is_file():
+            raise ForgetlessError(f"no {mixture_file}: run `forgetless mix search` first")
+        weights = json.loads(mixture_file.read_text())["weights"]
+    if not (clusters_dir / CLUSTERING_FILE).is_file():
+        raise ForgetlessError(f"no clustering in {clusters_dir}: run `forgetless mix cluster`")
+    groups = load_groups(clusters_dir)
+    if len(weights) != int(groups.max()) + 1:
+        raise ForgetlessError(f"{len(weights)} weights for {int(groups.max()) + 1} super-clusters")
+    corpus = load_corpus(config)
+    if len(corpus) != len(groups):
+        raise ForgetlessError("the pool changed since it was clustered; cluster it again")
+    tokenizer = load_model(config.mix.proxy_model, dtype="float32").tokenizer
+    lengths = tokenizer(corpus.texts, add_special_tokens=False)["input_ids"]
+    document_tokens = np.array([len(ids) + 1 for ids in lengths], dtype=np.float64)
+    sample = sample_mixture(
+        document_tokens,
+        groups,
+        np.asarray(weights, dtype=np.float64),
+        tokens,
+        repetition_cap=config.mix.repetition_cap,
+        seed=config.mix.seed,
+    )
+    lines = [
+        json.dumps(
+            {"text": corpus.texts[i], "id": corpus.ids[i], "super_cluster": int(groups[i])},
+            ensure_ascii=False,
+        )
+        for i in sample.documents
+    ]
+    write_text_atomic(Path(target), "\n".join(lines) + "\n")
+    return {
+        "documents": len(lines),
+        "unique_documents": len(set(sample.documents.tolist())),
+        "tokens": float(sample.tokens_per_cluster.sum()),
+        "tokens_per_super_cluster": sample.tokens_per_cluster.tolist(),
+        "short_super_clusters": sample.short_clusters,
+    }
