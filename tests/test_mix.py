@@ -227,3 +227,39 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
     changed = config.model_copy(update={"mix": config.mix.model_copy(update={"rounds": [3]})})
     with pytest.raises(ForgetlessError, match="other settings"):
         run_mixture_search(changed, tmp_path / "run", progress=False)
+
+
+def test_ray_engine_matches_the_local_engine(tmp_path, shared_data_dir):
+    ray = pytest.importorskip("ray")
+    from forgetless.mix import run_clustering
+    from forgetless.mix.embed import load_embeddings
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        outputs = {}
+        for engine in ("local", "ray"):
+            config = load_config(
+                None,
+                {
+                    "mix.sources": ["c4", "pubmedqa@train"],
+                    "mix.limit_per_source": 15,
+                    "mix.clusters": 6,
+                    "mix.shard_size": 12,  # several shards: commits happen mid-pass
+                    "mix.embed_batch_size": 8,
+                    "mix.engine": engine,
+                },
+            )
+            outputs[engine] = run_clustering(config, tmp_path / engine, progress=False)
+    finally:
+        ray.shutdown()
+    local, distributed = (
+        np.asarray(load_embeddings(outputs[engine]["embeddings"].directory))
+        for engine in ("local", "ray")
+    )
+    np.testing.assert_allclose(distributed, local, atol=1e-5)
+    clusterings = [
+        np.load(outputs[engine]["clusters"].directory / "clustering.npz")
+        for engine in ("local", "ray")
+    ]
+    for key in ("assignment", "kept", "super_of_cluster"):
+        assert np.array_equal(clusterings[0][key], clusterings[1][key])

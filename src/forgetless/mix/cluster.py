@@ -89,6 +89,10 @@ def cluster_corpus(
 ) -> Clustering:
     k = effective_k(len(embeddings), config)
     centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, config.seed)
+    if config.engine == "ray":
+        from forgetless.mix.engine import ray_assign
+
+        assignment = ray_assign(embeddings, centroids)
     cluster_scores = {name: cluster_means(assignment, values, k) for name, values in scores.items()}
     sizes = np.bincount(assignment, minlength=k)
     kept = sizes > 0

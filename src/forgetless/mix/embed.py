@@ -30,12 +30,17 @@ def embed_corpus(
     )
     bar = tqdm(total=len(corpus), desc="embeddings", unit="doc", disable=not progress)
     bar.update(store.done)
-    for shard, start, stop in store.pending():
-        store.matrix[start:stop] = embed_texts(
-            embedder, corpus.texts[start:stop], config.embed_batch_size, progress=False
-        )
-        store.commit(shard)
-        bar.update(stop - start)
+    pending = store.pending()
+    if config.engine == "ray":
+        if pending:
+            _embed_with_ray(corpus, config, store, pending, device, bar)
+    else:
+        for shard, start, stop in pending:
+            store.matrix[start:stop] = embed_texts(
+                embedder, corpus.texts[start:stop], config.embed_batch_size, progress=False
+            )
+            store.commit(shard)
+            bar.update(stop - start)
     bar.close()
     del store
     return load_embeddings(directory)
@@ -43,3 +48,25 @@ def embed_corpus(
 
 def load_embeddings(directory: str | Path) -> np.ndarray:
     return load_sharded_rows(directory)[1]
+
+
+def _embed_with_ray(corpus, config, store, pending, device, bar) -> None:
+    """One Ray pass over every pending row; each shard is committed once all its rows are in,
+    so an interrupted run still resumes at a shard boundary."""
+    from forgetless.mix.engine import ray_embed_batches
+
+    first = pending[0][1]
+    shards = iter(pending)
+    shard, start, stop = next(shards)
+    filled = first
+    batches = ray_embed_batches(
+        corpus.texts[first:], config.embedder, config.embed_batch_size, device
+    )
+    for offset, vectors in batches:
+        row = first + offset
+        store.matrix[row : row + len(vectors)] = vectors
+        filled = row + len(vectors)
+        bar.update(len(vectors))
+        while shard is not None and filled >= stop:
+            store.commit(shard)
+            shard, start, stop = next(shards, (None, 0, 0))
