@@ -20,7 +20,6 @@ gain-vs-drop frontier.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -31,10 +30,10 @@ from forgetless.config import ForgetlessConfig, load_config, parse_assignment
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.pipeline import (
+    DataFileTrainStage,
     EvaluateStage,
     RunDirectory,
     Stage,
-    TrainStage,
     write_text_atomic,
 )
 from forgetless.select.selection import SelectionData, record_row, run_selection
@@ -74,18 +73,6 @@ SELECTION_WORK = {
         "navigator",
     ),
 }
-
-
-class DataFileTrainStage(TrainStage):
-    """Fine-tuning on a data file written by an earlier step; its content is fingerprinted."""
-
-    def __init__(self, config: ForgetlessConfig, name: str, data_file: Path):
-        super().__init__(config)
-        self.name = name
-        self.digest = hashlib.sha256(data_file.read_bytes()).hexdigest()
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "data_sha256": self.digest}
 
 
 def print_event(event: str, info) -> None:

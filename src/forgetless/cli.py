@@ -514,7 +514,7 @@ def mix_search(
 @mix_app.command("sample")
 def mix_sample(
     output: Annotated[Path, typer.Option(help="Run directory of `mix search`.")],
-    tokens: Annotated[int, typer.Option(help="Tokens to draw (proxy tokenizer).")],
+    tokens: Annotated[int, typer.Option(help="Tokens to draw (the config model's tokenizer).")],
     to: Annotated[Path, typer.Option(help="The jsonl file to write.")],
     sources: Annotated[
         list[str] | None, typer.Option(help="Pool sources, as for `mix cluster`.")

@@ -110,6 +110,18 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model alias, local checkpoint or hub id, without its weights."""
+    if name == TINY_LLAMA_ALIAS:
+        return tiny_tokenizer()
+    path = smollm2_checkpoint_dir() if name == SMOLLM2_ALIAS else name
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ForgetlessError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
+
+
 def load_configured_model(
     config, *, name: str | None = None, for_training: bool = False
 ) -> LoadedModel:

@@ -239,6 +239,19 @@ class TrainStage(Stage):
         return summary
 
 
+class DataFileTrainStage(TrainStage):
+    """Fine-tuning on a data file written by an earlier step (a selection, a sampled
+    mixture); the file's content is part of the fingerprint, so a new file retrains."""
+
+    def __init__(self, config: ForgetlessConfig, name: str, data_file: Path):
+        super().__init__(config)
+        self.name = name
+        self.digest = hashlib.sha256(Path(data_file).read_bytes()).hexdigest()
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "data_sha256": self.digest}
+
+
 class ReportStage(Stage):
     name = "report"
 

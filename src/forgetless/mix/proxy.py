@@ -47,11 +47,11 @@ class LanguageModelProxy:
         groups: np.ndarray,
         progress: bool = False,
     ):
-        from forgetless.models import load_model
+        from forgetless.models import load_tokenizer
 
         self.config, self.corpus, self.groups, self.progress = config, corpus, groups, progress
         mix = config.mix
-        self.tokenizer = load_model(mix.proxy_model, dtype="float32").tokenizer
+        self.tokenizer = load_tokenizer(mix.proxy_model)
         lengths = self.tokenizer(corpus.texts, add_special_tokens=False)["input_ids"]
         self.document_tokens = np.array([len(ids) + 1 for ids in lengths], dtype=np.float64)
         self.targets = load_target_texts(config)

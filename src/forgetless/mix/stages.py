@@ -253,14 +253,15 @@ def materialise_mixture(
     target: str | Path,
     weights: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Write ``tokens`` tokens of the pool, sampled by the searched (or given) weights, as a
-    jsonl of ``{"text", "id", "super_cluster"}`` rows; returns a summary."""
+    """Write ``tokens`` tokens (of ``config.model``'s tokenizer) of the pool, sampled by the
+    searched (or given) weights, as jsonl rows ``{"text", "id", "super_cluster"}``; returns a
+    summary."""
     import json
 
     from forgetless.errors import ForgetlessError
     from forgetless.mix.corpus import load_corpus
     from forgetless.mix.sampler import sample_mixture
-    from forgetless.models import load_model
+    from forgetless.models import load_tokenizer
 
     clusters_dir = Path(output_dir) / "clusters"
     mixture_file = Path(output_dir) / SEARCH_DIR / MIXTURE_FILE
@@ -276,7 +277,8 @@ def materialise_mixture(
     corpus = load_corpus(config)
     if len(corpus) != len(groups):
         raise ForgetlessError("the pool changed since it was clustered; cluster it again")
-    tokenizer = load_model(config.mix.proxy_model, dtype="float32").tokenizer
+    # Tokens of the model that will train on the set, not of the proxy.
+    tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
     lengths = tokenizer(corpus.texts, add_special_tokens=False)["input_ids"]
     document_tokens = np.array([len(ids) + 1 for ids in lengths], dtype=np.float64)
     sample = sample_mixture(

@@ -1,0 +1,181 @@
+"""CLIMB mixture search, end to end, and the found mixture against simple ones.
+
+Clusters the pool (C4 sample, PubMedQA abstracts, NWGI financial news, EUR-Lex acts), runs
+the iterative search with small proxy models (objective: medical-domain and general text
+loss), then continues the pre-training of the target model (SmolLM2-135M) on the same number
+of tokens drawn by three mixtures: the searched one, uniform over super-clusters, and the
+natural one (each super-cluster's token share). Every model is evaluated on the domain and
+general tasks; changes against the base are paired. Stages are cached in the run directory,
+so an interrupted run resumes. Writes ``<output>.md`` and ``<output>.json``::
+
+    python scripts/mix_results.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetless.config import load_config, parse_assignment
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.stats import paired_task_change, read_evaluation
+from forgetless.pipeline import DataFileTrainStage, EvaluateStage, RunDirectory
+
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
+MIXTURES = ("climb", "uniform", "natural")
+
+
+def print_event(event: str, info) -> None:
+    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
+
+
+def mixture_weights(search: dict[str, Any], cluster_tokens: np.ndarray) -> dict[str, list]:
+    count = len(cluster_tokens)
+    return {
+        "climb": search["final"]["weights"],
+        "uniform": [1.0 / count] * count,
+        "natural": (cluster_tokens / cluster_tokens.sum()).tolist(),
+    }
+
+
+def render(summary: dict[str, Any], args) -> str:
+    tasks = summary["tasks"]
+    clusters = summary["clusters"]
+    lines = [
+        f"# CLIMB mixture search: {summary['model']}",
+        "",
+        f"Pool: {', '.join(summary['sources'])}; {clusters['documents']} documents, "
+        f"{clusters['clusters']} k-means clusters, {clusters['kept_clusters']} kept, "
+        f"{clusters['super_clusters']} super-clusters. Proxy objective: "
+        f"{summary['targets']} (mean token loss, lower is better).",
+        "",
+        "## Search rounds",
+        "",
+        "Predictor Spearman: fitted on the earlier rounds, before it sees this round's runs.",
+        "",
+        "| round | proxy runs | best objective | mean objective | predictor Spearman |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in summary["search"]["rounds"]:
+        spearman = entry.get("spearman_held_out")
+        lines.append(
+            f"| {entry['round']} | {entry['runs']} | {entry['best_objective']:.4f} | "
+            f"{entry['mean_objective']:.4f} | "
+            + ("–" if spearman is None else f"{spearman:+.2f}")
+            + " |"
+        )
+    lines += [
+        "",
+        "## Mixtures (weight per super-cluster)",
+        "",
+        "| super-cluster | top terms | " + " | ".join(MIXTURES) + " |",
+        "|---|---|" + "---|" * len(MIXTURES),
+    ]
+    for index, cluster in enumerate(summary["super_clusters"]):
+        weights = " | ".join(f"{summary['weights'][m][index]:.3f}" for m in MIXTURES)
+        lines.append(f"| {index} | {', '.join(cluster['top_terms'][:5])} | {weights} |")
+    lines += [
+        "",
+        f"## Target model after {summary['tokens']:,} tokens of continued pre-training",
+        "",
+        "Paired change against the base (95 % interval): perplexity in % (negative = better), "
+        "accuracy in points.",
+        "",
+        "| mixture | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+        "| base | " + " | ".join(f"{summary['base'][t]:.4g}" for t in tasks) + " |",
+    ]
+    for name in MIXTURES:
+        cells = []
+        for task in tasks:
+            change = summary["changes"][name][task]
+            low, high = change["ci95"]
+            cells.append(f"{change['change']:+.1f} [{low:+.1f}, {high:+.1f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `python scripts/mix_results.py {' '.join(args.argv)}`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
+    parser.add_argument(
+        "--tokens", type=int, default=81_920, help="Continued pre-training tokens (80 x 2 x 512)."
+    )
+    parser.add_argument("--run-dir", default="runs/mix_experiment")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
+    parser.add_argument("--output", default="docs/results/mix")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    try:
+        shared = dict(parse_assignment(item) for item in args.set or [])
+        shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+        config = load_config(args.config, shared)
+        from forgetless.mix import materialise_mixture, run_mixture_search
+        from forgetless.mix.proxy import LanguageModelProxy
+        from forgetless.mix.stages import load_groups
+
+        mix_dir = Path(config.run_dir) / "mix"
+        search = run_mixture_search(config, mix_dir, on_event=print_event)
+        clusters_dir = mix_dir / "clusters"
+        from forgetless.mix.corpus import load_corpus
+
+        proxy = LanguageModelProxy(config, load_corpus(config), load_groups(clusters_dir))
+        weights = mixture_weights(search, proxy.cluster_tokens())
+        runs = RunDirectory(Path(config.run_dir), on_event=print_event)
+        results = {"eval_base": runs.run(EvaluateStage("eval_base", config), {})}
+        for name in MIXTURES:
+            data_file = Path(config.run_dir) / f"data_{name}.jsonl"
+            materialise_mixture(config, mix_dir, args.tokens, data_file, weights[name])
+            train_config = load_config(
+                args.config, {**shared, "data.source": str(data_file), "data.kind": "text"}
+            )
+            train = DataFileTrainStage(train_config, f"train_{name}", data_file)
+            results[train.name] = runs.run(train, results)
+            evaluate = EvaluateStage(f"eval_{name}", config, model_from=train.name)
+            results[evaluate.name] = runs.run(evaluate, results)
+    except ForgetlessError as error:
+        sys.exit(f"error: {error}")
+    tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
+    base = read_evaluation(results["eval_base"].directory)
+    report = json.loads((clusters_dir / "report.json").read_text())
+    summary = {
+        "model": config.model.name,
+        "sources": config.mix.sources,
+        "targets": config.mix.targets,
+        "tokens": args.tokens,
+        "tasks": tasks,
+        "clusters": json.loads((clusters_dir / "stage.json").read_text())["summary"],
+        "super_clusters": report["super_clusters"],
+        "search": search,
+        "weights": weights,
+        "base": {task: base[0][task]["value"] for task in tasks},
+        "changes": {
+            name: {
+                task: paired_task_change(
+                    task, base, read_evaluation(results[f"eval_{name}"].directory)
+                )
+                for task in tasks
+            }
+            for name in MIXTURES
+        },
+        "training": {name: results[f"train_{name}"].summary for name in MIXTURES},
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = render(summary, args)
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
