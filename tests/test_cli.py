@@ -34,10 +34,16 @@ def test_help_on_every_command(command, run_cli):
     assert "Usage" in out
 
 
-def test_config_prints_documented_defaults(capsys):
+def test_config_prints_documented_defaults(capsys, tmp_path):
+    from forgetless.config import ForgetlessConfig, load_config
+
     main(["config"])
     out = capsys.readouterr().out
     assert "learning_rate: 0.0001" in out and "# Peak learning rate" in out
+    # The printed file is a valid config that loads back to the defaults.
+    saved = tmp_path / "defaults.yaml"
+    saved.write_text(out)
+    assert load_config(saved) == ForgetlessConfig()
 
 
 def _assert_one_line_error(code, err, *needles):

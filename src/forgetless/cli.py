@@ -544,7 +544,8 @@ def _run_and_print(cfg) -> None:
 @app.command("config")
 def show_config() -> None:
     """Print the default configuration as commented YAML."""
-    out.print(defaults_as_yaml(), markup=False, highlight=False)
+    # No wrapping: a wrapped comment would lose its '#' and the output would not load.
+    out.print(defaults_as_yaml(), markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("list")
