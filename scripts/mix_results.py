@@ -120,16 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
         config = load_config(args.config, shared)
         from forgetless.mix import materialise_mixture, run_mixture_search
-        from forgetless.mix.proxy import LanguageModelProxy
-        from forgetless.mix.stages import load_groups
 
         mix_dir = Path(config.run_dir) / "mix"
         search = run_mixture_search(config, mix_dir, on_event=print_event)
+        if search["status"] != "done":
+            raise ForgetlessError("the mixture search is waiting for proxy results")
         clusters_dir = mix_dir / "clusters"
-        from forgetless.mix.corpus import load_corpus
-
-        proxy = LanguageModelProxy(config, load_corpus(config), load_groups(clusters_dir))
-        weights = mixture_weights(search, proxy.cluster_tokens())
+        weights = mixture_weights(search, np.asarray(search["cluster_tokens"]))
         runs = RunDirectory(Path(config.run_dir), on_event=print_event)
         results = {"eval_base": runs.run(EvaluateStage("eval_base", config), {})}
         for name in MIXTURES:

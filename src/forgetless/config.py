@@ -440,7 +440,7 @@ class MixConfig(Section):
     )
     reference_model: str = Field("smollm2-135m", description="Model of the perplexity scorer.")
     perplexity_max_length: int = Field(
-        256, ge=8, description="Tokens per document scored by the perplexity scorer."
+        256, ge=8, description="Window length of the perplexity scorer (whole documents)."
     )
     fasttext_model: str | None = Field(None, description="fastText quality classifier (.bin).")
     fasttext_label: str = Field(

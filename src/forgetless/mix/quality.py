@@ -4,8 +4,8 @@
   rules: share of letters among non-space characters (0 at <= 50 %, 1 at >= 80 %), mean word
   length within 3-10 characters, share of word 3-grams that are not repeats, and length
   (0 at <= 5 words, 1 at >= 50). Higher is better.
-* ``perplexity`` — the reference LM's perplexity on the document's first tokens. Lower is
-  better.
+* ``perplexity`` — the reference LM's perplexity on the whole document (windows of
+  ``perplexity_max_length`` tokens, as ``forgetless eval`` scores perplexity). Lower is better.
 * ``fasttext`` — the probability a fastText classifier gives the high-quality label. Higher
   is better.
 """
@@ -47,18 +47,23 @@ def heuristic_score(text: str) -> float:
 
 
 def perplexity_scores(texts: Sequence[str], config: ForgetlessConfig, progress=True) -> np.ndarray:
-    from forgetless.data.records import TextRecord
+    from forgetless.evaluate.perplexity import perplexity
     from forgetless.models import load_model
-    from forgetless.select.gradients import sample_losses
 
     loaded = load_model(
         config.mix.reference_model, dtype=config.model.dtype, device=config.model.device
     )
-    records = [TextRecord(text=text) for text in texts]
-    losses, counts = sample_losses(
-        loaded.model, loaded.tokenizer, records, config.mix.perplexity_max_length, progress=progress
+    result = perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        list(texts),
+        max_length=config.mix.perplexity_max_length,
+        progress=progress,
     )
-    return np.where(counts > 0, np.exp(losses), np.inf)
+    nll = np.asarray(result.document_nll, dtype=np.float64)
+    tokens = np.asarray(result.document_tokens, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(tokens > 0, np.exp(nll / np.maximum(tokens, 1)), np.inf)
 
 
 def fasttext_scores(texts: Sequence[str], config: ForgetlessConfig) -> np.ndarray:

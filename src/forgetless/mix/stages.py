@@ -225,10 +225,15 @@ def run_mixture_search(
     corpus = load_corpus(config)
     groups = load_groups(clusters.directory)
     proxy = LanguageModelProxy(config, corpus, groups, progress=False)
-    prior = prior_from_tokens(proxy.cluster_tokens())
+    cluster_tokens = proxy.cluster_tokens()
     outcome = run_search(
-        config.mix, prior, directory, None if propose_only else proxy, progress=progress
+        config.mix,
+        prior_from_tokens(cluster_tokens),
+        directory,
+        None if propose_only else proxy,
+        progress=progress,
     )
+    outcome["cluster_tokens"] = cluster_tokens.tolist()
     if outcome["status"] == "done":
         report = json.loads((clusters.directory / "report.json").read_text())
         mixture = {
