@@ -109,9 +109,9 @@ class WarmupStage(Stage):
         self.config = config
 
     def settings(self) -> dict[str, Any]:
-        settings = _settings(self.config, *NOT_GRADIENT_SETTINGS, "method", "featured_samples")
-        settings["select"].pop("anchor"), settings["select"].pop("anchor_samples")
-        return settings
+        # The adapter trains on the pool only: the anchor and the method do not change it.
+        anchor = ("anchor", "anchor_split", "anchor_samples")
+        return _settings(self.config, *NOT_GRADIENT_SETTINGS, "method", "featured_samples", *anchor)
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.models import load_configured_model
