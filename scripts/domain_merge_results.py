@@ -30,6 +30,12 @@ from forgetless.continual import MergeExpertsStage
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.pipeline import EvaluateStage, RunDirectory, Stage, TrainStage
+from forgetless.report.experiment import (
+    experiment_parser,
+    parse_experiment_args,
+    print_event,
+    shared_overrides,
+)
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/domain_merge.yaml"
 
@@ -91,8 +97,7 @@ def parse_merge(text: str) -> MergeSpec:
 def build_stages(
     args: argparse.Namespace, domains: list[str], merges: list[MergeSpec]
 ) -> tuple[ForgetlessConfig, list[Stage]]:
-    shared = dict(parse_assignment(item) for item in args.set or [])
-    shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+    shared = shared_overrides(args)
     config = load_config(args.config, shared)
     unscored = [name for name in domains if DOMAINS[name].task not in config.evaluate.domain_tasks]
     if unscored:
@@ -290,23 +295,13 @@ def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def print_event(event: str, info) -> None:
-    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = experiment_parser(
+        __doc__, PACKAGED_CONFIG, "runs/domain_merge", "docs/results/domain_merge"
     )
-    parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     parser.add_argument("--merges", nargs="*", default=list(DEFAULT_MERGES))
-    parser.add_argument("--run-dir", default="runs/domain_merge")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
-    parser.add_argument("--output", default="docs/results/domain_merge")
-    args = parser.parse_args(argv)
-    args.argv = argv if argv is not None else sys.argv[1:]
+    args = parse_experiment_args(parser, argv)
     try:
         merges = [parse_merge(text) for text in args.merges]
         config, stages = build_stages(args, args.domains, merges)

@@ -13,7 +13,6 @@ so an interrupted run resumes. Writes ``<output>.md`` and ``<output>.json``::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,17 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from forgetless.config import load_config, parse_assignment
+from forgetless.config import load_config
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.pipeline import DataFileTrainStage, EvaluateStage, RunDirectory
+from forgetless.report.experiment import (
+    experiment_parser,
+    parse_experiment_args,
+    print_event,
+    shared_overrides,
+)
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
 MIXTURES = ("climb", "uniform", "natural")
-
-
-def print_event(event: str, info) -> None:
-    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
 
 
 def mixture_weights(search: dict[str, Any], cluster_tokens: np.ndarray) -> dict[str, list]:
@@ -102,22 +103,13 @@ def render(summary: dict[str, Any], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
+    parser = experiment_parser(__doc__, PACKAGED_CONFIG, "runs/mix_experiment", "docs/results/mix")
     parser.add_argument(
         "--tokens", type=int, default=81_920, help="Continued pre-training tokens (80 x 2 x 512)."
     )
-    parser.add_argument("--run-dir", default="runs/mix_experiment")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
-    parser.add_argument("--output", default="docs/results/mix")
-    args = parser.parse_args(argv)
-    args.argv = argv if argv is not None else sys.argv[1:]
+    args = parse_experiment_args(parser, argv)
     try:
-        shared = dict(parse_assignment(item) for item in args.set or [])
-        shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+        shared = shared_overrides(args)
         config = load_config(args.config, shared)
         from forgetless.mix import materialise_mixture, run_mixture_search
 

@@ -19,14 +19,13 @@ gain-vs-drop frontier.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import ForgetlessConfig, load_config, parse_assignment
+from forgetless.config import ForgetlessConfig, load_config
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.pipeline import (
@@ -35,6 +34,12 @@ from forgetless.pipeline import (
     RunDirectory,
     Stage,
     write_text_atomic,
+)
+from forgetless.report.experiment import (
+    experiment_parser,
+    parse_experiment_args,
+    print_event,
+    shared_overrides,
 )
 from forgetless.select.selection import SelectionData, record_row, run_selection
 
@@ -73,10 +78,6 @@ SELECTION_WORK = {
         "navigator",
     ),
 }
-
-
-def print_event(event: str, info) -> None:
-    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
 
 
 def domain_config(args, shared: dict, domain: Domain, **more) -> ForgetlessConfig:
@@ -262,21 +263,14 @@ def render(summary: dict, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = experiment_parser(
+        __doc__, PACKAGED_CONFIG, "runs/select_experiment", "docs/results/select"
     )
-    parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--run-dir", default="runs/select_experiment")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
-    parser.add_argument("--output", default="docs/results/select")
-    args = parser.parse_args(argv)
-    args.argv = argv if argv is not None else sys.argv[1:]
+    args = parse_experiment_args(parser, argv)
     try:
-        shared = dict(parse_assignment(item) for item in args.set or [])
-        shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+        shared = shared_overrides(args)
         config = load_config(args.config, shared)
         missing = [n for n in args.domains if DOMAINS[n].task not in config.evaluate.domain_tasks]
         if missing or RETENTION_TASK not in config.evaluate.general_tasks:

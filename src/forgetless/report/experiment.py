@@ -1,0 +1,42 @@
+"""What the experiment scripts in ``scripts/`` share: their common flags, the config
+overrides those flags make, and a one-line print of each stage event."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from forgetless.config import parse_assignment
+
+
+def experiment_parser(doc: str, config: Path, run_dir: str, output: str) -> argparse.ArgumentParser:
+    """A parser with --config, --run-dir, --data-dir, --set and --output; add the rest."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=config)
+    parser.add_argument("--run-dir", default=run_dir)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
+    parser.add_argument("--output", default=output)
+    return parser
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parsed arguments, with ``argv`` kept for the command line printed under each table."""
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    return args
+
+
+def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from --set, --run-dir and --data-dir (raises on a malformed --set)."""
+    shared = dict(parse_assignment(item) for item in args.set or [])
+    shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
+    return shared
+
+
+def print_event(event: str, info) -> None:
+    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
