@@ -41,3 +41,19 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def script(request):
+    """The module ``scripts/<SCRIPT_NAME>.py`` named by the test module, imported once."""
+    import importlib.util
+    import sys
+
+    name = request.module.SCRIPT_NAME
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is being built.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]

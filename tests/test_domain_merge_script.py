@@ -1,24 +1,10 @@
 """scripts/domain_merge_results.py end to end on the tiny model: experts, merges, paired table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "domain_merge_results.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("domain_merge_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is being built.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+SCRIPT_NAME = "domain_merge_results"
 
 
 def tiny_argv(tmp_path, shared_data_dir, *extra):

@@ -1,50 +1,40 @@
 """scripts/mix_results.py end to end on tiny models: search, three mixtures, paired table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mix_results.py"
+SCRIPT_NAME = "mix_results"
 
 
-def test_mixture_experiment_table(tmp_path, shared_data_dir):
-    spec = importlib.util.spec_from_file_location("mix_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        settings = {
-            "model.name": "tiny-llama",
-            "train.max_steps": 2,
-            "train.max_length": 32,
-            "evaluate.limit": 4,
-            "evaluate.task_limits": "{}",
-            "mix.limit_per_source": 12,
-            "mix.clusters": 6,
-            "mix.merge_distance": 0.6,
-            "mix.rounds": "[4, 2]",
-            "mix.candidates": 200,
-            "mix.predictor_iterations": 20,
-            "mix.proxy_tokens": 2048,
-            "mix.proxy_max_length": 32,
-            "mix.target_limit": 4,
-        }
-        argv = [
-            "--data-dir",
-            str(shared_data_dir),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--output",
-            str(tmp_path / "out" / "mix"),
-            "--tokens",
-            "4096",
-        ]
-        for key, value in settings.items():
-            argv += ["--set", f"{key}={value}"]
-        module.main(argv)
-    finally:
-        del sys.modules[spec.name]
+def test_mixture_experiment_table(tmp_path, shared_data_dir, script):
+    settings = {
+        "model.name": "tiny-llama",
+        "train.max_steps": 2,
+        "train.max_length": 32,
+        "evaluate.limit": 4,
+        "evaluate.task_limits": "{}",
+        "mix.limit_per_source": 12,
+        "mix.clusters": 6,
+        "mix.merge_distance": 0.6,
+        "mix.rounds": "[4, 2]",
+        "mix.candidates": 200,
+        "mix.predictor_iterations": 20,
+        "mix.proxy_tokens": 2048,
+        "mix.proxy_max_length": 32,
+        "mix.target_limit": 4,
+    }
+    argv = [
+        "--data-dir",
+        str(shared_data_dir),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--output",
+        str(tmp_path / "out" / "mix"),
+        "--tokens",
+        "4096",
+    ]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    script.main(argv)
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())
     assert set(summary["changes"]) == {"climb", "uniform", "natural"}
     count = summary["clusters"]["super_clusters"]

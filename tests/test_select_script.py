@@ -1,24 +1,9 @@
 """scripts/select_results.py end to end on the tiny model: selections, equal-step training,
 the paired gain-vs-retention table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "select_results.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("select_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+SCRIPT_NAME = "select_results"
 
 
 def test_selection_experiment_table(tmp_path, shared_data_dir, script, capsys):
