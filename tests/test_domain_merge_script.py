@@ -47,6 +47,14 @@ def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, 
     assert rows["sotu_0.5"]["gain_kept"]["medical"] == pytest.approx(
         (base - merged) / (base - expert)
     )
+    # The general criterion compares losses against the base; a gain counts as no loss.
+    for general, ok in rows["sotu_0.5"]["general_no_worse_than_best_expert"].items():
+        def loss(name, general=general):
+            score = rows[name]["scores"][general]
+            delta = score["value"] - rows["base"]["scores"][general]["value"]
+            return max(0.0, delta if score["metric"] == "perplexity" else -delta)
+
+        assert ok == (loss("sotu_0.5") <= min(loss("expert medical"), loss("expert legal")))
     change = rows["expert medical"]["changes"][task]
     assert change["change"] == pytest.approx(100 * (expert / base - 1))
     assert change["ci95"][0] <= change["change"] <= change["ci95"][1]
