@@ -49,6 +49,7 @@ def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, 
     )
     # The general criterion compares losses against the base; a gain counts as no loss.
     for general, ok in rows["sotu_0.5"]["general_no_worse_than_best_expert"].items():
+
         def loss(name, general=general):
             score = rows[name]["scores"][general]
             delta = score["value"] - rows["base"]["scores"][general]["value"]

@@ -235,7 +235,9 @@ def test_selection_runs_end_to_end_and_is_reproducible(method, tmp_path, shared_
         assert (selection.directory / "histograms.png").stat().st_size > 0
     if method == "ogs":
         navigator = results["navigator"].summary
-        assert "spearman_vs_lagrangian" in navigator["held_out"]
+        held_out = navigator["held_out"]
+        for key in ("spearman_vs_lagrangian", "supervised_spearman_vs_lagrangian"):
+            assert -1.0 <= held_out[key] <= 1.0
         log = json.loads((results["navigator"].directory / "log.json").read_text())
         assert len(log) == 20 and {"reward", "cost", "lam"} <= set(log[0])
 
@@ -271,3 +273,16 @@ def test_selection_cli(tmp_path, run_cli, shared_data_dir):
     assert code == 0, err
     assert "utility" in out
     assert (tmp_path / "run" / "selection_less" / "selected.jsonl").is_file()
+
+
+def test_the_supervised_reference_ranks_a_learnable_score_and_not_noise():
+    from forgetless.select.selection import supervised_reference_spearman
+
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(200, 8))
+
+    def held_out_spearman(target):
+        return supervised_reference_spearman(inputs[:150], target[:150], inputs[150:], target[150:])
+
+    assert held_out_spearman(inputs @ rng.normal(size=8)) > 0.95
+    assert abs(held_out_spearman(rng.normal(size=200))) < 0.4
