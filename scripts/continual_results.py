@@ -34,6 +34,14 @@ PACKAGED_CONFIG = (
 )
 
 
+HEAD_NOTES = {
+    "lm": "Head: the language model itself (each task's labels scored as text).",
+    "closed_form": "Head: closed-form, class-incremental (random projection + ridge over the "
+    "classes of every task seen so far; a task not reached yet scores 0, so FWT is not "
+    "reported). The base row is the base model with its LM head, for reference.",
+}
+
+
 def mean_std(values: list[float | None], scale: float = 100.0) -> str:
     present = [value * scale for value in values if value is not None]
     if not present:
@@ -81,6 +89,8 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"# Continual learning: {first['benchmark']} order {first['order']}, {first['model']}",
         "",
+        HEAD_NOTES[first["head"]],
+        "",
         f"Seed splits: {', '.join(args.subsets)}; {evaluation['limit'] or 'all'} test items "
         f"per task ({evaluation['split']}); tasks in order: {', '.join(first['tasks'])}.",
         "Accuracy in %, mean ± std over the splits; BWT/FWT/forgetting in points.",
@@ -117,7 +127,10 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
         lines.append("")
         lines.append("| after \\ on | " + " | ".join(report["tasks"]) + " |")
         lines.append("|---" * (len(report["tasks"]) + 1) + "|")
-        lines.append("| base | " + " | ".join(f"{v * 100:.0f}" for v in report["base"]) + " |")
+        base_label = "base" if report["head"] == "lm" else "base (LM head)"
+        lines.append(
+            f"| {base_label} | " + " | ".join(f"{v * 100:.0f}" for v in report["base"]) + " |"
+        )
         stages = report["tasks"] if len(report["matrix"]) > 1 else ["all tasks"]
         for name, row in zip(stages, report["matrix"], strict=True):
             lines.append(f"| {name} | " + " | ".join(f"{v * 100:.0f}" for v in row) + " |")
@@ -125,7 +138,7 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -139,7 +152,7 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     reports = run_sweep(args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
