@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
@@ -72,12 +71,10 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 }
             )
             config = load_config(args.config, overrides)
-            started = time.perf_counter()
             print(f"== {method} on split {subset}", flush=True)
             results = run_continual(config, on_event=print_event)
             report_file = results["report"].directory / "continual.json"
             report = json.loads(report_file.read_text())
-            report["wall_seconds"] = time.perf_counter() - started
             reports.append(report)
     return reports
 
