@@ -49,6 +49,9 @@ def test_ward_merges_close_centroids_only():
     close = np.array([[1.0, 0.0, 0.0], [0.99, 0.14, 0.0], [0.0, 0.0, 1.0]])
     assert ward_super_clusters(close, distance=0.5).tolist() == [0, 0, 1]
     assert ward_super_clusters(close, distance=5.0).tolist() == [0, 0, 0]
+    # A count cuts the same tree whatever the distance scale.
+    assert ward_super_clusters(close, distance=5.0, count=2).tolist() == [0, 0, 1]
+    assert ward_super_clusters(close, distance=0.01, count=1).tolist() == [0, 0, 0]
 
 
 def test_low_quality_clusters_are_pruned():

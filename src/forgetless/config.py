@@ -452,6 +452,13 @@ class MixConfig(Section):
         description="Ward-linkage distance threshold for merging kept centroids into "
         "super-clusters (CLIMB: 1.5).",
     )
+    super_clusters: int | None = Field(
+        None,
+        ge=1,
+        description="If set, cut the Ward tree into at most this many super-clusters instead of "
+        "at merge_distance. CLIMB's threshold gave ~20 with its embedder; the distance scale "
+        "depends on the embedder and on k, so a count is the portable setting.",
+    )
     top_terms: int = Field(8, ge=1, description="Top TF-IDF terms per super-cluster in the report.")
     seed: int = Field(0, description="Seed of k-means and of every sampler.")
     targets: dict[str, float] = Field(

@@ -73,13 +73,22 @@ def cluster_means(assignment: np.ndarray, values: np.ndarray, k: int) -> np.ndar
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def ward_super_clusters(centroids: np.ndarray, distance: float) -> np.ndarray:
-    """Super-cluster id of each centroid, numbered by first appearance (0, 1, ...)."""
+def ward_super_clusters(
+    centroids: np.ndarray, distance: float, count: int | None = None
+) -> np.ndarray:
+    """Super-cluster id of each centroid, numbered by first appearance (0, 1, ...).
+
+    The Ward tree is cut at ``distance``, or into at most ``count`` super-clusters when given.
+    """
     if len(centroids) == 1:
         return np.zeros(1, dtype=np.int64)
     from scipy.cluster.hierarchy import fcluster, linkage
 
-    labels = fcluster(linkage(centroids, method="ward"), t=distance, criterion="distance")
+    tree = linkage(centroids, method="ward")
+    if count is None:
+        labels = fcluster(tree, t=distance, criterion="distance")
+    else:
+        labels = fcluster(tree, t=count, criterion="maxclust")
     order: dict[int, int] = {}
     return np.array([order.setdefault(label, len(order)) for label in labels], dtype=np.int64)
 
@@ -103,5 +112,7 @@ def cluster_corpus(
             f"every cluster was pruned; loosen mix.quality_thresholds ({config.quality_thresholds})"
         )
     super_of_cluster = np.full(k, -1, dtype=np.int64)
-    super_of_cluster[kept] = ward_super_clusters(centroids[kept], config.merge_distance)
+    super_of_cluster[kept] = ward_super_clusters(
+        centroids[kept], config.merge_distance, config.super_clusters
+    )
     return Clustering(centroids, assignment, cluster_scores, kept, super_of_cluster)

@@ -95,6 +95,7 @@ class ClusterStage(Stage):
                 "kmeans_iterations",
                 "quality_thresholds",
                 "merge_distance",
+                "super_clusters",
                 "top_terms",
                 "seed",
             },
