@@ -57,18 +57,23 @@ def render(summary: dict[str, Any], args) -> str:
         "",
         "## Search rounds",
         "",
-        "Predictor Spearman: fitted on the earlier rounds, before it sees this round's runs.",
+        "Spearman on the next round: the predictor fitted on the earlier rounds, scored on "
+        "this round's runs before it sees them (– when it scores them all alike). "
+        "Cross-validated: 5-fold out-of-fold predictions over every run up to this round.",
         "",
-        "| round | proxy runs | best objective | mean objective | predictor Spearman |",
-        "|---|---|---|---|---|",
+        "| round | proxy runs | best objective | mean objective | Spearman on the round "
+        "| Spearman cross-validated |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def signed(value: float | None) -> str:
+        return "–" if value is None else f"{value:+.2f}"
+
     for entry in summary["search"]["rounds"]:
-        spearman = entry.get("spearman_held_out")
         lines.append(
             f"| {entry['round']} | {entry['runs']} | {entry['best_objective']:.4f} | "
-            f"{entry['mean_objective']:.4f} | "
-            + ("–" if spearman is None else f"{spearman:+.2f}")
-            + " |"
+            f"{entry['mean_objective']:.4f} | {signed(entry.get('spearman_held_out'))} | "
+            f"{signed(entry.get('spearman_cross_validated'))} |"
         )
     lines += [
         "",

@@ -195,6 +195,25 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
+def cross_validated_spearman(
+    features: np.ndarray, targets: np.ndarray, config: MixConfig, folds: int = 5
+) -> float | None:
+    """Spearman of out-of-fold predictions against the observed objectives.
+
+    The next round's runs all come from the predictor's best region, where a few-leaf model
+    may score them alike; k-fold over every run so far measures how well it ranks mixtures
+    it has not seen across the whole space searched.
+    """
+    if len(targets) < 2 * folds:
+        return None
+    order = np.random.default_rng([config.seed, len(targets)]).permutation(len(targets))
+    predicted = np.empty(len(targets))
+    for held in np.array_split(order, folds):
+        fit = np.setdiff1d(order, held)
+        predicted[held] = fit_predictor(features[fit], targets[fit], config).predict(features[held])
+    return _spearman(predicted, targets)
+
+
 def run_search(
     config: MixConfig,
     prior: np.ndarray,
@@ -256,6 +275,12 @@ def run_search(
         if predictor is not None:
             predicted = predictor.predict(np.array([m["weights"] for m in recorded]))
             entry["spearman_held_out"] = _spearman(predicted, actual)
+        so_far = [m for m in files.mixtures() if m["round"] <= round_index]
+        entry["spearman_cross_validated"] = cross_validated_spearman(
+            np.array([m["weights"] for m in so_far]),
+            np.array([done[m["id"]]["objective"] for m in so_far]),
+            config,
+        )
         rounds.append(entry)
     everything = files.mixtures()
     done = files.metrics()
