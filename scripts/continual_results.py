@@ -23,6 +23,7 @@ from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
 from forgetless.continual import run_continual
+from forgetless.report.experiment import print_event, write_results
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
@@ -48,10 +49,6 @@ def mean_std(values: list[float | None], scale: float = 100.0) -> str:
     if len(present) == 1:
         return f"{present[0]:.1f}"
     return f"{statistics.mean(present):.1f} ± {statistics.stdev(present):.1f}"
-
-
-def print_event(event: str, info) -> None:
-    print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
@@ -151,12 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
     args = parser.parse_args(argv)
     reports = run_sweep(args)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(reports, indent=2))
-    table = render(reports, args)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_results(args.output, reports, render(reports, args))
 
 
 if __name__ == "__main__":

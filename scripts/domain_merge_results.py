@@ -19,7 +19,6 @@ the config's ``merge`` section (e.g. ``task_arithmetic:scale=0.33``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from forgetless.report.experiment import (
     parse_experiment_args,
     print_event,
     shared_overrides,
+    write_results,
 )
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/domain_merge.yaml"
@@ -313,12 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     except ForgetlessError as error:
         sys.exit(f"error: {error}")
     summary = summarise(config, args.domains, merges, results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = render(summary, args.domains, args)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_results(args.output, summary, render(summary, args.domains, args))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from forgetless.report.experiment import (
     parse_experiment_args,
     print_event,
     shared_overrides,
+    write_results,
 )
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
@@ -163,12 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "training": {name: results[f"train_{name}"].summary for name in MIXTURES},
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    table = render(summary, args)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_results(args.output, summary, render(summary, args))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from forgetless.report.experiment import (
     parse_experiment_args,
     print_event,
     shared_overrides,
+    write_results,
 )
 from forgetless.select.selection import SelectionData, record_row, run_selection
 
@@ -307,12 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             name: summarise_domain(config, name, results, selected[name]) for name in args.domains
         },
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    table = render(summary, args)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_results(args.output, summary, render(summary, args))
 
 
 if __name__ == "__main__":

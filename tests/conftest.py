@@ -57,3 +57,18 @@ def script(request):
     spec.loader.exec_module(module)
     yield module
     del sys.modules[name]
+
+
+@pytest.fixture
+def experiment_argv(tmp_path, shared_data_dir):
+    """Command line of an experiment script: data, run dir and ``<tmp>/out/<name>`` output,
+    extra flags, then one ``--set`` per setting."""
+
+    def build(name: str, settings: dict, *extra: str) -> list[str]:
+        argv = ["--data-dir", str(shared_data_dir), "--run-dir", str(tmp_path / "run")]
+        argv += ["--output", str(tmp_path / "out" / name), *extra]
+        for key, value in settings.items():
+            argv += ["--set", f"{key}={value}"]
+        return argv
+
+    return build

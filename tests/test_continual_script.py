@@ -17,12 +17,10 @@ TINY = {
 }
 
 
-def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, shared_data_dir, script):
-    argv = ["--methods", "seqft", "sotu", "--subsets", "0_42", "--run-dir", str(tmp_path / "run")]
-    argv += ["--data-dir", str(shared_data_dir), "--output", str(tmp_path / "out" / "table")]
-    for key, value in {**TINY, "continual.head": "closed_form"}.items():
-        argv += ["--set", f"{key}={value}"]
-    script.main(argv)
+def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, experiment_argv, script):
+    settings = {**TINY, "continual.head": "closed_form"}
+    flags = ("--methods", "seqft", "sotu", "--subsets", "0_42")
+    script.main(experiment_argv("table", settings, *flags))
     reports = json.loads((tmp_path / "out" / "table.json").read_text())
     assert [(r["method"], r["subset"], r["head"]) for r in reports] == [
         ("seqft", "0_42", "closed_form"),

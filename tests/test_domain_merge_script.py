@@ -7,33 +7,21 @@ import pytest
 SCRIPT_NAME = "domain_merge_results"
 
 
-def tiny_argv(tmp_path, shared_data_dir, *extra):
-    return [
-        "--data-dir",
-        str(shared_data_dir),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--output",
-        str(tmp_path / "out" / "table"),
-        "--domains",
-        "medical",
-        "legal",
-        "--set",
-        "model.name=tiny-llama",
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "train.max_length=32",
-        "--set",
-        "evaluate.limit=4",
-        "--set",
-        "evaluate.task_limits={}",
-        *extra,
-    ]
+TINY = {
+    "model.name": "tiny-llama",
+    "train.max_steps": 2,
+    "train.max_length": 32,
+    "evaluate.limit": 4,
+    "evaluate.task_limits": "{}",
+}
 
 
-def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, capsys):
-    argv = tiny_argv(tmp_path, shared_data_dir, "--merges", "task_arithmetic:scale=0.5", "sotu:0.5")
+def tiny_argv(experiment_argv, *extra):
+    return experiment_argv("table", TINY, "--domains", "medical", "legal", *extra)
+
+
+def test_experts_merges_and_the_paired_table(tmp_path, experiment_argv, script, capsys):
+    argv = tiny_argv(experiment_argv, "--merges", "task_arithmetic:scale=0.5", "sotu:0.5")
     script.main(argv)
     summary = json.loads((tmp_path / "out" / "table.json").read_text())
     models = [row["model"] for row in summary["rows"]]
@@ -72,13 +60,13 @@ def test_experts_merges_and_the_paired_table(tmp_path, shared_data_dir, script, 
 
     # Another merge reuses the base evaluation and the experts.
     capsys.readouterr()
-    script.main(tiny_argv(tmp_path, shared_data_dir, "--merges", "dare:0.5"))
+    script.main(tiny_argv(experiment_argv, "--merges", "dare:0.5"))
     events = capsys.readouterr().out
     for stage in ("eval_base", "train_medical", "eval_medical", "train_legal"):
         assert f"cached: {stage}\n" in events
     assert "start: merge_dare_0.5" in events
 
 
-def test_a_malformed_merge_is_a_one_line_error(tmp_path, shared_data_dir, script):
+def test_a_malformed_merge_is_a_one_line_error(experiment_argv, script):
     with pytest.raises(SystemExit, match="expected method"):
-        script.main(tiny_argv(tmp_path, shared_data_dir, "--merges", "sotu:lots"))
+        script.main(tiny_argv(experiment_argv, "--merges", "sotu:lots"))

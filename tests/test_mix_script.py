@@ -5,7 +5,7 @@ import json
 SCRIPT_NAME = "mix_results"
 
 
-def test_mixture_experiment_table(tmp_path, shared_data_dir, script):
+def test_mixture_experiment_table(tmp_path, experiment_argv, script):
     settings = {
         "model.name": "tiny-llama",
         "train.max_steps": 2,
@@ -22,19 +22,7 @@ def test_mixture_experiment_table(tmp_path, shared_data_dir, script):
         "mix.proxy_max_length": 32,
         "mix.target_limit": 4,
     }
-    argv = [
-        "--data-dir",
-        str(shared_data_dir),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--output",
-        str(tmp_path / "out" / "mix"),
-        "--tokens",
-        "4096",
-    ]
-    for key, value in settings.items():
-        argv += ["--set", f"{key}={value}"]
-    script.main(argv)
+    script.main(experiment_argv("mix", settings, "--tokens", "4096"))
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())
     assert set(summary["changes"]) == {"climb", "uniform", "natural"}
     count = summary["clusters"]["super_clusters"]

@@ -6,7 +6,7 @@ import json
 SCRIPT_NAME = "select_results"
 
 
-def test_selection_experiment_table(tmp_path, shared_data_dir, script, capsys):
+def test_selection_experiment_table(tmp_path, experiment_argv, script, capsys):
     settings = {
         "model.name": "tiny-llama",
         "data.limit": 40,
@@ -25,18 +25,7 @@ def test_selection_experiment_table(tmp_path, shared_data_dir, script, capsys):
         "select.navigator.iterations": 5,
         "select.navigator.candidates": 8,
     }
-    argv = [
-        "--data-dir",
-        str(shared_data_dir),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--output",
-        str(tmp_path / "out" / "select"),
-        "--domains",
-        "medical",
-    ]
-    for key, value in settings.items():
-        argv += ["--set", f"{key}={value}"]
+    argv = experiment_argv("select", settings, "--domains", "medical")
     script.main(argv)
     summary = json.loads((tmp_path / "out" / "select.json").read_text())
     rows = summary["domains"]["medical"]["rows"]

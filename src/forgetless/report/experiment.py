@@ -4,6 +4,7 @@ overrides those flags make, and a one-line print of each stage event."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,12 @@ def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_event(event: str, info) -> None:
     print(f"   {event}: {getattr(info, 'name', info)}", flush=True)
+
+
+def write_results(output: str | Path, results: Any, table: str) -> None:
+    """Write ``<output>.json`` and the markdown ``<output>.md``, and print the table."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
