@@ -275,7 +275,7 @@ def run_search(
         if predictor is not None:
             predicted = predictor.predict(np.array([m["weights"] for m in recorded]))
             entry["spearman_held_out"] = _spearman(predicted, actual)
-        so_far = [m for m in files.mixtures() if m["round"] <= round_index]
+        so_far = history + recorded
         entry["spearman_cross_validated"] = cross_validated_spearman(
             np.array([m["weights"] for m in so_far]),
             np.array([done[m["id"]]["objective"] for m in so_far]),
