@@ -224,6 +224,12 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
     with open(tmp_path / "run" / "search" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and {"objective", "ppl:pubmedqa@test", "ppl:boolq"} <= set(rows[0])
+    # The docs promise a rerun reports the same mixture: a fresh run directory, same seed.
+    run_mixture_search(config, tmp_path / "rerun", progress=False)
+    for name in ("metrics.csv", "mixture.json"):
+        assert (tmp_path / "rerun" / "search" / name).read_bytes() == (
+            tmp_path / "run" / "search" / name
+        ).read_bytes()
     summary = materialise_mixture(config, tmp_path / "run", 5000, tmp_path / "data.jsonl")
     lines = (tmp_path / "data.jsonl").read_text().splitlines()
     assert len(lines) == summary["documents"] > 0
