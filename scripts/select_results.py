@@ -222,9 +222,9 @@ def render(summary: dict, args) -> str:
             )
         lines += [
             "",
-            "| method | selected | orthogonality (sel. / pool) | utility (sel. / pool) | "
-            "selection minutes |",
-            "|---|---|---|---|---|",
+            "| method | selected | epochs trained | orthogonality (sel. / pool) | "
+            "utility (sel. / pool) | selection minutes |",
+            "|---|---|---|---|---|---|",
         ]
         for label, row in domain["rows"].items():
             if "selected" not in row:
@@ -237,7 +237,8 @@ def render(summary: dict, args) -> str:
                 return f"{metrics[key]['selected_mean']:.3f} / {metrics[key]['pool_mean']:.3f}"
 
             lines.append(
-                f"| {label} | {row['selected']} | {pair('orthogonality')} | {pair('utility')} | "
+                f"| {label} | {row['selected']} | {row['training']['epochs']:.1f} | "
+                f"{pair('orthogonality')} | {pair('utility')} | "
                 f"{row['selection_seconds'] / 60:.1f} |"
             )
         target = domain["ogs_target"]

@@ -41,6 +41,8 @@ def test_selection_experiment_table(tmp_path, experiment_argv, script, capsys):
         assert row["training"]["steps"] == 2
         if label != "full":
             assert row["selected"] == round(0.25 * 34)
+    # The same steps are more passes over a selection than over the whole pool.
+    assert rows["random"]["training"]["epochs"] > rows["full"]["training"]["epochs"] > 0
     # The full baseline trains on exactly the candidates the methods choose from.
     candidates = (tmp_path / "run" / "select_medical" / "candidates.jsonl").read_text()
     assert len(candidates.splitlines()) == 34

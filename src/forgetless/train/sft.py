@@ -49,6 +49,9 @@ class TrainResult:
     train_loss: float
     train_runtime_s: float
     input_tokens_seen: int
+    # Passes over the training data: a small selection trained for a fixed step budget is
+    # repeated, and how often matters to any comparison between data sets.
+    epochs: float
     resumed_from: str | None
 
     def to_dict(self) -> dict:
@@ -123,6 +126,7 @@ def train_model(
         train_loss=float(outcome.training_loss),
         train_runtime_s=runtime,
         input_tokens_seen=int(trainer.state.num_input_tokens_seen),
+        epochs=float(trainer.state.epoch or 0.0),
         resumed_from=resume,
     )
     return model, result
