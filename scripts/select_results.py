@@ -236,11 +236,9 @@ def render(summary: dict, args) -> str:
                     return "–"
                 return f"{metrics[key]['selected_mean']:.3f} / {metrics[key]['pool_mean']:.3f}"
 
-            # Training stages cached before summaries recorded epochs have none.
-            epochs = row["training"].get("epochs")
             lines.append(
                 f"| {label} | {row['selected']} | "
-                f"{'–' if epochs is None else f'{epochs:.1f}'} | "
+                f"{row['training']['epochs']:.1f} | "
                 f"{pair('orthogonality')} | {pair('utility')} | "
                 f"{row['selection_seconds'] / 60:.1f} |"
             )
