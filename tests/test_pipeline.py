@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from forgetless.config import TrainConfig
+from forgetless.config import ForgetlessConfig, TrainConfig
 from forgetless.data.records import TextRecord
 from forgetless.errors import ForgetlessError
 from forgetless.models import load_model
-from forgetless.pipeline import STAGE_RECORD, RunDirectory, Stage
+from forgetless.pipeline import STAGE_RECORD, DataFileTrainStage, RunDirectory, Stage
 from forgetless.train.sft import train_model
 
 
@@ -52,6 +52,20 @@ def test_finished_stages_are_cached_and_downstream_follows_changes(tmp_path):
     assert not changed["a"].cached and not changed["b"].cached
     assert changed["b"].fingerprint != results["b"].fingerprint
     assert changed_b.calls == 1
+
+
+def test_data_file_stage_fingerprint_follows_content_not_path(tmp_path):
+    def stage_for(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        config = ForgetlessConfig.model_validate({"data": {"source": str(path)}})
+        return DataFileTrainStage(config, "train_subset", path)
+
+    original = stage_for(tmp_path / "run" / "selected.jsonl", '{"text": "a"}\n')
+    moved = stage_for(tmp_path / "copy" / "selected.jsonl", '{"text": "a"}\n')
+    edited = stage_for(tmp_path / "edit" / "selected.jsonl", '{"text": "b"}\n')
+    assert moved.fingerprint({}) == original.fingerprint({})
+    assert edited.fingerprint({}) != original.fingerprint({})
 
 
 def test_interrupted_stage_resumes_in_its_partial_directory(tmp_path):

@@ -249,7 +249,11 @@ class DataFileTrainStage(TrainStage):
         self.digest = hashlib.sha256(Path(data_file).read_bytes()).hexdigest()
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "data_sha256": self.digest}
+        settings = super().settings()
+        # The content hash identifies the data; keeping the file's path as well would make a
+        # moved or copied run directory retrain every stage trained on such a file.
+        del settings["data"]["source"]
+        return {**settings, "data_sha256": self.digest}
 
 
 class ReportStage(Stage):
