@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in MIXTURES:
             data_file = Path(config.run_dir) / f"data_{name}.jsonl"
             materialise_mixture(config, mix_dir, args.tokens, data_file, weights[name])
-            train_config = load_config(
-                args.config, {**shared, "data.source": str(data_file), "data.kind": "text"}
-            )
-            train = DataFileTrainStage(train_config, f"train_{name}", data_file)
+            train = DataFileTrainStage(config, f"train_{name}", data_file)
             results[train.name] = runs.run(train, results)
             evaluate = EvaluateStage(f"eval_{name}", config, model_from=train.name)
             results[evaluate.name] = runs.run(evaluate, results)

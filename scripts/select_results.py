@@ -287,11 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.domains:
             selected[name] = select_for_domain(args, shared, name, args.methods)
             for label, data_file in selected[name]["files"].items():
-                train_config = load_config(
-                    args.config, {**shared, "data.source": str(data_file), "data.kind": "text"}
-                )
                 stages: list[Stage] = [
-                    DataFileTrainStage(train_config, f"train_{name}_{label}", data_file)
+                    DataFileTrainStage(config, f"train_{name}_{label}", data_file)
                 ]
                 stages.append(
                     EvaluateStage(f"eval_{name}_{label}", config, model_from=stages[0].name)

@@ -241,10 +241,12 @@ class TrainStage(Stage):
 
 class DataFileTrainStage(TrainStage):
     """Fine-tuning on a data file written by an earlier step (a selection, a sampled
-    mixture); the file's content is part of the fingerprint, so a new file retrains."""
+    mixture), read as text records in place of the config's data source; the file's content
+    is part of the fingerprint, so a new file retrains."""
 
     def __init__(self, config: ForgetlessConfig, name: str, data_file: Path):
-        super().__init__(config)
+        data = config.data.model_copy(update={"source": str(data_file), "kind": "text"})
+        super().__init__(config.model_copy(update={"data": data}))
         self.name = name
         self.digest = hashlib.sha256(Path(data_file).read_bytes()).hexdigest()
 
