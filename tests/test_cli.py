@@ -24,6 +24,7 @@ COMMANDS = [
     "config",
     "data",
     "data list",
+    "data info",
 ]
 
 

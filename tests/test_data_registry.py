@@ -82,6 +82,60 @@ EXPECTED_COUNTS = {
     ("olora_copa", "test"): 100,
     ("olora_wic", "train"): 2000,
     ("olora_wic", "test"): 638,
+    ("fin_tweets", "train"): 8543,
+    ("fin_tweets", "validation"): 508,
+    ("fin_tweets", "test"): 2388,
+    ("xbrl_terms", "train"): 5287,
+    ("xbrl_terms", "validation"): 288,
+    ("xbrl_terms", "test"): 281,
+    ("fin_formulas", "train"): 720,
+    ("fin_formulas", "validation"): 30,
+    ("fin_formulas", "test"): 50,
+    ("tatqa", "train"): 2941,
+    ("tatqa", "validation"): 210,
+    ("tatqa", "test"): 180,
+    ("t0_instruct", "train"): 29946,
+    ("t0_instruct", "validation"): 1654,
+    ("t0_instruct", "test"): 1623,
+    ("alpaca_sample", "train"): 910,
+    ("alpaca_sample", "validation"): 46,
+    ("alpaca_sample", "test"): 43,
+    ("reuters", "train"): 17132,
+    ("reuters", "validation"): 950,
+    ("reuters", "test"): 961,
+    ("wikipedia", "train"): 3011,
+    ("wikipedia", "validation"): 148,
+    ("wikipedia", "test"): 152,
+    ("uscode", "train"): 3076,
+    ("uscode", "validation"): 157,
+    ("uscode", "test"): 161,
+    ("policyqa", "train"): 7107,
+    ("policyqa", "validation"): 466,
+    ("policyqa", "test"): 388,
+    ("medquad", "train"): 14707,
+    ("medquad", "validation"): 859,
+    ("medquad", "test"): 841,
+    ("chatdoctor", "train"): 4885,
+    ("chatdoctor", "validation"): 275,
+    ("chatdoctor", "test"): 292,
+    ("medical_abstracts", "train"): 2175,
+    ("medical_abstracts", "validation"): 149,
+    ("medical_abstracts", "test"): 564,
+    ("medical_pool", "train"): 21767,
+    ("medical_pool", "validation"): 1283,
+    ("medical_pool", "test"): 1697,
+    ("financial_pool", "train"): 17491,
+    ("financial_pool", "validation"): 1036,
+    ("financial_pool", "test"): 2899,
+    ("legal_pool", "train"): 16196,
+    ("legal_pool", "validation"): 844,
+    ("legal_pool", "test"): 821,
+    ("web_pool", "train"): 33576,
+    ("web_pool", "validation"): 1791,
+    ("web_pool", "test"): 1746,
+    ("replay_pool", "train"): 30856,
+    ("replay_pool", "validation"): 1700,
+    ("replay_pool", "test"): 1666,
 }
 
 
@@ -133,8 +187,39 @@ def test_every_data_set_loads_in_every_kind(shared_data_dir, name, split, subset
         counts.add(len(records))
         for record in records:
             _check_record(record, kind)
-        assert [r.id for r in records] == [f"{prefix}/{i}" for i in range(len(records))]
+        if name.endswith("_pool"):  # named after the member record (test_data_corpora.py)
+            assert all(r.id.startswith(f"{prefix}/") for r in records)
+            assert len({r.id for r in records}) == len(records)
+        else:
+            assert [r.id for r in records] == [f"{prefix}/{i}" for i in range(len(records))]
     assert counts == {EXPECTED_COUNTS[(name, split)]}
+
+
+# What the pools promise (issue: pools large enough for selection and mixture experiments).
+POOL_TRAIN_SIZES = {
+    "medical_pool": 20_000,
+    "financial_pool": 10_000,
+    "legal_pool": 10_000,
+    "web_pool": 30_000,
+    "replay_pool": 30_000,
+}
+
+
+def test_pools_hold_the_promised_sizes():
+    # EXPECTED_COUNTS are the sizes the loading test above checks on the real files.
+    for pool, size in POOL_TRAIN_SIZES.items():
+        assert EXPECTED_COUNTS[(pool, "train")] >= size
+        assert EXPECTED_COUNTS[(pool, "validation")] >= 500
+
+
+def test_data_list_shows_sizes_licenses_and_terms(run_cli):
+    code, out, _ = run_cli(["data", "list"])
+    assert code == 0
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    assert set(DATASETS) <= set(rows)
+    assert "research only" in rows["reuters"] and "research only" in rows["chatdoctor"]
+    assert "non-commercial" in rows["alpaca_sample"] and "CC-BY-NC-4.0" in rows["alpaca_sample"]
+    assert "public-domain-US-Gov" in rows["uscode"]
 
 
 def test_spec_defaults_and_descriptions():
@@ -302,7 +387,9 @@ def _single_line(error: pytest.ExceptionInfo) -> str:
 def test_unknown_data_set_lists_known_ones():
     with pytest.raises(ForgetlessError) as error:
         load_dataset("nope")
-    assert _single_line(error).startswith("unknown data set 'nope'; known: arc_challenge, ")
+    assert _single_line(error).startswith(
+        "unknown data set 'nope'; known: alpaca_sample, arc_challenge, "
+    )
     with pytest.raises(ForgetlessError, match="unknown data set or missing file 'nope'"):
         load_records("nope")
 

@@ -548,17 +548,66 @@ def show_config() -> None:
     out.print(defaults_as_yaml(), markup=False, highlight=False, soft_wrap=True)
 
 
+def _print_table(table: Table) -> None:
+    # A terminal folds cells to its width; piped output (docs, grep) keeps one row per line.
+    (out if out.is_terminal else Console(width=250)).print(table)
+
+
 @data_app.command("list")
-def data_list() -> None:
-    """List the built-in data sets with their kinds and splits."""
-    from forgetless.data import DATASETS
+def data_list(
+    records: Annotated[
+        bool, typer.Option("--records", help="Load every data set and count its records.")
+    ] = False,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List the built-in data sets: kinds, splits, size, license and terms of use.
+
+    Terms flag the sets whose license limits use (research only, non-commercial, share-alike).
+    `--records` counts the records of every split in the native kind (a minute or two);
+    `forgetless data info NAME` describes one set.
+    """
+    from tqdm.auto import tqdm
+
+    from forgetless.data import DATASETS, split_sizes
 
     table = Table()
-    for column in ("name", "kinds", "splits", "source"):
-        table.add_column(column)
-    for spec in DATASETS.values():
-        table.add_row(spec.name, ", ".join(spec.kinds), ", ".join(spec.splits), spec.description)
-    out.print(table)
+    columns = ["name", "kinds", "splits", "MiB", "license", "terms"]
+    for column in [*columns, *(["records"] if records else [])]:
+        table.add_column(column, overflow="fold")
+    for spec in tqdm(DATASETS.values(), desc="counting records", disable=not records):
+        row = [
+            spec.name,
+            ", ".join(spec.kinds),
+            ", ".join(spec.splits),
+            f"{spec.size_bytes / 2**20:.1f}",
+            spec.licenses,
+            spec.terms,
+        ]
+        if records:
+            sizes = split_sizes(spec.name, data_dir=data_dir)
+            row.append(", ".join(f"{split} {count:,}" for split, count in sizes.items()))
+        table.add_row(*row)
+    _print_table(table)
+
+
+@data_app.command("info")
+def data_info(
+    name: Annotated[str, typer.Argument(help="A data set name from `forgetless data list`.")],
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Describe one data set: sources, license, terms, kinds, and records per split."""
+    from forgetless.data import get_dataset_spec, split_sizes
+
+    spec = get_dataset_spec(name)
+    sizes = split_sizes(name, data_dir=data_dir)
+    lines = [
+        f"{spec.name}: {spec.description}",
+        f"kinds: {', '.join(spec.kinds)} (native: {spec.native_kind})",
+        f"license: {spec.licenses}" + (f"; terms: {spec.terms}" if spec.terms else ""),
+        f"files: {len(spec.all_files())} ({spec.size_bytes / 2**20:.1f} MiB)",
+        *(f"{split}: {count:,} records" for split, count in sizes.items()),
+    ]
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def _is_usage_error(error: Exception) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Importing builtin fills the registry; it must come after registry (which it imports).
+# Importing these fills the registry; they must come after registry (which they import).
 from forgetless.data import builtin as _builtin  # noqa: F401
+from forgetless.data import corpora as _corpora  # noqa: F401
+from forgetless.data import pools as _pools  # noqa: F401
 from forgetless.data.records import (
     KINDS,
     RECORD_TYPES,
@@ -26,6 +28,7 @@ from forgetless.data.registry import (
     list_datasets,
     load_dataset,
     resolve_data_file,
+    split_sizes,
 )
 from forgetless.data.user import FILE_EXTENSIONS, load_user_data
 from forgetless.errors import ForgetlessError
@@ -46,6 +49,7 @@ __all__ = [
     "load_records",
     "load_user_data",
     "resolve_data_file",
+    "split_sizes",
 ]
 
 

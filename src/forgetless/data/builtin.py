@@ -1,4 +1,6 @@
-"""Parsers for the built-in data sets, and their registration.
+"""Parsers for the built-in benchmarks and continual-learning tasks, and their registration.
+
+The larger training corpora live in :mod:`forgetless.data.corpora`.
 
 Multiple-choice prompts follow lm-evaluation-harness conventions (query without a trailing
 space, choices joined with a single space) so scores are comparable with published numbers.
@@ -9,7 +11,6 @@ and ``text`` (a plain rendering for language modelling).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gzip
 import json
 import re
@@ -17,50 +18,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from forgetless.data.records import (
-    InstructionRecord,
-    MultipleChoiceRecord,
-    Record,
-    TextRecord,
-)
-from forgetless.data.registry import (
-    DatasetSpec,
-    FileLister,
-    Parser,
-    describe_sources,
-    register,
-)
-
-DELIMITER = " "
-MC_KINDS = ("multiple_choice", "instruction", "text")
+from forgetless.data.records import InstructionRecord, Record, TextRecord
+from forgetless.data.registry import FileLister, Parser, add_builtin
+from forgetless.data.views import MC_KINDS, choice_view
 
 # LegalBench and EUR-Lex rows hold whole regulations in one field, beyond csv's 128 KiB default.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-def _mc(
-    kind: str,
-    query: str,
-    choices: Sequence[str],
-    gold: int,
-    *,
-    text: str | None = None,
-    prompt: str | None = None,
-    response: str | None = None,
-    meta: dict | None = None,
-) -> Record:
-    """One multiple-choice example as the requested kind; overrides replace the generic views."""
-    answer = choices[gold]
-    if kind == "multiple_choice":
-        return MultipleChoiceRecord(
-            query=query, choices=tuple(choices), gold=gold, delimiter=DELIMITER, meta=meta or {}
-        )
-    if kind == "instruction":
-        return InstructionRecord(
-            prompt=query if prompt is None else prompt,
-            response=answer if response is None else response,
-        )
-    return TextRecord(text=f"{query}{DELIMITER}{answer}" if text is None else text)
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
@@ -101,12 +64,12 @@ def _parse_gsm8k(paths: Sequence[Path], kind: str, split: str) -> Iterator[Recor
             yield TextRecord(text=f"{question}\n{answer}")
 
 
-def _foundry_mc(make_query: Callable[[str], str]) -> Parser:
+def _foundrychoice_view(make_query: Callable[[str], str]) -> Parser:
     """llm-foundry's local eval files: {"query", "choices", "gold"}, queries in its own format."""
 
     def parse(paths: Sequence[Path], kind: str, split: str) -> Iterator[Record]:
         for row in _read_jsonl(paths[0]):
-            yield _mc(kind, make_query(row["query"]), row["choices"], row["gold"])
+            yield choice_view(kind, make_query(row["query"]), row["choices"], row["gold"])
 
     return parse
 
@@ -148,7 +111,7 @@ def _parse_pubmedqa(paths: Sequence[Path], kind: str, split: str) -> Iterator[Re
         else:
             query = f"Abstract: {abstract}\nQuestion: {question}\nAnswer:"
             gold = PUBMEDQA_CHOICES.index(decision)
-            yield _mc(kind, query, PUBMEDQA_CHOICES, gold, meta={"pmid": pmid})
+            yield choice_view(kind, query, PUBMEDQA_CHOICES, gold, meta={"pmid": pmid})
 
 
 def _parse_medagents(paths: Sequence[Path], kind: str, split: str) -> Iterator[Record]:
@@ -161,7 +124,7 @@ def _parse_medagents(paths: Sequence[Path], kind: str, split: str) -> Iterator[R
         listing = "\n".join(
             f"{letter}. {text}" for letter, text in zip(letters, options, strict=True)
         )
-        yield _mc(
+        yield choice_view(
             kind,
             f"Question: {question}\nAnswer:",
             options,
@@ -184,7 +147,7 @@ def _parse_fpb(paths: Sequence[Path], kind: str, split: str) -> Iterator[Record]
     with paths[0].open(encoding="latin-1", newline="") as handle:
         for row in csv.DictReader(handle):
             content = row["content"]
-            yield _mc(
+            yield choice_view(
                 kind,
                 f"Sentence: {content}\nSentiment:",
                 SENTIMENTS,
@@ -208,7 +171,7 @@ def _parse_finlora(paths: Sequence[Path], kind: str, split: str) -> Iterator[Rec
         labels = tuple(_BRACED_LABELS.search(context.split("\n", 1)[0]).group(1).split("/"))
         start = context.index("\nInput: ") + len("\nInput: ")
         sentence = context[start : context.rindex("\nAnswer")]
-        yield _mc(kind, context, labels, labels.index(row["target"]), text=sentence)
+        yield choice_view(kind, context, labels, labels.index(row["target"]), text=sentence)
 
 
 # --- legal -----------------------------------------------------------------------------------
@@ -228,7 +191,7 @@ def _cuad(question: str) -> Parser:
     def parse(paths: Sequence[Path], kind: str, split: str) -> Iterator[Record]:
         for row in _read_tsv(paths[0]):
             clause = row["text"].strip()
-            yield _mc(
+            yield choice_view(
                 kind,
                 f"Clause: {clause}\n{question}\nAnswer:",
                 YES_NO,
@@ -263,7 +226,9 @@ def _parse_unfair_tos(paths: Sequence[Path], kind: str, split: str) -> Iterator[
         clause = row["text"].strip()
         body = f"Clause: {clause}\n{question}"
         gold = UNFAIR_TOS_LABELS.index(row["label"])
-        yield _mc(kind, f"{body}\nAnswer:", UNFAIR_TOS_LABELS, gold, text=clause, prompt=body)
+        yield choice_view(
+            kind, f"{body}\nAnswer:", UNFAIR_TOS_LABELS, gold, text=clause, prompt=body
+        )
 
 
 # --- continual learning ----------------------------------------------------------------------
@@ -333,7 +298,9 @@ def _fewshot(aspect: str, labels: tuple[str, ...]) -> Parser:
                 paragraph = paragraph.strip()
                 body = f"{header}\n{paragraph}"
                 gold = labels.index(label)
-                yield _mc(kind, f"{body}\nAnswer:", labels, gold, text=paragraph, prompt=body)
+                yield choice_view(
+                    kind, f"{body}\nAnswer:", labels, gold, text=paragraph, prompt=body
+                )
 
     return parse
 
@@ -361,42 +328,15 @@ def _parse_olora(paths: Sequence[Path], kind: str, split: str) -> Iterator[Recor
             continue
         sentence = row["sentence"].strip()
         query = f"{sentence}\nOptions: {', '.join(labels)}\nAnswer:"
-        yield _mc(kind, query, labels, labels.index(row["label"]), text=sentence)
+        yield choice_view(kind, query, labels, labels.index(row["label"]), text=sentence)
 
 
 # --- registration ----------------------------------------------------------------------------
 
 
-def _add(
-    name: str,
-    summary: str,
-    kinds: tuple[str, ...],
-    files: FileLister,
-    parse: Parser,
-    splits: tuple[str, ...] = ("test",),
-    subsets: tuple[str, ...] = (),
-) -> None:
-    # Training splits are the default where there is one: training on a test split by accident
-    # would silently contaminate every later evaluation.
-    default_split = "train" if "train" in splits else splits[0]
-    spec = DatasetSpec(
-        name=name,
-        description=summary,
-        kinds=kinds,
-        splits=splits,
-        default_split=default_split,
-        files=files,
-        parse=parse,
-        subsets=subsets,
-        default_subset=subsets[0] if subsets else None,
-    )
-    source = describe_sources(spec.all_files())
-    register(dataclasses.replace(spec, description=f"{summary} Source: {source}."))
-
-
 def _register_all() -> None:
     general = "general/{}.jsonl"
-    _add(
+    add_builtin(
         "gsm8k",
         "Grade-school math word problems with worked solutions ending in '#### answer'.",
         ("instruction", "text"),
@@ -413,8 +353,10 @@ def _register_all() -> None:
         "commonsense_qa": ("CommonsenseQA with lettered options.", lambda q: q),
     }
     for name, (summary, make_query) in foundry.items():
-        _add(name, summary, MC_KINDS, _fixed(general.format(name)), _foundry_mc(make_query))
-    _add(
+        add_builtin(
+            name, summary, MC_KINDS, _fixed(general.format(name)), _foundrychoice_view(make_query)
+        )
+    add_builtin(
         "c4",
         "A 1000-document sample of the C4 web corpus.",
         ("text",),
@@ -422,7 +364,7 @@ def _register_all() -> None:
         _parse_c4,
     )
 
-    _add(
+    add_builtin(
         "pubmedqa",
         "PubMedQA expert-labelled abstracts (yes/no/maybe); test = the official 500 test PMIDs.",
         ("text", "multiple_choice", "instruction"),
@@ -435,14 +377,15 @@ def _register_all() -> None:
         "medexqa": "MedExQA medical specialty questions (4 options).",
         "medbullets": "Medbullets USMLE step 2/3 style questions (5 options).",
     }.items():
-        _add(name, summary, MC_KINDS, _fixed(f"medical/{name}/test.jsonl"), _parse_medagents)
+        add_builtin(name, summary, MC_KINDS, _fixed(f"medical/{name}/test.jsonl"), _parse_medagents)
 
-    _add(
+    add_builtin(
         "financial_phrasebank",
         "Financial PhraseBank sentence sentiment (all annotator agreement levels).",
         MC_KINDS,
         _fixed("financial/fpb/all-data.csv"),
         _parse_fpb,
+        terms="non-commercial (CC-BY-NC-SA)",
     )
     for name, stem, summary in (
         ("fiqa", "fiqa", "FiQA financial headline and tweet sentiment (FinLoRA prompts)."),
@@ -451,10 +394,10 @@ def _register_all() -> None:
         ("fpb_finlora", "fpb", "Financial PhraseBank test split (FinLoRA prompts)."),
     ):
         files = _fixed(f"financial/finlora/{stem}_test.jsonl")
-        _add(name, summary, MC_KINDS, files, _parse_finlora)
+        add_builtin(name, summary, MC_KINDS, files, _parse_finlora)
 
     legal = "legal/legalbench/{}/test.tsv"
-    _add(
+    add_builtin(
         "eurlex",
         "EUR-Lex legislative acts (LegalBench), as plain legal text.",
         ("text",),
@@ -487,8 +430,8 @@ def _register_all() -> None:
         ),
     ):
         summary = f"CUAD contract clauses (LegalBench {folder}), labelled Yes/No."
-        _add(name, summary, legal_kinds, _fixed(legal.format(folder)), _cuad(question))
-    _add(
+        add_builtin(name, summary, legal_kinds, _fixed(legal.format(folder)), _cuad(question))
+    add_builtin(
         "unfair_tos",
         "Terms-of-service sentences labelled with the kind of unfair term, or Other (LegalBench).",
         legal_kinds,
@@ -497,7 +440,7 @@ def _register_all() -> None:
     )
 
     for name, (folder, aspect, labels) in FEWSHOT_TASKS.items():
-        _add(
+        add_builtin(
             name,
             f"Lifelong few-shot text classification: {folder} ({len(labels)} labels).",
             MC_KINDS,
@@ -507,7 +450,7 @@ def _register_all() -> None:
             subsets=FEWSHOT_SUBSETS,
         )
     for name, folder in OLORA_TASKS.items():
-        _add(
+        add_builtin(
             name,
             f"O-LoRA continual-learning benchmark task {folder}.",
             MC_KINDS,

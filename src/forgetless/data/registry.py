@@ -192,6 +192,8 @@ class DatasetSpec:
     parse: Parser
     subsets: tuple[str, ...] = ()
     default_subset: str | None = None
+    # Limits on use beyond the license's name (research only, non-commercial), for `data list`.
+    terms: str = ""
 
     def __post_init__(self) -> None:
         assert self.kinds and set(self.kinds) <= set(KINDS), self.kinds
@@ -204,7 +206,18 @@ class DatasetSpec:
 
     def all_files(self) -> list[str]:
         subsets: Sequence[str | None] = self.subsets or (None,)
-        return [rel for split in self.splits for sub in subsets for rel in self.files(split, sub)]
+        listed = (rel for split in self.splits for sub in subsets for rel in self.files(split, sub))
+        return list(dict.fromkeys(listed))
+
+    @property
+    def licenses(self) -> str:
+        table = sources()
+        return ", ".join(dict.fromkeys(table[relpath].license for relpath in self.all_files()))
+
+    @property
+    def size_bytes(self) -> int:
+        table = sources()
+        return sum(table[relpath].bytes for relpath in self.all_files())
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -215,6 +228,36 @@ def register(spec: DatasetSpec) -> DatasetSpec:
         raise ValueError(f"data set {spec.name!r} registered twice")
     DATASETS[spec.name] = spec
     return spec
+
+
+def add_builtin(
+    name: str,
+    summary: str,
+    kinds: tuple[str, ...],
+    files: FileLister,
+    parse: Parser,
+    splits: tuple[str, ...] = ("test",),
+    subsets: tuple[str, ...] = (),
+    terms: str = "",
+) -> DatasetSpec:
+    """Register a data set read from files of ``sources.tsv``; its description names them."""
+    # Training splits are the default where there is one: training on a test split by accident
+    # would silently contaminate every later evaluation.
+    default_split = "train" if "train" in splits else splits[0]
+    spec = DatasetSpec(
+        name=name,
+        description=summary,
+        kinds=kinds,
+        splits=splits,
+        default_split=default_split,
+        files=files,
+        parse=parse,
+        subsets=subsets,
+        default_subset=subsets[0] if subsets else None,
+        terms=terms,
+    )
+    source = describe_sources(spec.all_files())
+    return register(dataclasses.replace(spec, description=f"{summary} Source: {source}."))
 
 
 def list_datasets() -> list[str]:
@@ -246,7 +289,11 @@ def load_dataset(
     data_dir: str | Path | None = None,
     limit: int | None = None,
 ) -> list[Record]:
-    """Records of a registered data set, in file order; ``limit`` keeps the first N."""
+    """Records of a registered data set, in file order; ``limit`` keeps the first N.
+
+    Ids are ``name[/subset]/split/N``; a parser that names its records itself (a pool names
+    each record after the data set it came from) gets ``name/split/<its id>`` instead.
+    """
     spec = get_dataset_spec(name)
     kind = _pick(name, "kind", kind, spec.kinds, spec.native_kind)
     split = _pick(name, "split", split, spec.splits, spec.default_split)
@@ -262,5 +309,12 @@ def load_dataset(
     for record in spec.parse(paths, kind, split):
         if limit is not None and len(records) >= limit:
             break
-        records.append(dataclasses.replace(record, id=f"{prefix}/{len(records)}"))
+        suffix = record.id or str(len(records))
+        records.append(dataclasses.replace(record, id=f"{prefix}/{suffix}"))
     return records
+
+
+def split_sizes(name: str, data_dir: str | Path | None = None) -> dict[str, int]:
+    """Records per split (of the first subset) in the data set's native kind."""
+    spec = get_dataset_spec(name)
+    return {split: len(load_dataset(name, split=split, data_dir=data_dir)) for split in spec.splits}

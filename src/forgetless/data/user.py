@@ -9,12 +9,12 @@ saved data sets. Loading is all or nothing: a bad row fails the whole file.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from forgetless.data.readers import Row, delimited_rows, json_rows, jsonl_rows
 from forgetless.data.records import (
     KINDS,
     InstructionRecord,
@@ -33,8 +33,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
 # Used when their column is there; a mapping the user gives for them makes them required.
 OPTIONAL_FIELDS = ("system", "id")
 MAX_LISTED_COLUMNS = 20
-
-Row = tuple[str, dict]  # (where it came from, column -> value)
 
 
 def load_user_data(
@@ -91,95 +89,17 @@ def _rows(path: Path, split: str | None) -> Iterator[Row]:
         return _saved_dataset_rows(path, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_rows(path)
+        return jsonl_rows(path)
     if suffix == ".json":
-        return _json_rows(path)
+        return json_rows(path)
     if suffix in (".csv", ".tsv"):
-        return _delimited_rows(path, "," if suffix == ".csv" else "\t")
+        return delimited_rows(path, "," if suffix == ".csv" else "\t")
     if suffix == ".parquet":
         return _parquet_rows(path)
     raise ForgetlessError(
         f"{path}: unsupported file type '{suffix or path.name}'; use "
         f"{', '.join(FILE_EXTENSIONS)} or a directory written by datasets' save_to_disk"
     )
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ForgetlessError(f"{where}: not valid UTF-8 (byte {err.start} of the line)") from None
-
-
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    # Binary lines split on b"\n" only, so line numbers match what editors show even when a
-    # string holds U+2028 or a stray carriage return.
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, where)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ForgetlessError(
-                    f"{where}: invalid JSON: {err.msg} (column {err.colno})"
-                ) from None
-            if not isinstance(row, dict):
-                raise ForgetlessError(f"{where}: expected a JSON object, got {_json_type(row)}")
-            yield where, row
-
-
-def _json_rows(path: Path) -> Iterator[Row]:
-    text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ForgetlessError(
-            f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
-        ) from None
-    if not isinstance(rows, list):
-        raise ForgetlessError(f"{path}: expected a JSON array of objects, got {_json_type(rows)}")
-    for index, row in enumerate(rows):
-        where = f"{path} row {index}"
-        if not isinstance(row, dict):
-            raise ForgetlessError(f"{where}: expected a JSON object, got {_json_type(row)}")
-        yield where, row
-
-
-def _json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number")
-
-
-def _delimited_rows(path: Path, delimiter: str) -> Iterator[Row]:
-    # utf-8-sig drops the byte-order mark that spreadsheet exports like to add.
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise ForgetlessError(f"{path}: empty file; expected a header row")
-            while True:
-                start = reader.line_num + 1
-                fields = next(reader, None)
-                if fields is None:
-                    return
-                if not fields:
-                    continue
-                where = f"{path}:{start}"
-                if len(fields) != len(header):
-                    raise ForgetlessError(
-                        f"{where}: {len(fields)} fields but the header has {len(header)}"
-                    )
-                yield where, dict(zip(header, fields, strict=True))
-        except csv.Error as err:
-            raise ForgetlessError(f"{path}:{reader.line_num}: malformed row: {err}") from None
-        except UnicodeDecodeError:
-            raise ForgetlessError(f"{path}:{reader.line_num + 1}: not valid UTF-8") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
