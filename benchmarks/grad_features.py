@@ -148,7 +148,7 @@ def main() -> None:
 
     import torch
 
-    from forgetless.config import GradientConfig
+    from forgetless.select.config import GradientConfig
 
     torch.set_grad_enabled(True)
     model, tokenizer = feature_model(args)

@@ -43,8 +43,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     # Every variant imports both paths, so the copy is not charged for transformers alone.
     from transformers import AutoModelForCausalLM
 
-    from forgetless.config import MergeConfig
     from forgetless.merge import merge_checkpoints
+    from forgetless.merge.config import MergeConfig
 
     work = Path(args.child_work)
     imports_kib = peak_rss_kib()

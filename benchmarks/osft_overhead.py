@@ -33,8 +33,8 @@ def run_method(args: argparse.Namespace) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from forgetless.config import OsftConfig
     from forgetless.models import load_model
+    from forgetless.train.config import OsftConfig
     from forgetless.train.osft import OsftCallback
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
-from forgetless.continual import run_continual
+from forgetless.recipes.continual import run_continual
 from forgetless.report.experiment import print_event, write_results
 
 SUBSETS = ("0_42", "1_142", "2_242")

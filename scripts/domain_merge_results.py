@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import ForgetlessConfig, load_config, parse_assignment
-from forgetless.continual import MergeExpertsStage
+from forgetless.config import load_raw, parse_assignment, set_dotted
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
-from forgetless.pipeline import EvaluateStage, RunDirectory, Stage, TrainStage
+from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
+from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
     experiment_parser,
     parse_experiment_args,
@@ -39,21 +39,11 @@ from forgetless.report.experiment import (
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/domain_merge.yaml"
 
-
-@dataclass(frozen=True)
-class Domain:
-    source: str
-    split: str
-    task: str  # the held-out evaluation of the domain; never the training text itself
-
-
-# NWGI and the Financial PhraseBank are both financial-news sentences from different sources,
-# so the financial expert is scored on text of its genre that it never saw (NWGI ships only a
-# test split; it is used here as unlabelled training text).
-DOMAINS = {
-    "medical": Domain("pubmedqa", "train", "ppl:pubmedqa@test"),
-    "financial": Domain("nwgi", "test", "ppl:financial_phrasebank"),
-    "legal": Domain("eurlex", "train", "ppl:eurlex@test"),
+# Each domain's held-out evaluation: never the training text itself.
+DOMAIN_TASKS = {
+    "medical": "ppl:pubmedqa@test",
+    "financial": "ppl:financial_phrasebank",
+    "legal": "ppl:eurlex@test",
 }
 # Masks depend only on the seed, the expert and the tensor, so dare:K is sotu:K:rescale, and
 # task_arithmetic:scale=0.33 (the experts' average) is what sotu:0.33 equals in expectation.
@@ -94,37 +84,28 @@ def parse_merge(text: str) -> MergeSpec:
     return MergeSpec(text.replace(":", "_"), overrides)
 
 
-def build_stages(
-    args: argparse.Namespace, domains: list[str], merges: list[MergeSpec]
-) -> tuple[ForgetlessConfig, list[Stage]]:
-    shared = shared_overrides(args)
-    config = load_config(args.config, shared)
-    unscored = [name for name in domains if DOMAINS[name].task not in config.evaluate.domain_tasks]
+def comparison_config(args: argparse.Namespace, merges: list[MergeSpec]) -> dict[str, Any]:
+    """The packaged config with one arm per domain expert and one per merge of them."""
+    raw = load_raw(args.config, shared_overrides(args))
+    experts = raw.setdefault("recipe", {}).setdefault("experts", {})
+    missing = [name for name in args.domains if name not in experts]
+    if missing:
+        raise ForgetlessError(f"recipe.experts has no {missing}")
+    raw["recipe"]["experts"] = {name: experts[name] for name in args.domains}
+    tasks = (raw.get("evaluate") or {}).get("domain_tasks") or []
+    unscored = [DOMAIN_TASKS[name] for name in args.domains if DOMAIN_TASKS[name] not in tasks]
     if unscored:
-        raise ForgetlessError(
-            f"evaluate.domain_tasks must include {[DOMAINS[name].task for name in unscored]}"
-        )
-    stages: list[Stage] = [EvaluateStage("eval_base", config)]
-    for name in domains:
-        domain = DOMAINS[name]
-        expert_config = load_config(
-            args.config,
-            {
-                **shared,
-                "data.source": domain.source,
-                "data.split": domain.split,
-                "data.kind": "text",
-            },
-        )
-        train = TrainStage(expert_config)
-        train.name = f"train_{name}"
-        stages += [train, EvaluateStage(f"eval_{name}", config, model_from=train.name)]
-    experts = [f"train_{name}" for name in domains]
+        raise ForgetlessError(f"evaluate.domain_tasks must include {unscored}")
+    arms: dict[str, Any] = {}
+    for name in args.domains:
+        arms[f"expert {name}"] = {"recipe": {"steps": ["train"]}, "data": experts[name]}
     for merge in merges:
-        merge_config = load_config(args.config, {**shared, **merge.overrides})
-        stage = MergeExpertsStage(f"merge_{merge.label}", merge_config, experts)
-        stages += [stage, EvaluateStage(f"eval_merge_{merge.label}", config, model_from=stage.name)]
-    return config, stages
+        arm: dict[str, Any] = {}
+        for key, value in merge.overrides.items():
+            set_dotted(arm, key, value)
+        arms[merge.label] = arm
+    raw.setdefault("compare", {})["arms"] = arms
+    return raw
 
 
 # --- the tables -------------------------------------------------------------------------------
@@ -141,15 +122,16 @@ def paired_change(task: str, base: tuple[dict, dict], other: tuple[dict, dict]) 
         raise ForgetlessError(str(error)) from None
 
 
-def summarise(config, domains, merges, results) -> dict[str, Any]:
-    base = load_evaluation(results["eval_base"])
-    models = {"base": "eval_base"}
-    models.update({f"expert {name}": f"eval_{name}" for name in domains})
-    models.update({f"{merge.label}": f"eval_merge_{merge.label}" for merge in merges})
+def summarise(config, domains, merges, run) -> dict[str, Any]:
+    results = {arm.label: run.of(arm.label)[1] for arm in run.arms}
+    base = load_evaluation(results[f"expert {domains[0]}"][BASE_EVAL])
+    models = {"base": None}
+    models.update({f"expert {name}": f"expert {name}" for name in domains})
+    models.update({merge.label: merge.label for merge in merges})
     tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
     rows = []
-    for label, stage in models.items():
-        evaluation = base if stage == "eval_base" else load_evaluation(results[stage])
+    for label, arm in models.items():
+        evaluation = base if arm is None else load_evaluation(results[arm][ADAPTED_EVAL])
         row: dict[str, Any] = {"model": label, "scores": {}, "changes": {}}
         for task in tasks:
             task_metrics = evaluation[0][task]
@@ -159,7 +141,7 @@ def summarise(config, domains, merges, results) -> dict[str, Any]:
                 "metric": task_metrics["metric"],
                 "n": task_metrics["n"],
             }
-            if label != "base":
+            if arm is not None:
                 row["changes"][task] = paired_change(task, base, evaluation)
         rows.append(row)
 
@@ -183,7 +165,8 @@ def summarise(config, domains, merges, results) -> dict[str, Any]:
         row = by_label[merge.label]
         kept = {}
         for name in domains:
-            task, expert_gain = DOMAINS[name].task, gain(f"expert {name}", DOMAINS[name].task)
+            task = DOMAIN_TASKS[name]
+            expert_gain = gain(f"expert {name}", task)
             kept[name] = gain(merge.label, task) / expert_gain if expert_gain > 0 else None
         general_ok = {
             task: drop(merge.label, task) <= best_expert_drop[task]
@@ -194,17 +177,24 @@ def summarise(config, domains, merges, results) -> dict[str, Any]:
         row["meets_target"] = all(
             value is not None and value >= GAIN_KEPT_TARGET for value in kept.values()
         ) and all(general_ok.values())
-        merge_summary = results[f"merge_{merge.label}"].summary
+        merge_summary = results[merge.label]["merge"].summary
         row["merge"] = {
             key: merge_summary.get(key)
             for key in ("collision_rate", "mean_abs_cosine_masked", "seconds")
         }
-    training = {name: results[f"train_{name}"].summary for name in domains}
+    training = {name: results[f"expert {name}"]["train"].summary for name in domains}
     return {
         "model": config.model.name,
         "train": config.train.model_dump(mode="json"),
         "evaluate": config.evaluate.model_dump(mode="json"),
-        "domains": {name: vars(DOMAINS[name]) for name in domains},
+        "domains": {
+            name: {
+                **config.recipe.experts[name].model_dump(mode="json"),
+                "task": DOMAIN_TASKS[name],
+            }
+            for name in domains
+        },
+        "frontier": str(run.directory / "frontier.html"),
         "training": training,
         "best_expert_general_drop": best_expert_drop,
         "rows": rows,
@@ -224,7 +214,7 @@ def _change(change: dict) -> str:
 
 def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
     tasks = [*summary["evaluate"]["domain_tasks"], *summary["evaluate"]["general_tasks"]]
-    domain_of = {domain.task: name for name, domain in DOMAINS.items()}
+    domain_of = {task: name for name, task in DOMAIN_TASKS.items()}
     headers = [f"{domain_of[task]} ({task})" if task in domain_of else task for task in tasks]
     train = summary["train"]
     limits = summary["evaluate"]["task_limits"]
@@ -236,7 +226,10 @@ def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
         f"{train['max_length']} packed tokens, lr {train['learning_rate']:g} "
         f"({train['lr_scheduler']}, {train['warmup_steps']} warm-up steps), AdamW, seed "
         f"{train['seed']}; training data: "
-        + ", ".join(f"{name} = {DOMAINS[name].source}@{DOMAINS[name].split}" for name in domains)
+        + ", ".join(
+            f"{name} = {summary['domains'][name]['source']}@{summary['domains'][name]['split']}"
+            for name in domains
+        )
         + f". Training took {train_seconds / 60:.0f} min for the {len(domains)} experts "
         "together; a merge takes seconds.",
         "",
@@ -303,16 +296,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = experiment_parser(
         __doc__, PACKAGED_CONFIG, "runs/domain_merge", "docs/results/domain_merge"
     )
-    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    parser.add_argument(
+        "--domains", nargs="+", default=list(DOMAIN_TASKS), choices=list(DOMAIN_TASKS)
+    )
     parser.add_argument("--merges", nargs="*", default=list(DEFAULT_MERGES))
     args = parse_experiment_args(parser, argv)
     try:
         merges = [parse_merge(text) for text in args.merges]
-        config, stages = build_stages(args, args.domains, merges)
-        results = RunDirectory(Path(config.run_dir), on_event=print_event).run_all(stages)
+        arms = expand_arms(comparison_config(args, merges), args.config)
+        config = arms[0].config
+        run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:
         sys.exit(f"error: {error}")
-    summary = summarise(config, args.domains, merges, results)
+    summary = summarise(config, args.domains, merges, run)
     write_results(args.output, summary, render(summary, args.domains, args))
 
 

@@ -9,6 +9,9 @@ general tasks; changes against the base are paired. Stages are cached in the run
 so an interrupted run resumes. Writes ``<output>.md`` and ``<output>.json``::
 
     python scripts/mix_results.py --data-dir ../shared/data
+
+The experiment is the packaged comparison ``src/forgetless/configs/mix_experiment.yaml`` (the
+recipe mix -> train, one arm per mixture); this script renders its table.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from forgetless.config import load_config
+from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import paired_task_change, read_evaluation
-from forgetless.pipeline import DataFileTrainStage, EvaluateStage, RunDirectory
+from forgetless.evaluate.stats import read_evaluation
+from forgetless.recipes.adapt import BASE_EVAL
+from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
     experiment_parser,
     parse_experiment_args,
@@ -34,15 +36,6 @@ from forgetless.report.experiment import (
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
 MIXTURES = ("climb", "uniform", "natural")
-
-
-def mixture_weights(search: dict[str, Any], cluster_tokens: np.ndarray) -> dict[str, list]:
-    count = len(cluster_tokens)
-    return {
-        "climb": search["final"]["weights"],
-        "uniform": [1.0 / count] * count,
-        "natural": (cluster_tokens / cluster_tokens.sum()).tolist(),
-    }
 
 
 def render(summary: dict[str, Any], args) -> str:
@@ -115,51 +108,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parse_experiment_args(parser, argv)
     try:
-        shared = shared_overrides(args)
-        config = load_config(args.config, shared)
-        from forgetless.mix import materialise_mixture, run_mixture_search
-
-        mix_dir = Path(config.run_dir) / "mix"
-        search = run_mixture_search(config, mix_dir, on_event=print_event)
-        if search["status"] != "done":
-            raise ForgetlessError("the mixture search is waiting for proxy results")
-        clusters_dir = mix_dir / "clusters"
-        weights = mixture_weights(search, np.asarray(search["cluster_tokens"]))
-        runs = RunDirectory(Path(config.run_dir), on_event=print_event)
-        results = {"eval_base": runs.run(EvaluateStage("eval_base", config), {})}
-        for name in MIXTURES:
-            data_file = Path(config.run_dir) / f"data_{name}.jsonl"
-            materialise_mixture(config, mix_dir, args.tokens, data_file, weights[name])
-            train = DataFileTrainStage(config, f"train_{name}", data_file)
-            results[train.name] = runs.run(train, results)
-            evaluate = EvaluateStage(f"eval_{name}", config, model_from=train.name)
-            results[evaluate.name] = runs.run(evaluate, results)
+        raw = load_raw(args.config, {**shared_overrides(args), "mix.tokens": args.tokens})
+        arms = expand_arms(raw, args.config)
+        run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
         sys.exit(f"error: {error}")
+    config = arms[0].config
+    results = {arm.label: run.of(arm.label)[1] for arm in arms}
+    climb = results["climb"]
     tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
-    base = read_evaluation(results["eval_base"].directory)
-    report = json.loads((clusters_dir / "report.json").read_text())
+    base = read_evaluation(climb[BASE_EVAL].directory)
+    points = {point["arm"]: point for point in run.frontier["arms"]}
     summary = {
         "model": config.model.name,
         "sources": config.mix.sources,
-        "targets": config.mix.targets,
+        "targets": config.mix.search.targets,
         "tokens": args.tokens,
         "tasks": tasks,
-        "clusters": json.loads((clusters_dir / "stage.json").read_text())["summary"],
-        "super_clusters": report["super_clusters"],
-        "search": search,
-        "weights": weights,
+        "clusters": climb["clusters"].summary,
+        "super_clusters": json.loads((climb["clusters"].directory / "report.json").read_text())[
+            "super_clusters"
+        ],
+        "search": climb["search"].summary,
+        "weights": {name: results[name][f"mixture_{name}"].summary["weights"] for name in MIXTURES},
         "base": {task: base[0][task]["value"] for task in tasks},
-        "changes": {
-            name: {
-                task: paired_task_change(
-                    task, base, read_evaluation(results[f"eval_{name}"].directory)
-                )
-                for task in tasks
-            }
-            for name in MIXTURES
-        },
-        "training": {name: results[f"train_{name}"].summary for name in MIXTURES},
+        "changes": {name: points[name]["changes"] for name in MIXTURES},
+        "training": {name: results[name]["train"].summary for name in MIXTURES},
+        "frontier": str(run.directory / "frontier.html"),
     }
     write_results(args.output, summary, render(summary, args))
 

@@ -12,6 +12,10 @@ an interrupted run resumes. Writes ``<output>.md`` and ``<output>.json``::
     python scripts/select_results.py --data-dir ../shared/data
     python scripts/select_results.py --domains medical --methods random ogs
 
+The experiment is the packaged comparison ``src/forgetless/configs/select_experiment.yaml``
+(the recipe select -> train, one arm per method) run once per domain; this script sets each
+domain's data and renders the table.
+
 Target (OGS): at least 90 % of the full-data domain gain with at most a third of the
 full-data general drop (C4 perplexity), and not dominated by random or LESS on the
 gain-vs-drop frontier.
@@ -19,22 +23,16 @@ gain-vs-drop frontier.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import ForgetlessConfig, load_config
+from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import paired_task_change, read_evaluation
-from forgetless.pipeline import (
-    DataFileTrainStage,
-    EvaluateStage,
-    RunDirectory,
-    Stage,
-    write_text_atomic,
-)
+from forgetless.evaluate.stats import read_evaluation
+from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
+from forgetless.recipes.compare import Comparison, compare, expand_arms
 from forgetless.report.experiment import (
     experiment_parser,
     parse_experiment_args,
@@ -42,7 +40,6 @@ from forgetless.report.experiment import (
     shared_overrides,
     write_results,
 )
-from forgetless.select.selection import SelectionData, record_row, run_selection
 
 PACKAGED_CONFIG = (
     Path(__file__).resolve().parents[1] / "src/forgetless/configs/select_experiment.yaml"
@@ -63,79 +60,55 @@ DOMAINS = {
 METHODS = ("random", "less", "orthogonal", "ogs")
 RETENTION_TASK = "c4"
 GAIN_TARGET, DROP_TARGET = 0.9, 1 / 3
-# Selection stages whose work each method needs (shared ones count for every method that
-# needs them: each would pay them on its own).
-SELECTION_WORK = {
-    "random": (),
-    "less": ("warmup", "gradients_anchor", "gradients_validation", "gradients_pool"),
-    "orthogonal": ("warmup", "gradients_anchor", "gradients_validation", "gradients_pool"),
-    "ogs": (
-        "warmup",
-        "gradients_anchor",
-        "gradients_validation",
-        "gradients_featured",
-        "gradients_pool",
-        "navigator_inputs",
-        "navigator",
-    ),
-}
 
 
-def domain_config(args, shared: dict, domain: Domain, **more) -> ForgetlessConfig:
-    overrides = {
-        **shared,
-        "data.source": domain.source,
-        "data.split": domain.split,
-        "data.kind": "text",
-        **more,
-    }
-    return load_config(args.config, overrides)
-
-
-def select_for_domain(args, shared, name: str, methods: list[str]) -> dict[str, Any]:
-    """Run every selection of one domain; returns the stage results and the data files."""
+def run_domain(args, shared: dict, name: str) -> tuple[Comparison, list]:
+    """The packaged comparison (full pool and each selection, then training) on one domain,
+    in its own run directory."""
     domain = DOMAINS[name]
-    config = domain_config(args, shared, domain)
-    select_dir = Path(config.run_dir) / f"select_{name}"
-    selections, files, work = {}, {}, {}
-    for method in methods:
-        method_config = domain_config(args, shared, domain, **{"select.method": method})
-        results = run_selection(method_config, select_dir, on_event=print_event)
-        selections[method] = results[f"selection_{method}"]
-        files[method] = selections[method].directory / "selected.jsonl"
-        work[method] = {
-            stage: results[stage].summary.get("seconds", 0.0)
-            for stage in SELECTION_WORK[method]
-            if stage in results
-        }
-    # The full-data baseline trains on exactly the pool the methods choose from.
-    pool = SelectionData.load(config).candidates
-    full = select_dir / "candidates.jsonl"
-    lines = [json.dumps(record_row(record), ensure_ascii=False) for record in pool]
-    write_text_atomic(full, "\n".join(lines) + "\n")
-    return {"selections": selections, "files": {"full": full, **files}, "work": work}
+    run_dir = Path(args.run_dir) / name
+    raw = load_raw(
+        args.config,
+        {
+            **shared,
+            "run_dir": str(run_dir),
+            "data.source": domain.source,
+            "data.split": domain.split,
+            "data.kind": "text",
+            "compare.x_task": domain.task,
+            "compare.y_task": RETENTION_TASK,
+        },
+    )
+    arms = [arm for arm in expand_arms(raw, args.config) if arm.name in ("full", *args.methods)]
+    run = compare(arms, run_dir, on_event=print_event, title=f"Selection on {name} data")
+    return run, arms
 
 
-def summarise_domain(config, name, results, selected) -> dict[str, Any]:
-    base = read_evaluation(results["eval_base"].directory)
-    tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
-    domain_task = DOMAINS[name].task
+def summarise_domain(name: str, run: Comparison, arms: list) -> dict[str, Any]:
+    frontier = run.frontier
+    tasks = [*frontier["domain_tasks"], *frontier["general_tasks"]]
+    base = read_evaluation(run.of(arms[0].label)[1][BASE_EVAL].directory)
+    points = {point["arm"]: point for point in frontier["arms"]}
     rows: dict[str, dict[str, Any]] = {}
-    for label in selected["files"]:
-        evaluation = read_evaluation(results[f"eval_{name}_{label}"].directory)
+    for arm in arms:
+        plan, results = run.of(arm.label)
+        scores = read_evaluation(results[ADAPTED_EVAL].directory)[0]
+        changes = points[arm.name]["changes"]
         row: dict[str, Any] = {
-            "scores": {task: evaluation[0][task]["value"] for task in tasks},
-            "changes": {task: paired_task_change(task, base, evaluation) for task in tasks},
-            "training": results[f"train_{name}_{label}"].summary,
+            "scores": {task: scores[task]["value"] for task in tasks},
+            "changes": changes,
+            "training": results["train"].summary,
+            "domain_gain": -changes[DOMAINS[name].task]["change"],
+            "general_drop": changes[RETENTION_TASK]["change"],
         }
-        row["domain_gain"] = -row["changes"][domain_task]["change"]
-        row["general_drop"] = row["changes"][RETENTION_TASK]["change"]
-        if label in selected["selections"]:
-            summary = selected["selections"][label].summary
-            row["selected"] = summary["selected"]
-            row["gradient_metrics"] = summary.get("gradient_metrics")
-            row["selection_seconds"] = sum(selected["work"][label].values())
-        rows[label] = row
+        if arm.name != "full":
+            selection = results[f"selection_{arm.config.select.method}"]
+            row["selected"] = selection.summary["selected"]
+            row["gradient_metrics"] = selection.summary.get("gradient_metrics")
+            row["selection_seconds"] = sum(
+                results[stage].seconds or 0.0 for stage in plan.training if stage != "train"
+            )
+        rows[arm.name] = row
     full = rows["full"]
     for label, row in rows.items():
         if label == "full":
@@ -165,15 +138,13 @@ def summarise_domain(config, name, results, selected) -> dict[str, Any]:
             "drop_share_ok": ogs["drop_share"] is not None and ogs["drop_share"] <= DROP_TARGET,
             "not_dominated_by_random_or_less": not ({"random", "less"} & set(ogs["dominated_by"])),
         }
-        navigator = selected["selections"]["ogs"]
-        verdict["navigator"] = json.loads(
-            (navigator.directory.parent / "navigator" / "stage.json").read_text()
-        )["summary"]
+        verdict["navigator"] = run.of("ogs")[1]["navigator"].summary
     return {
         "domain": vars(DOMAINS[name]),
         "base_scores": {task: base[0][task]["value"] for task in tasks},
         "rows": rows,
         "ogs_target": verdict,
+        "frontier": str(run.directory / "frontier.html"),
     }
 
 
@@ -274,38 +245,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_experiment_args(parser, argv)
     try:
         shared = shared_overrides(args)
-        config = load_config(args.config, shared)
-        missing = [n for n in args.domains if DOMAINS[n].task not in config.evaluate.domain_tasks]
-        if missing or RETENTION_TASK not in config.evaluate.general_tasks:
-            raise ForgetlessError(
-                "evaluate must include the domain tasks of "
-                f"{missing or args.domains} and {RETENTION_TASK!r} among the general tasks"
-            )
-        runs = RunDirectory(Path(config.run_dir), on_event=print_event)
-        results = {"eval_base": runs.run(EvaluateStage("eval_base", config), {})}
-        selected = {}
+        shared.pop("run_dir")  # one run directory per domain, below --run-dir
+        domains = {}
         for name in args.domains:
-            selected[name] = select_for_domain(args, shared, name, args.methods)
-            for label, data_file in selected[name]["files"].items():
-                stages: list[Stage] = [
-                    DataFileTrainStage(config, f"train_{name}_{label}", data_file)
-                ]
-                stages.append(
-                    EvaluateStage(f"eval_{name}_{label}", config, model_from=stages[0].name)
-                )
-                for stage in stages:
-                    results[stage.name] = runs.run(stage, results)
+            run, arms = run_domain(args, shared, name)
+            domains[name] = summarise_domain(name, run, arms)
     except ForgetlessError as error:
         sys.exit(f"error: {error}")
+    config = arms[0].config
     summary = {
         "model": config.model.name,
         "budget": config.select.budget,
         "train": config.train.model_dump(mode="json"),
         "select": config.select.model_dump(mode="json"),
         "evaluate": config.evaluate.model_dump(mode="json"),
-        "domains": {
-            name: summarise_domain(config, name, results, selected[name]) for name in args.domains
-        },
+        "domains": domains,
     }
     write_results(args.output, summary, render(summary, args))
 

@@ -83,9 +83,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
         (["select", "--output", "x", "--method", "best"], "select.method"),
         (["select", "--output", "x", "--budget", "1.5"], "select.budget"),
         (["mix", "cluster", "--output", "x", "--sources", "no_such_set"], "no_such_set"),
-        (["mix", "cluster", "--output", "x", "--clusters", "1"], "mix.clusters"),
+        (["mix", "cluster", "--output", "x", "--clusters", "1"], "mix.cluster.clusters"),
         (["mix", "search", "--output", "x", "--rounds", "8,a"], "--rounds"),
-        (["mix", "search", "--output", "x", "--set", "mix.targets={arc_easy: 1}"], "arc_easy"),
+        (
+            ["mix", "search", "--output", "x", "--set", "mix.search.targets={arc_easy: 1}"],
+            "arc_easy",
+        ),
         (["mix", "sample", "--output", "x", "--tokens", "100", "--to", "x.jsonl"], "mix search"),
         (
             ["select", "--output", "x", "--set", "select.validation_samples=100000"],

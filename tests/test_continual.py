@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from forgetless.config import load_config
-from forgetless.continual import ORDERS, run_continual, sample_records, task_sequence
 from forgetless.data import get_dataset_spec
 from forgetless.errors import ForgetlessError
+from forgetless.recipes.continual import ORDERS, run_continual, sample_records, task_sequence
 from forgetless.report.continual import (
     average_accuracy,
     backward_transfer,

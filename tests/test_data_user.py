@@ -277,8 +277,10 @@ def test_loading_is_all_or_nothing(tmp_path):
 
 def test_usage_errors(tmp_path):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}])
-    (tmp_path / "notes.txt").write_text("hello")
-    assert "unsupported file type '.txt'" in _error(tmp_path / "notes.txt")
+    (tmp_path / "notes.xml").write_text("<doc/>")
+    assert "unsupported file type '.xml'" in _error(tmp_path / "notes.xml")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert "missing column 'prompt'" in _error(tmp_path / "notes.txt", "instruction")
     assert "unknown record kind 'chat'" in _error(path, "chat")
     assert "'query' is not a field of kind 'text'" in _error(path, columns={"query": "q"})
     empty = tmp_path / "empty.jsonl"

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from forgetless.config import EvalConfig
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.config import EvalConfig
 from forgetless.evaluate.tasks import evaluate_tasks, parse_task
 from forgetless.models import load_model
 
@@ -38,7 +38,7 @@ def test_every_metric_kind_on_the_tiny_model(shared_data_dir, tmp_path):
     user_file = tmp_path / "notes.jsonl"
     user_file.write_text('{"text": "A short private note about anatomy."}\n' * 3)
     loaded = load_model("tiny-llama", device="cpu")
-    config = EvalConfig(limit=6, generation_max_new_tokens=4, task_limits={"c4": 2})
+    config = EvalConfig(limit=6, scoring={"generation_max_new_tokens": 4}, task_limits={"c4": 2})
     tasks = ["arc_easy", "c4", "gsm8k", "ppl:pubmedqa", f"ppl:{user_file}"]
     results = evaluate_tasks(
         loaded.model, loaded.tokenizer, tasks, config, data_dir=shared_data_dir, progress=False
@@ -61,3 +61,37 @@ def test_every_metric_kind_on_the_tiny_model(shared_data_dir, tmp_path):
     mean_nll = sum(c4["document_nll"]) / sum(c4["document_tokens"])
     assert math.exp(mean_nll) == pytest.approx(results["c4"].value)
     assert len(results["gsm8k"].per_item["correct"]) == results["gsm8k"].n
+
+
+def test_user_multiple_choice_and_plain_text_files_are_tasks(tmp_path):
+    import json
+
+    exams = tmp_path / "exams.jsonl"
+    rows = [
+        {"question": f"Question {i}: which letter comes first?", "options": ["a", "z"], "key": "A"}
+        for i in range(5)
+    ]
+    exams.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("A first note\nover two lines.\n\nA second note.\n")
+    config = EvalConfig(
+        tasks={
+            "exams": {
+                "source": str(exams),
+                "metric": "accuracy",
+                "columns": {"query": "question", "choices": "options", "gold": "key"},
+            }
+        }
+    )
+    assert parse_task("exams", config.tasks).kind == "multiple_choice"
+    loaded = load_model("tiny-llama", device="cpu")
+    results = evaluate_tasks(
+        loaded.model, loaded.tokenizer, ["exams", f"ppl:{notes}"], config, progress=False
+    )
+    assert results["exams"].metric == "accuracy" and results["exams"].n == 5
+    assert results[f"ppl:{notes}"].n == 2  # documents are separated by blank lines
+
+
+def test_a_file_without_a_mapping_says_how_to_define_it():
+    with pytest.raises(ForgetlessError, match="evaluate.tasks"):
+        parse_task("my/exams.csv")

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from forgetless.config import MergeConfig
 from forgetless.errors import ForgetlessError
 from forgetless.merge import merge_checkpoints
 from forgetless.merge.checkpoint import TensorInfo, parse_size, write_streaming
+from forgetless.merge.config import MergeConfig
 from forgetless.merge.diagnostics import OverlapMeter, expected_collision_rate
 from forgetless.merge.methods import merge_tensor
 from forgetless.models import load_model

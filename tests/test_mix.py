@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from forgetless.config import MixConfig, load_config
+from forgetless.config import load_config
 from forgetless.errors import ForgetlessError
 from forgetless.mix.cluster import cluster_corpus, spherical_kmeans, ward_super_clusters
+from forgetless.mix.config import ClusterConfig, SearchConfig
 from forgetless.mix.quality import heuristic_score
 
 
@@ -57,14 +58,15 @@ def test_ward_merges_close_centroids_only():
 def test_low_quality_clusters_are_pruned():
     vectors = _blobs(np.eye(8)[:4], per_blob=20)
     quality = np.repeat([0.9, 0.9, 0.2, 0.9], 20)
-    config = MixConfig(clusters=4, quality_thresholds={"heuristic": 0.5}, merge_distance=0.1)
-    clustering = cluster_corpus(vectors, {"heuristic": quality}, config)
+    config = ClusterConfig(clusters=4, merge_distance=0.1)
+    thresholds = {"heuristic": 0.5}
+    clustering = cluster_corpus(vectors, {"heuristic": quality}, config, thresholds, seed=0)
     groups = clustering.document_super.reshape(4, 20)
     assert (groups[2] == -1).all()
     assert all((row >= 0).all() and len(set(row)) == 1 for row in groups[[0, 1, 3]])
     assert clustering.super_count == 3
     with pytest.raises(ForgetlessError, match="every cluster was pruned"):
-        cluster_corpus(vectors, {"heuristic": quality * 0}, config)
+        cluster_corpus(vectors, {"heuristic": quality * 0}, config, thresholds, seed=0)
 
 
 def test_clustering_run_on_real_text(tmp_path, shared_data_dir):
@@ -75,10 +77,10 @@ def test_clustering_run_on_real_text(tmp_path, shared_data_dir):
         {
             "mix.sources": ["c4", "pubmedqa@train", "eurlex@train"],
             "mix.limit_per_source": 20,
-            "mix.clusters": 12,
-            "mix.quality_thresholds": {"heuristic": 0.3, "perplexity": 1e9},
-            "mix.reference_model": "tiny-llama",
-            "mix.perplexity_max_length": 64,
+            "mix.cluster.clusters": 12,
+            "mix.quality.thresholds": {"heuristic": 0.3, "perplexity": 1e9},
+            "mix.quality.perplexity.reference_model": "tiny-llama",
+            "mix.quality.perplexity.max_length": 64,
         },
     )
     results = run_clustering(config, tmp_path / "run", progress=False)
@@ -114,7 +116,7 @@ def test_dirichlet_draws_are_distinct_capped_mixtures():
 
     prior = prior_from_tokens(np.array([1000.0, 100.0, 10.0, 1.0]))
     assert prior[0] > prior[1] > prior[2] > prior[3]
-    config = MixConfig(weight_cap=3.0)
+    config = SearchConfig(weight_cap=3.0)
     draws = dirichlet_draws(prior, 200, np.random.default_rng(0), config)
     assert draws.shape == (200, 4)
     np.testing.assert_allclose(draws.sum(1), 1.0, atol=1e-9)
@@ -162,8 +164,8 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path):
     prior = np.full(5, 0.2)
     optimum = np.array([0.6, 0.25, 0.1, 0.05, 0.0])
     runner, calls = _synthetic_objective(optimum)
-    config = MixConfig(rounds=[24, 12, 12], candidates=5000, predictor_iterations=300)
-    outcome = run_search(config, prior, tmp_path, runner, progress=False)
+    config = SearchConfig(rounds=[24, 12, 12], candidates=5000, predictor_iterations=300)
+    outcome = run_search(config, 0, prior, tmp_path, runner, progress=False)
     assert outcome["status"] == "done" and len(calls) == 48
     first, later = outcome["rounds"][0], outcome["rounds"][1:]
     # Rounds guided by the predictor propose better mixtures than the Dirichlet prior does.
@@ -173,7 +175,7 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path):
     assert "spearman_held_out" in later[0]
     # Out-of-fold over every run so far, the predictor ranks this learnable objective well.
     assert all(entry["spearman_cross_validated"] > 0.8 for entry in outcome["rounds"])
-    again = run_search(config, prior, tmp_path, runner, progress=False)
+    again = run_search(config, 0, prior, tmp_path, runner, progress=False)
     assert len(calls) == 48 and again["final"] == outcome["final"]
 
 
@@ -182,9 +184,9 @@ def test_search_with_proxies_run_elsewhere(tmp_path):
 
     from forgetless.mix.search import METRICS_FILE, MIXTURES_FILE, run_search
 
-    config = MixConfig(rounds=[6, 4], candidates=500, predictor_iterations=50)
+    config = SearchConfig(rounds=[6, 4], candidates=500, predictor_iterations=50)
     prior = np.full(3, 1 / 3)
-    waiting = run_search(config, prior, tmp_path, None, progress=False)
+    waiting = run_search(config, 0, prior, tmp_path, None, progress=False)
     assert waiting["status"] == "waiting" and len(waiting["pending"]) == 6
     with open(tmp_path / MIXTURES_FILE) as handle:
         proposed = list(csv_module.DictReader(handle))
@@ -193,7 +195,7 @@ def test_search_with_proxies_run_elsewhere(tmp_path):
         writer.writerow(["id", "objective"])
         for row in proposed:
             writer.writerow([row["id"], float(row["w0"])])
-    second = run_search(config, prior, tmp_path, None, progress=False)
+    second = run_search(config, 0, prior, tmp_path, None, progress=False)
     assert second["status"] == "waiting" and second["round"] == 1
     assert len(second["pending"]) == 4
 
@@ -206,14 +208,14 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
         {
             "mix.sources": ["c4", "pubmedqa@train", "eurlex@train"],
             "mix.limit_per_source": 15,
-            "mix.clusters": 6,
-            "mix.merge_distance": 0.6,
-            "mix.rounds": [4, 2],
-            "mix.candidates": 200,
-            "mix.predictor_iterations": 20,
-            "mix.proxy_tokens": 2048,
-            "mix.proxy_max_length": 32,
-            "mix.target_limit": 4,
+            "mix.cluster.clusters": 6,
+            "mix.cluster.merge_distance": 0.6,
+            "mix.search.rounds": [4, 2],
+            "mix.search.candidates": 200,
+            "mix.search.predictor_iterations": 20,
+            "mix.search.proxy_tokens": 2048,
+            "mix.search.proxy_max_length": 32,
+            "mix.search.target_limit": 4,
         },
     )
     outcome = run_mixture_search(config, tmp_path / "run", progress=False)
@@ -235,7 +237,8 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
     assert len(lines) == summary["documents"] > 0
     drawn = np.array(summary["tokens_per_super_cluster"])
     assert drawn.sum() > 0 and (drawn[np.array(mixture["weights"]) == 0] == 0).all()
-    changed = config.model_copy(update={"mix": config.mix.model_copy(update={"rounds": [3]})})
+    search = config.mix.search.model_copy(update={"rounds": [3]})
+    changed = config.model_copy(update={"mix": config.mix.model_copy(update={"search": search})})
     with pytest.raises(ForgetlessError, match="other settings"):
         run_mixture_search(changed, tmp_path / "run", progress=False)
 
@@ -254,9 +257,9 @@ def test_ray_engine_matches_the_local_engine(tmp_path, shared_data_dir):
                 {
                     "mix.sources": ["c4", "pubmedqa@train"],
                     "mix.limit_per_source": 15,
-                    "mix.clusters": 6,
-                    "mix.shard_size": 12,  # several shards: commits happen mid-pass
-                    "mix.embed_batch_size": 8,
+                    "mix.cluster.clusters": 6,
+                    "mix.embed.shard_size": 12,  # several shards: commits happen mid-pass
+                    "mix.embed.batch_size": 8,
                     "mix.engine": engine,
                 },
             )

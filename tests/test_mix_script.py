@@ -13,14 +13,15 @@ def test_mixture_experiment_table(tmp_path, experiment_argv, script):
         "evaluate.limit": 4,
         "evaluate.task_limits": "{}",
         "mix.limit_per_source": 12,
-        "mix.clusters": 6,
-        "mix.merge_distance": 0.6,
-        "mix.rounds": "[4, 2]",
-        "mix.candidates": 200,
-        "mix.predictor_iterations": 20,
-        "mix.proxy_tokens": 2048,
-        "mix.proxy_max_length": 32,
-        "mix.target_limit": 4,
+        "mix.cluster.clusters": 6,
+        "mix.cluster.merge_distance": 0.6,
+        "mix.cluster.super_clusters": "null",
+        "mix.search.rounds": "[4, 2]",
+        "mix.search.candidates": 200,
+        "mix.search.predictor_iterations": 20,
+        "mix.search.proxy_tokens": 2048,
+        "mix.search.proxy_max_length": 32,
+        "mix.search.target_limit": 4,
     }
     script.main(experiment_argv("mix", settings, "--tokens", "4096"))
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from forgetless.config import OsftConfig, TrainConfig
 from forgetless.data.features import pack_text
 from forgetless.data.records import TextRecord
 from forgetless.errors import ForgetlessError
 from forgetless.models import load_model
 from forgetless.train import train_model
+from forgetless.train.config import OsftConfig, TrainConfig
 from forgetless.train.osft import (
     OsftCallback,
     SubspaceBasis,

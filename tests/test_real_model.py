@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from forgetless.config import EvalConfig, TrainConfig
 from forgetless.data import load_records
+from forgetless.evaluate.config import EvalConfig
 from forgetless.evaluate.tasks import evaluate_tasks
 from forgetless.models import load_model
 from forgetless.train import train_model
+from forgetless.train.config import TrainConfig
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,7 +33,7 @@ def test_smollm2_loads_as_a_plain_model_with_chat_template():
 
 def test_short_fine_tune_lowers_domain_perplexity(shared_data_dir, tmp_path):
     loaded = load_model("smollm2-135m", device="cpu")
-    evaluation = EvalConfig(limit=12, ppl_max_length=256)
+    evaluation = EvalConfig(limit=12, scoring={"ppl_max_length": 256})
 
     def domain_perplexity(model) -> float:
         results = evaluate_tasks(
@@ -60,7 +61,7 @@ TARGETS = r"layers\.(0|1|20)\.(self_attn|mlp)\.\w+_proj$"
 
 
 def test_osft_on_smollm2_keeps_the_drift_out_of_the_frozen_subspaces(shared_data_dir, tmp_path):
-    from forgetless.config import OsftConfig
+    from forgetless.train.config import OsftConfig
     from forgetless.train.osft import SubspaceBasis
 
     loaded = load_model("smollm2-135m", device="cpu")

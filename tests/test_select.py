@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from forgetless.config import GradientConfig, NavigatorConfig, load_config
+from forgetless.config import load_config
 from forgetless.data.features import sample_example
 from forgetless.data.records import TextRecord
 from forgetless.errors import ForgetlessError
 from forgetless.models import load_model
 from forgetless.select import gradients as gradient_module
+from forgetless.select.config import GradientConfig, NavigatorConfig
 from forgetless.select.gradients import (
     RandomProjector,
     extract_gradient_features,
@@ -198,8 +199,8 @@ def _select_config(method, tmp_path):
             "data.limit": 40,
             "select.method": method,
             "select.budget": 0.25,
-            "select.anchor_samples": 8,
-            "select.validation_samples": 6,
+            "select.anchor.samples": 8,
+            "select.validation.samples": 6,
             "select.featured_samples": 24,
             "select.gradient.projection_dim": 32,
             "select.gradient.warmup_steps": 2,
@@ -259,9 +260,9 @@ def test_selection_cli(tmp_path, run_cli, shared_data_dir):
             "--budget",
             "0.2",
             "--set",
-            "select.anchor_samples=4",
+            "select.anchor.samples=4",
             "--set",
-            "select.validation_samples=4",
+            "select.validation.samples=4",
             "--set",
             "select.gradient.warmup_steps=1",
             "--set",
@@ -276,7 +277,7 @@ def test_selection_cli(tmp_path, run_cli, shared_data_dir):
 
 
 def test_the_supervised_reference_ranks_a_learnable_score_and_not_noise():
-    from forgetless.select.selection import supervised_reference_spearman
+    from forgetless.select.stages import supervised_reference_spearman
 
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(200, 8))

@@ -16,8 +16,8 @@ def test_selection_experiment_table(tmp_path, experiment_argv, script, capsys):
         "evaluate.task_limits": "{}",
         "evaluate.general_tasks": "[c4, arc_easy]",
         "select.budget": 0.25,
-        "select.anchor_samples": 8,
-        "select.validation_samples": 6,
+        "select.anchor.samples": 8,
+        "select.validation.samples": 6,
         "select.featured_samples": 20,
         "select.gradient.projection_dim": 16,
         "select.gradient.warmup_steps": 1,
@@ -44,8 +44,13 @@ def test_selection_experiment_table(tmp_path, experiment_argv, script, capsys):
     # The same steps are more passes over a selection than over the whole pool.
     assert rows["random"]["training"]["epochs"] > rows["full"]["training"]["epochs"] > 0
     # The full baseline trains on exactly the candidates the methods choose from.
-    candidates = (tmp_path / "run" / "select_medical" / "candidates.jsonl").read_text()
-    assert len(candidates.splitlines()) == 34
+    candidates = tmp_path / "run" / "medical" / "selection_all" / "selected.jsonl"
+    assert len(candidates.read_text().splitlines()) == 34
+    # The methods share the gradients of the pool (computed once, in the shared folder).
+    assert (tmp_path / "run" / "medical" / "gradients_anchor" / "stage.json").is_file()
+    assert (tmp_path / "out" / "select.md").is_file()
+    frontier = tmp_path / "run" / "medical" / "frontier" / "frontier.html"
+    assert summary["domains"]["medical"]["frontier"] == str(frontier) and frontier.is_file()
     target = summary["domains"]["medical"]["ogs_target"]
     assert set(target) >= {"gain_share_ok", "drop_share_ok", "not_dominated_by_random_or_less"}
     table = (tmp_path / "out" / "select.md").read_text()

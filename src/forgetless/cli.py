@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from forgetless.config import defaults_as_yaml, load_config, parse_assignment
+from forgetless import registry
+from forgetless.config import defaults_as_yaml, load_config, load_raw, parse_assignment
 from forgetless.errors import ForgetlessError
 
 app = typer.Typer(
@@ -60,6 +61,10 @@ def _config(path: Path | None, assignments: list[str] | None, flags: dict[str, A
     return load_config(path, overrides)
 
 
+def _choices(family: str) -> str:
+    return ", ".join(registry.names(family))
+
+
 def _split_tasks(tasks: str | None) -> list[str] | None:
     if tasks is None:
         return None
@@ -96,7 +101,9 @@ def train(
     kind: Annotated[str | None, typer.Option(help="text, instruction or multiple_choice.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of the data set.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
-    method: Annotated[str | None, typer.Option(help="full, lora or osft.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help=f"Training method: {_choices('train')}.")
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
@@ -124,9 +131,11 @@ def train(
             "data_dir": data_dir,
         },
     )
-    from forgetless.pipeline import TrainStage
+    from forgetless.data import load_section
+    from forgetless.train.stages import TrainSettings, train_into
 
-    summary = TrainStage(cfg).train_into(output_dir)
+    settings = TrainSettings(model=cfg.model, data=cfg.data, data_file=None, train=cfg.train)
+    summary = train_into(settings, load_section(cfg.data, cfg.data_dir), output_dir, cfg.data_dir)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun / accelerate launch
         out.print_json(data=summary)
 
@@ -158,7 +167,7 @@ def evaluate(
     results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, cfg.evaluate)
     metrics = {name: result.to_dict() for name, result in results.items()}
     if output is not None:
-        from forgetless.pipeline import write_json_atomic
+        from forgetless.io import write_json_atomic
 
         write_json_atomic(output, metrics)
     table = Table(title=f"{cfg.model.name}")
@@ -214,12 +223,37 @@ def run(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate the base model, fine-tune, evaluate again and write the retention report.
+    """Run a recipe: base evaluation, mix/select/train or experts + merge, retention report.
 
-    Finished stages are cached in the run directory; an interrupted run resumes.
+    `recipe.steps` picks the steps between the two evaluations (docs/recipes.md). Finished
+    stages are cached in the run directory; an interrupted run resumes.
     """
     cfg = _config(config, set_, {"run_dir": run_dir, "data_dir": data_dir})
-    _run_and_print(cfg)
+    if cfg.compare.arms:
+        raise ForgetlessError(
+            f"{config} defines compare.arms: run it with `forgetless compare --config {config}`"
+        )
+    from forgetless.recipes.adapt import run_adapt
+
+    results = run_adapt(cfg, on_event=_stage_event)
+    _print_markdown(results["report"].directory / "report.md")
+    err.print(f"report files: {results['report'].directory}")
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with compare.arms.")],
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (cached stages).")] = None,
+    data_dir: DataDirOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compare arms on one base, data and items: the frontier of gain, retention, compute.
+
+    Writes the frontier report (JSON, Markdown, self-contained HTML). Stages the arms share
+    (the base evaluation, clusters, gradients) run once; an arm may sweep one setting. An
+    interrupted comparison resumes.
+    """
+    _compare(config, set_, {"run_dir": run_dir, "data_dir": data_dir})
 
 
 @app.command()
@@ -228,11 +262,64 @@ def demo(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Fine-tune SmolLM2-135M on PubMedQA abstracts and print the retention report."""
+    """Plain fine-tuning of SmolLM2-135M against the recipe forgetless recommends.
+
+    Same data and tokens for both; prints the side-by-side table and writes the HTML frontier
+    report (src/forgetless/configs/demo.yaml)."""
     demo_file = resources.files("forgetless") / "configs" / "demo.yaml"
     with resources.as_file(demo_file) as path:
-        cfg = _config(path, set_, {"run_dir": run_dir, "data_dir": data_dir})
-    _run_and_print(cfg)
+        _compare(path, set_, {"run_dir": run_dir, "data_dir": data_dir})
+
+
+def _compare(path: Path, assignments: list[str] | None, flags: dict[str, Any]) -> None:
+    from forgetless.recipes.compare import compare as run_comparison
+    from forgetless.recipes.compare import expand_arms
+
+    overrides = dict(parse_assignment(text) for text in assignments or [])
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    raw = load_raw(path, overrides)
+    arms = expand_arms(raw, path)
+    run_dir = arms[0].config.run_dir
+    directory = run_comparison(arms, run_dir, on_event=_stage_event).directory
+    _print_markdown(directory / "frontier.md")
+    err.print(f"frontier report: {directory / 'frontier.html'}")
+
+
+@app.command("methods")
+def methods(
+    family: Annotated[
+        str | None, typer.Argument(help=f"Only this family: {', '.join(registry.FAMILIES)}.")
+    ] = None,
+    markdown: Annotated[bool, typer.Option(help="Print Markdown tables (as in the docs).")] = False,
+) -> None:
+    """List the registered methods: what each does, consumes, produces; its settings."""
+    families = list(registry.FAMILIES)
+    if family is not None:
+        if family not in registry.FAMILIES:
+            raise ForgetlessError(
+                f"unknown method family {family!r}; choose one of: {', '.join(families)}"
+            )
+        families = [family]
+    if markdown:
+        blocks = [
+            f"### {name}: {registry.FAMILIES[name]}\n\n{registry.markdown_table(name)}"
+            for name in families
+        ]
+        out.print("\n\n".join(blocks), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table()
+    for column in ("family", "method", "what it does", "consumes", "produces", "settings"):
+        table.add_column(column, overflow="fold")
+    for method in registry.methods(families):
+        table.add_row(
+            method.family,
+            method.name,
+            method.summary,
+            method.consumes,
+            method.produces,
+            method.settings or "",
+        )
+    _print_table(table)
 
 
 @app.command()
@@ -240,8 +327,7 @@ def continual(
     benchmark: Annotated[str | None, typer.Option(help="fewshot or olora.")] = None,
     order: Annotated[int | None, typer.Option(help="Task order: fewshot 1-3, olora 4-6.")] = None,
     method: Annotated[
-        str | None,
-        typer.Option(help="seqft, lora, osft, sotu or multitask (the upper bound)."),
+        str | None, typer.Option(help=f"Continual strategy: {_choices('continual')}.")
     ] = None,
     subset: Annotated[
         str | None, typer.Option(help="fewshot seed split: 0_42, 1_142 or 2_242.")
@@ -278,7 +364,7 @@ def continual(
     packaged = resources.files("forgetless") / "configs" / "continual_fewshot.yaml"
     with resources.as_file(packaged) as default:
         cfg = _config(config or default, set_, flags)
-    from forgetless.continual import run_continual
+    from forgetless.recipes.continual import run_continual
 
     results = run_continual(cfg, on_event=_stage_event)
     _print_markdown(results["report"].directory / "continual.md")
@@ -292,7 +378,7 @@ def merge(
         list[str], typer.Option(help="Expert checkpoints: --experts E1 E2 ... (safetensors).")
     ],
     output: Annotated[Path, typer.Option(help="Directory for the merged checkpoint.")],
-    method: Annotated[str | None, typer.Option(help="sotu, task_arithmetic, ties or dare.")] = None,
+    method: Annotated[str | None, typer.Option(help=f"Merge method: {_choices('merge')}.")] = None,
     keep: Annotated[
         float | None, typer.Option(help="Fraction of each delta kept (sotu, dare, ties).")
     ] = None,
@@ -355,7 +441,9 @@ def merge(
 @app.command()
 def select(
     output: Annotated[Path, typer.Option(help="Run directory (stages are cached there).")],
-    method: Annotated[str | None, typer.Option(help="random, less, orthogonal or ogs.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help=f"Selection method: {_choices('select')}.")
+    ] = None,
     budget: Annotated[float | None, typer.Option(help="Fraction of the pool to select.")] = None,
     data: Annotated[str | None, typer.Option(help="Pool: data set name or file.")] = None,
     kind: Annotated[str | None, typer.Option(help="text, instruction or multiple_choice.")] = None,
@@ -382,7 +470,7 @@ def select(
         {
             "select.method": method,
             "select.budget": budget,
-            "select.anchor": anchor,
+            "select.anchor.source": anchor,
             "select.seed": seed,
             "data.source": data,
             "data.kind": kind,
@@ -436,7 +524,7 @@ def mix_cluster(
         set_,
         {
             "mix.sources": sources,
-            "mix.clusters": clusters,
+            "mix.cluster.clusters": clusters,
             "mix.limit_per_source": limit_per_source,
             "data_dir": data_dir,
         },
@@ -483,7 +571,7 @@ def mix_search(
     cfg = _config(
         config,
         set_,
-        {"mix.sources": sources, "mix.rounds": round_counts, "data_dir": data_dir},
+        {"mix.sources": sources, "mix.search.rounds": round_counts, "data_dir": data_dir},
     )
     from forgetless.mix import run_mixture_search
 
@@ -531,14 +619,6 @@ def mix_sample(
 
     summary = materialise_mixture(cfg, output, tokens, to)
     out.print_json(data=summary)
-
-
-def _run_and_print(cfg) -> None:
-    from forgetless.pipeline import run_adapt
-
-    results = run_adapt(cfg, on_event=_stage_event)
-    _print_markdown(results["report"].directory / "report.md")
-    err.print(f"report files: {results['report'].directory}")
 
 
 @app.command("config")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from transformers import (
 )
 
 from forgetless.errors import ForgetlessError
+from forgetless.io import save_model
 from forgetless.paths import cache_dir
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -125,7 +124,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 def load_configured_model(
     config, *, name: str | None = None, for_training: bool = False
 ) -> LoadedModel:
-    """``load_model`` with the settings of a :class:`forgetless.config.ModelConfig`.
+    """``load_model`` with the settings of a :class:`forgetless.model_config.ModelConfig`.
 
     ``name`` replaces the configured model (e.g. a checkpoint written by a training stage).
     ``for_training`` keeps fp32 master weights when the dtype is ``auto``; the Trainer then
@@ -202,7 +201,7 @@ def tiny_llama_checkpoint_dir() -> Path:
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"tiny-llama-{digest}"
     if not (target / "config.json").is_file():
-        _save_atomically(model, tokenizer, target)
+        save_model(model, tokenizer, target)
     return target
 
 
@@ -223,21 +222,7 @@ def _dequantise_to(gguf: Path, target: Path) -> None:
     # model an ordinary checkpoint that save_pretrained accepts.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    _save_atomically(model, tokenizer, target)
-
-
-def _save_atomically(model, tokenizer, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    save_model(model, tokenizer, target)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

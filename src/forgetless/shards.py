@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from forgetless.errors import ForgetlessError
-from forgetless.pipeline import write_json_atomic
+from forgetless.io import write_json_atomic
 
 MATRIX_FILE = "matrix.npy"
 COLUMNS_FILE = "columns.npz"

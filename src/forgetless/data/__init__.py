@@ -13,6 +13,7 @@ from pathlib import Path
 from forgetless.data import builtin as _builtin  # noqa: F401
 from forgetless.data import corpora as _corpora  # noqa: F401
 from forgetless.data import pools as _pools  # noqa: F401
+from forgetless.data.config import DataConfig
 from forgetless.data.records import (
     KINDS,
     RECORD_TYPES,
@@ -47,10 +48,24 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "load_records",
+    "load_section",
     "load_user_data",
     "resolve_data_file",
     "split_sizes",
 ]
+
+
+def load_section(data: DataConfig, data_dir: str | Path | None = None) -> list[Record]:
+    """The records a data section describes."""
+    return load_records(
+        data.source,
+        kind=data.kind,
+        split=data.split,
+        subset=data.subset,
+        data_dir=data_dir,
+        columns=data.columns,
+        limit=data.limit,
+    )
 
 
 def _looks_like_path(source: str) -> bool:

@@ -45,6 +45,23 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
             yield where, row
 
 
+def plain_text_rows(path: Path) -> Iterator[Row]:
+    """``{"text": document}`` per run of non-blank lines, located at its first line."""
+    with path.open("rb") as handle:
+        lines = [
+            _decode(raw, f"{path}:{lineno}").rstrip("\r\n")
+            for lineno, raw in enumerate(handle, start=1)
+        ]
+    start = None
+    for lineno, line in enumerate([*lines, ""], start=1):
+        if line.strip() and start is None:
+            start = lineno
+        elif not line.strip() and start is not None:
+            text = "\n".join(lines[start - 1 : lineno - 1])
+            yield f"{path}:{start}", {"text": text.removeprefix("\ufeff")}
+            start = None
+
+
 def json_document(path: Path):
     """A whole JSON file, syntax errors located by line."""
     text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Kind = Literal["text", "instruction", "multiple_choice"]
@@ -52,3 +52,38 @@ RECORD_TYPES: dict[str, type] = {
     "instruction": InstructionRecord,
     "multiple_choice": MultipleChoiceRecord,
 }
+
+
+def record_row(record: Record) -> dict:
+    """A record as a JSON-able row of its own fields (what ``record_from_row`` reads back)."""
+    row = asdict(record)
+    row.pop("meta", None)
+    return row
+
+
+def record_from_row(row: dict) -> Record:
+    """The record a ``record_row`` row holds; the fields present say its kind."""
+    if "query" in row:
+        return MultipleChoiceRecord(
+            query=row["query"],
+            choices=tuple(row["choices"]),
+            gold=row["gold"],
+            id=row.get("id", ""),
+            delimiter=row.get("delimiter", " "),
+        )
+    if "prompt" in row:
+        return InstructionRecord(
+            prompt=row["prompt"],
+            response=row["response"],
+            system=row.get("system"),
+            id=row.get("id", ""),
+        )
+    return TextRecord(text=row["text"], id=row.get("id", ""))
+
+
+def read_records(path) -> list[Record]:
+    """Records written one ``record_row`` per line (extra keys, such as a rank, ignored)."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        return [record_from_row(json.loads(line)) for line in handle if line.strip()]

@@ -1,7 +1,8 @@
 """Loading the user's own data into records.
 
 Accepted: ``.jsonl`` (one object per line), ``.json`` (an array of objects), ``.csv``, ``.tsv``,
-``.parquet``, and a directory written by ``datasets``' ``save_to_disk``. Every mistake is a
+``.parquet``, ``.txt`` (plain text: documents separated by blank lines, read as ``text``) and a
+directory written by ``datasets``' ``save_to_disk``. Every mistake is a
 :class:`ForgetlessError` that names the place: ``file:line`` (1-based) for jsonl/csv/tsv and
 json syntax errors, ``file row N`` (0-based, as in ``dataset[N]``) for json arrays, parquet and
 saved data sets. Loading is all or nothing: a bad row fails the whole file.
@@ -14,7 +15,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from forgetless.data.readers import Row, delimited_rows, json_rows, jsonl_rows
+from forgetless.data.readers import Row, delimited_rows, json_rows, jsonl_rows, plain_text_rows
 from forgetless.data.records import (
     KINDS,
     InstructionRecord,
@@ -24,7 +25,7 @@ from forgetless.data.records import (
 )
 from forgetless.errors import ForgetlessError
 
-FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "instruction": ("prompt", "response", "system"),
@@ -96,6 +97,8 @@ def _rows(path: Path, split: str | None) -> Iterator[Row]:
         return delimited_rows(path, "," if suffix == ".csv" else "\t")
     if suffix == ".parquet":
         return _parquet_rows(path)
+    if suffix == ".txt":
+        return plain_text_rows(path)
     raise ForgetlessError(
         f"{path}: unsupported file type '{suffix or path.name}'; use "
         f"{', '.join(FILE_EXTENSIONS)} or a directory written by datasets' save_to_disk"

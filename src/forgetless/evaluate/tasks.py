@@ -1,13 +1,14 @@
 """Named evaluation tasks: a data source plus the metric that fits its kind.
 
 A task name is ``[ppl:]<source>[@<split>]`` where ``source`` is a registered data set or a
-user file:
+user file, or the name of a user task (``evaluate.tasks``: a file with a column mapping):
 
 * a data set with multiple-choice items (``arc_easy``, ``piqa``, ``pubmedqa`` ...) ->
   log-likelihood accuracy, raw and length-normalised;
 * a text-only data set (``c4``) or any source prefixed with ``ppl:`` -> perplexity of its
   text (``ppl:pubmedqa`` is the perplexity of PubMedQA abstracts);
-* ``gsm8k`` -> exact match of the final number after greedy generation.
+* ``gsm8k`` -> exact match of the final number after greedy generation;
+* a user task -> accuracy of its multiple-choice items, or perplexity of its text.
 
 Evaluation defaults to the ``test`` split where a data set has one, so a model is never
 scored on the data it was trained on by accident.
@@ -20,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from forgetless.config import EvalConfig
 from forgetless.data import get_dataset_spec, load_records
 from forgetless.data.records import InstructionRecord, MultipleChoiceRecord, TextRecord
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.config import EvalConfig, UserTaskConfig
 from forgetless.evaluate.generation import gsm8k_exact_match
 from forgetless.evaluate.multiple_choice import score_multiple_choice
 from forgetless.evaluate.perplexity import perplexity
@@ -38,6 +39,7 @@ class TaskSpec:
     source: str
     kind: str  # multiple_choice | perplexity | generation
     split: str | None
+    columns: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
     @property
     def metric(self) -> str:
@@ -50,7 +52,11 @@ class TaskSpec:
         return self.kind != "perplexity"
 
 
-def parse_task(name: str) -> TaskSpec:
+def parse_task(name: str, user_tasks: dict[str, UserTaskConfig] | None = None) -> TaskSpec:
+    user = (user_tasks or {}).get(name)
+    if user is not None:
+        kind = "multiple_choice" if user.metric == "accuracy" else "perplexity"
+        return TaskSpec(name, user.source, kind, user.split, user.columns)
     body = name.strip()
     wants_ppl = body.startswith(PERPLEXITY_PREFIX)
     if wants_ppl:
@@ -65,7 +71,9 @@ def parse_task(name: str) -> TaskSpec:
         kind = "generation"
     elif registered is None:
         raise ForgetlessError(
-            f"task {name!r}: a user file can only be evaluated by perplexity; write 'ppl:{source}'"
+            f"task {name!r} is no data set or user task: write 'ppl:{source}' for the "
+            "perplexity of a file, or define it under evaluate.tasks (e.g. a multiple-choice "
+            "file with its column mapping)"
         )
     elif "multiple_choice" in registered.kinds:
         kind = "multiple_choice"
@@ -109,11 +117,17 @@ class TaskResult:
 
 def load_task_records(spec: TaskSpec, config: EvalConfig, *, data_dir=None) -> list:
     """The records a task is scored on (loading them first surfaces data errors early)."""
-    limit = config.task_limits.get(spec.name, config.limit)
     kind = {"perplexity": "text", "multiple_choice": "multiple_choice"}.get(
         spec.kind, "instruction"
     )
-    return load_records(spec.source, kind=kind, split=spec.split, data_dir=data_dir, limit=limit)
+    return load_records(
+        spec.source,
+        kind=kind,
+        split=spec.split,
+        data_dir=data_dir,
+        columns=spec.columns,
+        limit=config.limit_for(spec.name),
+    )
 
 
 def score_task(
@@ -126,8 +140,8 @@ def score_task(
             model,
             tokenizer,
             texts,
-            max_length=config.ppl_max_length,
-            batch_size=config.ppl_batch_size,
+            max_length=config.scoring.ppl_max_length,
+            batch_size=config.scoring.ppl_batch_size,
             progress=progress,
         )
         value, n = result.perplexity, len(texts)
@@ -141,7 +155,7 @@ def score_task(
             model,
             tokenizer,
             items,
-            batch_tokens=config.batch_tokens,
+            batch_tokens=config.scoring.batch_tokens,
             progress=progress,
             desc=spec.name,
         )
@@ -153,8 +167,8 @@ def score_task(
             model,
             tokenizer,
             questions,
-            max_new_tokens=config.generation_max_new_tokens,
-            batch_size=config.generation_batch_size,
+            max_new_tokens=config.scoring.generation_max_new_tokens,
+            batch_size=config.scoring.generation_batch_size,
             progress=progress,
         )
         value, n = result.accuracy, result.n
@@ -185,7 +199,7 @@ def _ci95(details: dict[str, Any]) -> tuple[float, float] | None:
 
 def load_tasks(tasks: list[str], config: EvalConfig, *, data_dir=None) -> dict:
     """Parse every task name and load its records, before any model time is spent."""
-    specs = [parse_task(task) for task in tasks]
+    specs = [parse_task(task, config.tasks) for task in tasks]
     return {spec.name: (spec, load_task_records(spec, config, data_dir=data_dir)) for spec in specs}
 
 

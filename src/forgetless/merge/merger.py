@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,8 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.config import MergeConfig
 from forgetless.errors import ForgetlessError
+from forgetless.io import atomic_directory, write_json_atomic
+from forgetless.merge import MERGE_REPORT
 from forgetless.merge.checkpoint import (
     Checkpoint,
     check_compatible,
@@ -21,10 +19,10 @@ from forgetless.merge.checkpoint import (
     parse_size,
     write_streaming,
 )
+from forgetless.merge.config import MergeConfig
 from forgetless.merge.diagnostics import OverlapMeter, expected_collision_rate
 from forgetless.merge.methods import merge_tensor
-
-MERGE_REPORT = "merge_report.json"
+from forgetless.merge.rules import merge_rule
 
 
 @dataclass
@@ -75,13 +73,11 @@ def merge_checkpoints(
     max_shard_bytes = parse_size(config.max_shard_size)
 
     meter = OverlapMeter(len(expert_ckpts))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with atomic_directory(output) as staging:
         tensors = _merged_tensors(base_ckpt, expert_ckpts, config, meter, progress)
         write_streaming(staging, base_ckpt.tensors, tensors, max_shard_bytes)
         copy_non_weight_files(base_ckpt.directory, staging)
-        random_masks = config.method in ("sotu", "dare")
+        random_masks = merge_rule(config.method).random_masks
         report = MergeReport(
             method=config.method,
             keep=config.keep,
@@ -99,13 +95,7 @@ def merge_checkpoints(
                 else None
             ),
         )
-        (staging / MERGE_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        write_json_atomic(staging / MERGE_REPORT, report.to_dict())
     return report
 
 

@@ -1,13 +1,13 @@
 """Per-tensor merge rules: how N expert deltas of one tensor become one merged delta.
 
-Each rule pulls the experts' deltas one at a time through ``delta(t)`` instead of taking a
-stack of N tensors (mergekit stacks them), so memory holds a constant number of tensors
-whatever the number of experts. TIES needs two passes (sign election, then the disjoint mean),
-so it reads each delta twice: more reading, same memory.
+A merge method (:mod:`forgetless.merge.rules`) names a sparsifier, a rescaling and a
+consensus rule; this module holds the components' tensor code. Each rule pulls the experts'
+deltas one at a time instead of taking a stack of N tensors (mergekit stacks them), so memory
+holds a constant number of tensors whatever the number of experts.
 
-Every rule shows the meter, per expert, the delta δ_t and then the *masked* delta m_t ⊙ δ_t
-(random mask for sotu/dare, top-magnitude trim for ties, the delta itself for task
-arithmetic), from which the diagnostics compute collision rates and cosines.
+The meter sees, per expert, the delta δ_t and then the *masked* delta m_t ⊙ δ_t (random mask
+for sotu/dare, top-magnitude trim for ties, the delta itself for task arithmetic), from
+which the diagnostics compute collision rates and cosines.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Protocol
 
 import torch
 
-from forgetless.config import MergeConfig
+from forgetless.merge.config import MergeConfig
+from forgetless.merge.rules import merge_rule
 
 DeltaSource = Callable[[int], torch.Tensor]
 
@@ -51,46 +52,69 @@ def top_magnitude_mask(delta: torch.Tensor, keep: float) -> torch.Tensor:
     return delta.abs() >= threshold
 
 
-def merge_tensor(
-    key: str, delta: DeltaSource, experts: int, config: MergeConfig, meter: OverlapObserver
-) -> torch.Tensor:
-    """The merged delta of tensor ``key`` (fp32, before ``config.scale``)."""
-    if config.method == "ties":
-        return _ties(delta, experts, config.keep, meter)
+Sparsifier = Callable[[torch.Tensor, float, int], torch.Tensor]
+# (masked delta of expert i, on demand, number of experts) -> the merged delta
+Consensus = Callable[[Callable[[int], torch.Tensor], int], torch.Tensor]
+
+# Masks of the registered sparsifiers: (delta, keep, seed) -> which entries survive.
+SPARSIFIERS: dict[str, Sparsifier | None] = {
+    "none": None,
+    "random": lambda delta, keep, seed: random_mask(delta.shape, keep, seed),
+    "magnitude": lambda delta, keep, seed: top_magnitude_mask(delta, keep),
+}
+
+
+def _sum(masked: Callable[[int], torch.Tensor], experts: int) -> torch.Tensor:
     total: torch.Tensor | None = None
     for expert in range(experts):
-        # Masked in place: besides the accumulator, one delta and one mask are ever alive.
-        masked = delta(expert)
-        meter.observe_raw(expert, masked)
-        if config.method != "task_arithmetic":
-            masked.mul_(random_mask(masked.shape, config.keep, mask_seed(config.seed, expert, key)))
-        meter.observe_masked(expert, masked)
-        if config.rescales():
-            masked.div_(config.keep)
-        total = masked if total is None else total.add_(masked)
-        del masked
+        # Besides the accumulator, one masked delta is ever alive.
+        delta = masked(expert)
+        total = delta if total is None else total.add_(delta)
+        del delta
     assert total is not None
     return total
 
 
-def _ties(delta: DeltaSource, experts: int, keep: float, meter: OverlapObserver) -> torch.Tensor:
-    sign_mass: torch.Tensor | None = None
-    for expert in range(experts):
-        trimmed = delta(expert)
-        meter.observe_raw(expert, trimmed)
-        trimmed.mul_(top_magnitude_mask(trimmed, keep))
-        meter.observe_masked(expert, trimmed)
-        sign_mass = trimmed if sign_mass is None else sign_mass.add_(trimmed)
-        del trimmed
-    assert sign_mass is not None
-    elected = sign_mass.sign_()
+def _sign_elect(masked: Callable[[int], torch.Tensor], experts: int) -> torch.Tensor:
+    """TIES: the sign of the summed masked deltas wins; entries agreeing with it are averaged.
+    Two passes over the experts, so each delta is read twice: more reading, same memory."""
+    elected = _sum(masked, experts).sign_()
     total = torch.zeros_like(elected)
     agreeing = torch.zeros_like(elected)
     for expert in range(experts):
-        trimmed = delta(expert)
-        trimmed.mul_(top_magnitude_mask(trimmed, keep))
-        agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        total.add_(trimmed.mul_(agrees))
+        delta = masked(expert)
+        agrees = (torch.sign(delta) == elected) & (delta != 0)
+        total.add_(delta.mul_(agrees))
         agreeing.add_(agrees)
-        del trimmed, agrees
+        del delta, agrees
     return total.div_(agreeing.clamp_(min=1))
+
+
+CONSENSUS: dict[str, Consensus] = {"sum": _sum, "sign_elect": _sign_elect}
+
+
+def merge_tensor(
+    key: str, delta: DeltaSource, experts: int, config: MergeConfig, meter: OverlapObserver
+) -> torch.Tensor:
+    """The merged delta of tensor ``key`` (fp32, before ``config.scale``)."""
+    rule = merge_rule(config.method)
+    sparsify = SPARSIFIERS[rule.sparsifier]
+    rescale = config.rescales()
+    observed: set[int] = set()
+
+    def masked(expert: int) -> torch.Tensor:
+        # Masked in place; the meter sees each expert once even when a rule reads it twice.
+        values = delta(expert)
+        first = expert not in observed
+        observed.add(expert)
+        if first:
+            meter.observe_raw(expert, values)
+        if sparsify is not None:
+            values.mul_(sparsify(values, config.keep, mask_seed(config.seed, expert, key)))
+        if first:
+            meter.observe_masked(expert, values)
+        if rescale:
+            values.div_(config.keep)
+        return values
+
+    return CONSENSUS[rule.consensus](masked, experts)

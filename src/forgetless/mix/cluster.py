@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forgetless.config import MixConfig
 from forgetless.errors import ForgetlessError
+from forgetless.mix.config import ClusterConfig
 from forgetless.mix.quality import passes
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,12 @@ class Clustering:
         return int(self.super_of_cluster.max()) + 1 if self.kept.any() else 0
 
 
-def effective_k(documents: int, config: MixConfig) -> int:
+def effective_k(documents: int, config: ClusterConfig) -> int:
     k = min(config.clusters, max(2, documents // config.min_cluster_size))
     if k < config.clusters:
         logger.warning(
-            "mix.clusters=%d is too many for %d documents; using k=%d (min_cluster_size=%d)",
+            "mix.cluster.clusters=%d is too many for %d documents; using k=%d "
+            "(min_cluster_size=%d)",
             config.clusters,
             documents,
             k,
@@ -94,22 +95,27 @@ def ward_super_clusters(
 
 
 def cluster_corpus(
-    embeddings: np.ndarray, scores: dict[str, np.ndarray], config: MixConfig
+    embeddings: np.ndarray,
+    scores: dict[str, np.ndarray],
+    config: ClusterConfig,
+    thresholds: dict[str, float],
+    seed: int,
+    engine: str = "local",
 ) -> Clustering:
     k = effective_k(len(embeddings), config)
-    centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, config.seed)
-    if config.engine == "ray":
+    centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, seed)
+    if engine == "ray":
         from forgetless.mix.engine import ray_assign
 
         assignment = ray_assign(embeddings, centroids)
     cluster_scores = {name: cluster_means(assignment, values, k) for name, values in scores.items()}
     sizes = np.bincount(assignment, minlength=k)
     kept = sizes > 0
-    for name, threshold in config.quality_thresholds.items():
+    for name, threshold in thresholds.items():
         kept &= np.array([passes(name, value, threshold) for value in cluster_scores[name]])
     if not kept.any():
         raise ForgetlessError(
-            f"every cluster was pruned; loosen mix.quality_thresholds ({config.quality_thresholds})"
+            f"every cluster was pruned; loosen mix.quality.thresholds ({thresholds})"
         )
     super_of_cluster = np.full(k, -1, dtype=np.int64)
     super_of_cluster[kept] = ward_super_clusters(

@@ -7,13 +7,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from forgetless.config import MixConfig
+from forgetless.mix.config import EmbedConfig
 from forgetless.mix.corpus import Corpus
 from forgetless.shards import ShardedRows, load_sharded_rows
 
 
 def embed_corpus(
-    corpus: Corpus, config: MixConfig, directory: str | Path, *, device=None, progress=True
+    corpus: Corpus,
+    config: EmbedConfig,
+    directory: str | Path,
+    *,
+    engine: str = "local",
+    device=None,
+    progress=True,
 ) -> np.ndarray:
     """L2-normalised embeddings of every document (memory-mapped float32 rows)."""
     from forgetless.embeddings import embed_texts, embedding_dimension, load_embedder
@@ -31,13 +37,13 @@ def embed_corpus(
     bar = tqdm(total=len(corpus), desc="embeddings", unit="doc", disable=not progress)
     bar.update(store.done)
     pending = store.pending()
-    if config.engine == "ray":
+    if engine == "ray":
         if pending:
             _embed_with_ray(corpus, config, store, pending, device, bar)
     else:
         for shard, start, stop in pending:
             store.matrix[start:stop] = embed_texts(
-                embedder, corpus.texts[start:stop], config.embed_batch_size, progress=False
+                embedder, corpus.texts[start:stop], config.batch_size, progress=False
             )
             store.commit(shard)
             bar.update(stop - start)
@@ -59,9 +65,7 @@ def _embed_with_ray(corpus, config, store, pending, device, bar) -> None:
     shards = iter(pending)
     shard, start, stop = next(shards)
     filled = first
-    batches = ray_embed_batches(
-        corpus.texts[first:], config.embedder, config.embed_batch_size, device
-    )
+    batches = ray_embed_batches(corpus.texts[first:], config.embedder, config.batch_size, device)
     for offset, vectors in batches:
         row = first + offset
         store.matrix[row : row + len(vectors)] = vectors

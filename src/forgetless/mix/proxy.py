@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forgetless.config import ForgetlessConfig, TrainConfig
+from forgetless.mix.config import SearchConfig
 from forgetless.mix.corpus import Corpus
 from forgetless.mix.sampler import sample_mixture
 
 ProxyRunner = Callable[[np.ndarray, Path], dict[str, float]]
 
 
-def load_target_texts(config: ForgetlessConfig) -> dict[str, list[str]]:
+def load_target_texts(search: SearchConfig, data_dir: str | None) -> dict[str, list[str]]:
     """The text of every target task (perplexity tasks), ``target_limit`` documents each."""
     from forgetless.errors import ForgetlessError
+    from forgetless.evaluate.config import EvalConfig
     from forgetless.evaluate.tasks import load_tasks
 
-    mix = config.mix
-    evaluate = config.evaluate.model_copy(update={"limit": mix.target_limit, "task_limits": {}})
-    loaded = load_tasks(list(mix.targets), evaluate, data_dir=config.data_dir)
+    evaluate = EvalConfig(limit=search.target_limit)
+    loaded = load_tasks(list(search.targets), evaluate, data_dir=data_dir)
     texts = {}
     for name, (spec, records) in loaded.items():
         if spec.kind != "perplexity":
@@ -42,19 +42,24 @@ class LanguageModelProxy:
 
     def __init__(
         self,
-        config: ForgetlessConfig,
+        search: SearchConfig,
+        seed: int,
+        repetition_cap: float,
         corpus: Corpus,
         groups: np.ndarray,
+        *,
+        device: str = "auto",
+        data_dir: str | None = None,
         progress: bool = False,
     ):
         from forgetless.models import load_tokenizer
 
-        self.config, self.corpus, self.groups, self.progress = config, corpus, groups, progress
-        mix = config.mix
-        self.tokenizer = load_tokenizer(mix.proxy_model)
+        self.search, self.seed, self.repetition_cap = search, seed, repetition_cap
+        self.corpus, self.groups, self.device, self.progress = corpus, groups, device, progress
+        self.tokenizer = load_tokenizer(search.proxy_model)
         lengths = self.tokenizer(corpus.texts, add_special_tokens=False)["input_ids"]
         self.document_tokens = np.array([len(ids) + 1 for ids in lengths], dtype=np.float64)
-        self.targets = load_target_texts(config)
+        self.targets = load_target_texts(search, data_dir)
 
     def cluster_tokens(self) -> np.ndarray:
         count = int(self.groups.max()) + 1
@@ -64,12 +69,12 @@ class LanguageModelProxy:
     def _model(self):
         from forgetless.models import load_model
 
-        mix = self.config.mix
-        loaded = load_model(mix.proxy_model, dtype="float32", device=self.config.model.device)
+        mix = self.search
+        loaded = load_model(mix.proxy_model, dtype="float32", device=self.device)
         if mix.proxy == "scratch":
             fork_devices: list = []
             with torch.random.fork_rng(devices=fork_devices):
-                torch.manual_seed(mix.seed)
+                torch.manual_seed(self.seed)
                 fresh = type(loaded.model)(loaded.model.config)
             loaded.model = fresh.to(next(loaded.model.parameters()).device)
         return loaded
@@ -79,17 +84,19 @@ class LanguageModelProxy:
         from forgetless.evaluate.perplexity import perplexity
         from forgetless.train.sft import train_model
 
-        mix = self.config.mix
+        mix = self.search
         sample = sample_mixture(
             self.document_tokens,
             self.groups,
             weights,
             mix.proxy_tokens,
-            repetition_cap=mix.repetition_cap,
-            seed=mix.seed,
+            repetition_cap=self.repetition_cap,
+            seed=self.seed,
         )
         records = [TextRecord(text=self.corpus.texts[i]) for i in sample.documents]
         steps = max(1, math.ceil(mix.proxy_tokens / (mix.proxy_batch_size * mix.proxy_max_length)))
+        from forgetless.train.config import TrainConfig
+
         train = TrainConfig(
             method="full",
             learning_rate=mix.proxy_learning_rate,
@@ -98,7 +105,7 @@ class LanguageModelProxy:
             max_length=mix.proxy_max_length,
             lr_scheduler="cosine",
             warmup_steps=max(1, steps // 20),
-            seed=mix.seed,
+            seed=self.seed,
             save_steps=max(1, steps),
         )
         loaded = self._model()

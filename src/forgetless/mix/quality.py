@@ -5,7 +5,8 @@
   length within 3-10 characters, share of word 3-grams that are not repeats, and length
   (0 at <= 5 words, 1 at >= 50). Higher is better.
 * ``perplexity`` — the reference LM's perplexity on the whole document (windows of
-  ``perplexity_max_length`` tokens, as ``forgetless eval`` scores perplexity). Lower is better.
+  ``mix.quality.perplexity.max_length`` tokens, as ``forgetless eval`` scores perplexity).
+  Lower is better.
 * ``fasttext`` — the probability a fastText classifier gives the high-quality label. Higher
   is better.
 """
@@ -17,8 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from forgetless.config import ForgetlessConfig
 from forgetless.errors import ForgetlessError
+from forgetless.mix.config import (
+    FasttextScorerConfig,
+    PerplexityScorerConfig,
+    QualityConfig,
+)
 
 # Scorer -> whether a higher score is better (kept if mean >= threshold, else <= threshold).
 HIGHER_IS_BETTER = {"heuristic": True, "perplexity": False, "fasttext": True}
@@ -46,18 +51,18 @@ def heuristic_score(text: str) -> float:
     return sum(checks) / len(checks)
 
 
-def perplexity_scores(texts: Sequence[str], config: ForgetlessConfig, progress=True) -> np.ndarray:
+def perplexity_scores(
+    texts: Sequence[str], scorer: PerplexityScorerConfig, dtype: str, device: str, progress=True
+) -> np.ndarray:
     from forgetless.evaluate.perplexity import perplexity
     from forgetless.models import load_model
 
-    loaded = load_model(
-        config.mix.reference_model, dtype=config.model.dtype, device=config.model.device
-    )
+    loaded = load_model(scorer.reference_model, dtype=dtype, device=device)
     result = perplexity(
         loaded.model,
         loaded.tokenizer,
         list(texts),
-        max_length=config.mix.perplexity_max_length,
+        max_length=scorer.max_length,
         progress=progress,
     )
     nll = np.asarray(result.document_nll, dtype=np.float64)
@@ -66,42 +71,53 @@ def perplexity_scores(texts: Sequence[str], config: ForgetlessConfig, progress=T
         return np.where(tokens > 0, np.exp(nll / np.maximum(tokens, 1)), np.inf)
 
 
-def fasttext_scores(texts: Sequence[str], config: ForgetlessConfig) -> np.ndarray:
-    mix = config.mix
-    if mix.fasttext_model is None:
-        raise ForgetlessError("the fasttext scorer needs mix.fasttext_model (a .bin file)")
+def fasttext_scores(texts: Sequence[str], scorer: FasttextScorerConfig) -> np.ndarray:
+    if scorer.model is None:
+        raise ForgetlessError("the fasttext scorer needs mix.quality.fasttext.model (a .bin file)")
     try:
         import fasttext
     except ImportError:
         raise ForgetlessError("the fasttext scorer needs the fasttext package") from None
     try:
-        model = fasttext.load_model(mix.fasttext_model)
+        model = fasttext.load_model(scorer.model)
     except ValueError as error:
-        raise ForgetlessError(f"cannot load {mix.fasttext_model}: {error}") from None
+        raise ForgetlessError(f"cannot load {scorer.model}: {error}") from None
     scores = np.zeros(len(texts))
     for index, text in enumerate(texts):
         labels, probabilities = model.predict(text.replace("\n", " "), k=-1)
-        scores[index] = dict(zip(labels, probabilities, strict=True)).get(mix.fasttext_label, 0.0)
+        scores[index] = dict(zip(labels, probabilities, strict=True)).get(scorer.label, 0.0)
     return scores
 
 
-def score_documents(
-    texts: Sequence[str], config: ForgetlessConfig, progress=True
-) -> dict[str, np.ndarray]:
-    """One score array per configured scorer."""
-    unknown = set(config.mix.quality_thresholds) - set(HIGHER_IS_BETTER)
+def check_scorers(quality: QualityConfig) -> list[str]:
+    """The scorers the thresholds name, in a fixed order; an unknown one is an error."""
+    unknown = set(quality.thresholds) - set(HIGHER_IS_BETTER)
     if unknown:
         raise ForgetlessError(
             f"unknown quality scorer(s) {sorted(unknown)}; choose from {sorted(HIGHER_IS_BETTER)}"
         )
+    return sorted(quality.thresholds)
+
+
+def score_documents(
+    texts: Sequence[str],
+    scorers: Sequence[str],
+    perplexity: PerplexityScorerConfig | None,
+    fasttext: FasttextScorerConfig | None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    progress=True,
+) -> dict[str, np.ndarray]:
+    """One score array per scorer; a model-based scorer comes with its settings."""
     scores: dict[str, np.ndarray] = {}
-    for name in config.mix.quality_thresholds:
+    for name in scorers:
         if name == "heuristic":
             scores[name] = np.array([heuristic_score(text) for text in texts])
         elif name == "perplexity":
-            scores[name] = perplexity_scores(texts, config, progress)
+            scores[name] = perplexity_scores(texts, perplexity, dtype, device, progress)
         else:
-            scores[name] = fasttext_scores(texts, config)
+            scores[name] = fasttext_scores(texts, fasttext)
     return scores
 
 

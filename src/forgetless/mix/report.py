@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from forgetless.config import MixConfig
 from forgetless.mix.cluster import Clustering
 from forgetless.mix.corpus import Corpus
 
@@ -35,13 +34,17 @@ def _top_terms(texts: list[str], groups: np.ndarray, count: int, terms: int) -> 
 
 
 def build_cluster_report(
-    corpus: Corpus, embeddings: np.ndarray, clustering: Clustering, config: MixConfig
+    corpus: Corpus,
+    embeddings: np.ndarray,
+    clustering: Clustering,
+    top_terms: int,
+    thresholds: dict[str, float],
 ) -> dict[str, Any]:
     groups = clustering.document_super
     count = clustering.super_count
     kept_rows = np.flatnonzero(groups >= 0)
     texts = [corpus.texts[i] for i in kept_rows]
-    terms = _top_terms(texts, groups[kept_rows], count, config.top_terms)
+    terms = _top_terms(texts, groups[kept_rows], count, top_terms)
     words = np.array([len(text.split()) for text in corpus.texts])
     super_clusters = []
     for group in range(count):
@@ -67,7 +70,7 @@ def build_cluster_report(
         "pruned_documents": len(pruned_rows),
         "pruned_sources": dict(Counter(corpus.sources[i] for i in pruned_rows).most_common()),
         "pruned_examples": [corpus.texts[i][:EXAMPLE_CHARS] for i in pruned_rows[:EXAMPLES]],
-        "thresholds": config.quality_thresholds,
+        "thresholds": thresholds,
         "super_clusters": super_clusters,
     }
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from forgetless.config import MixConfig
 from forgetless.errors import ForgetlessError
+from forgetless.mix.config import SearchConfig
 
 logger = logging.getLogger(__name__)
 MIXTURES_FILE = "mixtures.csv"
@@ -44,7 +44,7 @@ def prior_from_tokens(cluster_tokens: np.ndarray) -> np.ndarray:
 
 
 def dirichlet_draws(
-    prior: np.ndarray, count: int, rng: np.random.Generator, config: MixConfig
+    prior: np.ndarray, count: int, rng: np.random.Generator, config: SearchConfig
 ) -> np.ndarray:
     """``count`` distinct mixtures (rows) around ``prior``, capped and floored, rounded to 1e-4."""
     low, high, steps = config.dirichlet_strengths
@@ -78,7 +78,7 @@ def dirichlet_draws(
     return np.array(rows)
 
 
-def fit_predictor(features: np.ndarray, targets: np.ndarray, config: MixConfig):
+def fit_predictor(features: np.ndarray, targets: np.ndarray, config: SearchConfig, seed: int):
     """A LightGBM regressor of the objective from the mixture weights."""
     import lightgbm
 
@@ -91,7 +91,7 @@ def fit_predictor(features: np.ndarray, targets: np.ndarray, config: MixConfig):
         "min_data_in_leaf": max(1, min(20, len(targets) // 8)),
         "min_data_in_bin": 1,
         "verbose": -1,
-        "seed": config.seed,
+        "seed": seed,
         "deterministic": True,
         "force_row_wise": True,
         "num_threads": 1,
@@ -102,7 +102,7 @@ def fit_predictor(features: np.ndarray, targets: np.ndarray, config: MixConfig):
         "min_data_in_bin": 1,
         "feature_pre_filter": False,
     }
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     if len(targets) >= 10:
         # Early stopping on a seeded fifth of the runs, as in CLIMB.
         order = rng.permutation(len(targets))
@@ -196,7 +196,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def cross_validated_spearman(
-    features: np.ndarray, targets: np.ndarray, config: MixConfig, folds: int = 5
+    features: np.ndarray, targets: np.ndarray, config: SearchConfig, seed: int, folds: int = 5
 ) -> float | None:
     """Spearman of out-of-fold predictions against the observed objectives.
 
@@ -206,16 +206,18 @@ def cross_validated_spearman(
     """
     if len(targets) < 2 * folds:
         return None
-    order = np.random.default_rng([config.seed, len(targets)]).permutation(len(targets))
+    order = np.random.default_rng([seed, len(targets)]).permutation(len(targets))
     predicted = np.empty(len(targets))
     for held in np.array_split(order, folds):
         fit = np.setdiff1d(order, held)
-        predicted[held] = fit_predictor(features[fit], targets[fit], config).predict(features[held])
+        model = fit_predictor(features[fit], targets[fit], config, seed)
+        predicted[held] = model.predict(features[held])
     return _spearman(predicted, targets)
 
 
 def run_search(
-    config: MixConfig,
+    config: SearchConfig,
+    seed: int,
     prior: np.ndarray,
     directory: str | Path,
     runner=None,
@@ -238,10 +240,10 @@ def run_search(
         if round_index > 0:
             features = np.array([m["weights"] for m in history])
             objective = np.array([done[m["id"]]["objective"] for m in history])
-            predictor = fit_predictor(features, objective, config)
+            predictor = fit_predictor(features, objective, config, seed)
         if not recorded:
             # One generator per round: a resumed search proposes exactly what it would have.
-            rng = np.random.default_rng([config.seed, round_index])
+            rng = np.random.default_rng([seed, round_index])
             if predictor is None:
                 proposals = dirichlet_draws(prior, count, rng, config)
             else:
@@ -280,15 +282,16 @@ def run_search(
             np.array([m["weights"] for m in so_far]),
             np.array([done[m["id"]]["objective"] for m in so_far]),
             config,
+            seed,
         )
         rounds.append(entry)
     everything = files.mixtures()
     done = files.metrics()
     features = np.array([m["weights"] for m in everything])
     objective = np.array([done[m["id"]]["objective"] for m in everything])
-    predictor = fit_predictor(features, objective, config)
+    predictor = fit_predictor(features, objective, config, seed)
     pool = dirichlet_draws(
-        prior, config.candidates, np.random.default_rng([config.seed, len(config.rounds)]), config
+        prior, config.candidates, np.random.default_rng([seed, len(config.rounds)]), config
     )
     predicted = predictor.predict(pool)
     best = int(np.argmin(predicted))

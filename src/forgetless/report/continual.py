@@ -202,12 +202,15 @@ def plot_matrix(report: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("after training on")
     axis.set_title(f"{report['benchmark']} order {report['order']}, {report['method']}")
     figure.colorbar(image, ax=axis, label="accuracy")
-    figure.savefig(path, dpi=120)
+    from forgetless.io import atomic_file
+
+    with atomic_file(path, "wb") as out:
+        figure.savefig(out, dpi=120, format="png")
     plt.close(figure)
 
 
 def write_continual_report(report: dict[str, Any], directory: str | Path) -> None:
-    from forgetless.pipeline import write_json_atomic, write_text_atomic
+    from forgetless.io import write_json_atomic, write_text_atomic
 
     directory = Path(directory)
     write_json_atomic(directory / "continual.json", report)

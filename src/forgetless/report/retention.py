@@ -142,12 +142,15 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("change vs base, % (up = better)")
     axis.set_title("Domain (blue) gain vs general (orange) retention")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    from forgetless.io import atomic_file
+
+    with atomic_file(path, "wb") as out:
+        figure.savefig(out, dpi=120, format="png")
     plt.close(figure)
 
 
 def write_report(report: dict[str, Any], directory: str | Path) -> None:
-    from forgetless.pipeline import write_json_atomic, write_text_atomic
+    from forgetless.io import write_json_atomic, write_text_atomic
 
     directory = Path(directory)
     write_json_atomic(directory / "report.json", report)

@@ -1,11 +1,22 @@
 """Training data selection: Orthogonal Gradient Selection (OGS) and its baselines.
 
-* :func:`run_selection` — pool -> selected subset, cached and resumable in a directory;
+* :func:`run_selection` (``select.stages``) — pool -> selected subset, cached and resumable;
+* :mod:`forgetless.select.methods` — the registered methods and how each ranks the pool;
 * :mod:`forgetless.select.gradients` — batched, projected per-sample gradient features;
 * :mod:`forgetless.select.metrics` — anchor subspace, orthogonality, conflict, utility;
 * :mod:`forgetless.select.navigator` — the Navigator and its constrained-RL training.
 """
 
-from forgetless.select.selection import SELECTED_FILE, run_selection, selected_records
+from forgetless.select.report import SELECTED_FILE
 
-__all__ = ["SELECTED_FILE", "run_selection", "selected_records"]
+
+def __getattr__(name: str):
+    # Lazy: importing the package (e.g. for its config) must not import torch.
+    if name == "run_selection":
+        from forgetless.select.stages import run_selection
+
+        return run_selection
+    raise AttributeError(name)
+
+
+__all__ = ["SELECTED_FILE", "run_selection"]

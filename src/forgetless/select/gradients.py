@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.config import GradientConfig
 from forgetless.data.features import IGNORE_INDEX, sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
+from forgetless.select.config import GradientConfig
 from forgetless.shards import ShardedRows, load_sharded_rows
 
 logger = logging.getLogger(__name__)

@@ -6,31 +6,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from forgetless.config import ForgetlessConfig
 from forgetless.data.records import Record
+from forgetless.model_config import ModelConfig
+from forgetless.select.config import SelectConfig
 
 
 def navigator_inputs(
-    records: Sequence[Record], config: ForgetlessConfig, progress: bool = True
+    records: Sequence[Record], model: ModelConfig, select: SelectConfig, progress: bool = True
 ) -> tuple[np.ndarray, list[str]]:
     """(samples, columns) float32 matrix of the configured features and the column names."""
     from forgetless.embeddings import embed_texts, load_embedder, record_text
     from forgetless.models import load_configured_model, resolve_device
     from forgetless.select.gradients import sample_losses
 
-    navigator = config.select.navigator
+    navigator = select.navigator.inputs
     blocks: list[np.ndarray] = []
     columns: list[str] = []
     if "embedding" in navigator.features:
-        device = str(resolve_device(config.model.device))
+        device = str(resolve_device(model.device))
         embedder = load_embedder(navigator.embedder, device=device)
         vectors = embed_texts(embedder, [record_text(r) for r in records], progress=progress)
         blocks.append(vectors)
         columns += [f"embedding_{i}" for i in range(vectors.shape[1])]
         del embedder
     if {"length", "loss"} & set(navigator.features):
-        loaded = load_configured_model(config.model)
-        gradient = config.select.gradient
+        loaded = load_configured_model(model)
+        gradient = select.gradient
         losses, counts = sample_losses(
             loaded.model,
             loaded.tokenizer,

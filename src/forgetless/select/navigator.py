@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.config import NavigatorConfig
 from forgetless.errors import ForgetlessError
+from forgetless.select.config import NavigatorConfig
 
 
 class Navigator(nn.Module):

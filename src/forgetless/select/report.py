@@ -12,15 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from forgetless.config import ForgetlessConfig
-from forgetless.pipeline import write_json_atomic, write_text_atomic
+from forgetless.data.records import record_row
+from forgetless.io import atomic_file, write_json_atomic, write_text_atomic
+from forgetless.select.config import SelectConfig
 
 HISTOGRAM_FILE = "histograms.png"
+SELECTED_FILE = "selected.jsonl"
 
 
 def write_selection(
     workdir: Path,
-    config: ForgetlessConfig,
+    select: SelectConfig,
     data,
     ranking: np.ndarray,
     ranked_scores: np.ndarray,
@@ -28,8 +30,6 @@ def write_selection(
     valid: np.ndarray | None,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    from forgetless.select.selection import SELECTED_FILE, record_row
-
     lines = []
     for rank, (index, score) in enumerate(
         zip(ranking.tolist(), ranked_scores.tolist(), strict=True)
@@ -39,12 +39,12 @@ def write_selection(
         lines.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(workdir / SELECTED_FILE, "\n".join(lines) + "\n")
     summary: dict[str, Any] = {
-        "method": config.select.method,
-        "budget": config.select.budget,
+        "method": select.method,
+        "budget": select.budget,
         "pool": len(data.candidates),
         "validation": len(data.validation),
         "selected": len(ranking),
-        "selected_file": SELECTED_FILE,
+        "records_file": SELECTED_FILE,
         **extra,
     }
     if scores is not None:
@@ -96,5 +96,6 @@ def _histograms(metrics: dict[str, np.ndarray], rows, picked, path: Path) -> Non
         axis.set_title(name)
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as out:
+        figure.savefig(out, dpi=100, format="png")
     plt.close(figure)

@@ -34,10 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from forgetless.config import OsftConfig
 from forgetless.data.features import build_training_features
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
+from forgetless.train.config import OsftConfig
 
 
 @dataclass

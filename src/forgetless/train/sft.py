@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,17 +27,19 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from forgetless.config import TrainConfig
 from forgetless.data.features import IGNORE_INDEX, build_training_features
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
+from forgetless.io import save_model, write_json_atomic
+from forgetless.registry import lookup
+from forgetless.resources import track_peak_memory
+from forgetless.train import methods as _methods  # noqa: F401  (registers the methods)
+from forgetless.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
-ADAPTER_DIR = "adapter"
-OSFT_RANKS = "osft_ranks.json"
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TrainResult:
     # repeated, and how often matters to any comparison between data sets.
     epochs: float
     resumed_from: str | None
+    # The whole call, set-up included (OSFT's SVDs, LoRA wrapping), and its peak memory.
+    seconds: float
+    peak_memory_mb: float | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,20 +84,41 @@ def train_model(
     ``calibration_records`` (the prior data), by default ``config.osft.calibration_data``
     read from ``data_dir``.
     """
-    output = Path(output_dir)
+    device_type = next(model.parameters()).device.type
+    with track_peak_memory(device_type) as peak:
+        started = time.perf_counter()
+        model, result = _train(
+            model, tokenizer, records, config, Path(output_dir), callbacks, progress,
+            calibration_records, data_dir,
+        )  # fmt: skip
+    result.seconds = time.perf_counter() - started
+    result.peak_memory_mb = peak.mb
+    return model, result
+
+
+def _train(
+    model, tokenizer, records, config, output, callbacks, progress, calibration_records, data_dir
+) -> tuple[PreTrainedModel, TrainResult]:
+    method = lookup("train", config.method).implementation
     set_seed(config.seed)
     features = build_training_features(tokenizer, records, config.max_length)
-    if config.method == "lora":
-        model = _with_lora(model, config)
+    model = method.prepare(model, config)
     # Built first: it starts the process group under torchrun / accelerate launch, which OSFT
     # needs to give every process the same subspaces.
     args = _training_arguments(model, config, output / CHECKPOINTS_DIR, progress)
-    if config.method == "osft":
-        osft = _osft_callback(model, tokenizer, config, calibration_records, data_dir, progress)
-        if args.process_index == 0:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / OSFT_RANKS).write_text(json.dumps(osft.ranks, indent=2))
-        callbacks = [*callbacks, osft]
+    callbacks = [
+        *callbacks,
+        *method.callbacks(
+            model,
+            tokenizer,
+            config,
+            output,
+            main_process=args.process_index == 0,
+            calibration_records=calibration_records,
+            data_dir=data_dir,
+            progress=progress,
+        ),
+    ]
     trainer = Trainer(
         model=model,
         args=args,
@@ -112,13 +137,10 @@ def train_model(
     outcome = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
 
-    model = trainer.model
-    if config.method == "lora":
-        if trainer.is_world_process_zero():
-            model.save_pretrained(output / ADAPTER_DIR)
-        model = model.merge_and_unload()
-    if trainer.is_world_process_zero():
-        save_checkpoint(model, tokenizer, output / MODEL_DIR)
+    main_process = trainer.is_world_process_zero()
+    model = method.finish(trainer.model, output, main_process=main_process)
+    if main_process:
+        save_model(model, tokenizer, output / MODEL_DIR)
     result = TrainResult(
         model_dir=str(output / MODEL_DIR),
         method=config.method,
@@ -128,58 +150,10 @@ def train_model(
         input_tokens_seen=int(trainer.state.num_input_tokens_seen),
         epochs=float(trainer.state.epoch or 0.0),
         resumed_from=resume,
+        seconds=runtime,
+        peak_memory_mb=None,
     )
     return model, result
-
-
-def _osft_callback(model, tokenizer, config, calibration_records, data_dir, verbose):
-    from forgetless.data import load_records
-    from forgetless.train.osft import OsftCallback, calibration_batches
-
-    calibration = None
-    if config.osft.rank_policy == "adaptive":
-        if calibration_records is None:
-            calibration_records = load_records(
-                config.osft.calibration_data,
-                data_dir=data_dir,
-                limit=config.osft.calibration_samples,
-            )
-        calibration = calibration_batches(
-            tokenizer,
-            calibration_records,
-            config.max_length,
-            config.osft.calibration_samples,
-            config.seed,
-        )
-    return OsftCallback(model, config.osft, calibration, verbose=verbose)
-
-
-def save_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str | Path
-) -> None:
-    """Write a plain HF checkpoint atomically: a crash never leaves a half-written model."""
-    target = Path(target)
-    staging = target.with_name(target.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-
-
-def _with_lora(model: PreTrainedModel, config: TrainConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 def _training_arguments(
@@ -240,8 +214,7 @@ def _check_same_run(checkpoints: Path, config: TrainConfig, n_features: int, res
                 f"{checkpoints.parent} holds checkpoints of a different run (changed: "
                 f"{', '.join(changed)}); use another output directory or delete it"
             )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    record_file.write_text(json.dumps(record, indent=2))
+    write_json_atomic(record_file, record)
 
 
 def _last_checkpoint(folder: Path) -> str | None:

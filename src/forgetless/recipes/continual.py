@@ -8,7 +8,7 @@ on its own and the experts so far merged with sparse random masks) or on all of 
 stage, and reports the accuracy matrix with average accuracy, BWT, FWT and forgetting
 (:mod:`forgetless.report.continual`), plus a retention report on general tasks.
 
-Every step is a fingerprinted :class:`~forgetless.pipeline.Stage`, so a killed run resumes
+Every step is a fingerprinted :class:`~forgetless.runs.Stage`, so a killed run resumes
 where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
 
     <benchmark>[-<subset>]/               e.g. fewshot-0_42/ or olora/
@@ -37,19 +37,23 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forgetless.config import ForgetlessConfig, TrainConfig
-from forgetless.data.records import MultipleChoiceRecord
+from forgetless.config import ForgetlessConfig
 from forgetless.errors import ForgetlessError
-from forgetless.pipeline import (
-    RunDirectory,
-    Stage,
-    StageResult,
-    load_stage_model,
-    write_json_atomic,
-)
+from forgetless.evaluate.config import ScoringConfig
+from forgetless.evaluate.stages import EvaluateStage, load_stage_model
+from forgetless.io import write_json_atomic
+from forgetless.merge.stages import MergeExpertsStage
+from forgetless.model_config import ModelConfig
+from forgetless.recipes import strategies as _strategies  # noqa: F401  (registers them)
+from forgetless.registry import lookup
 from forgetless.report.continual import short_name
+from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings
+from forgetless.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from forgetless.data.records import MultipleChoiceRecord
 
 # O-LoRA's task orders (Wang et al., 2023). Orders 4-6 have 15 tasks; five of them (IMDB, Yelp,
 # DBpedia, MultiRC, Yahoo) are not among our O-LoRA-format data sets, so each of these orders
@@ -65,14 +69,6 @@ ORDERS: dict[str, dict[int, tuple[str, ...]]] = {
         5: ("boolqa", "wic", "mnli", "cb", "copa", "qqp", "rte", "sst2", "agnews", "amazon"),
         6: ("amazon", "mnli", "cb", "copa", "qqp", "rte", "sst2", "agnews", "boolqa", "wic"),
     },
-}
-# train.method for every continual method; multitask is one full fine-tuning run on the union.
-TRAIN_METHODS = {
-    "seqft": "full",
-    "lora": "lora",
-    "osft": "osft",
-    "sotu": "full",
-    "multitask": "full",
 }
 # Evaluation items are drawn with a fixed seed, not train.seed, so runs with different training
 # seeds are scored on the same items.
@@ -148,14 +144,23 @@ class TaskData:
 
 def stage_train_config(config: ForgetlessConfig, index: int, count: int) -> TrainConfig:
     """The train section for task ``index`` of ``count`` (the multitask run: index 0)."""
-    method = config.continual.method
-    update: dict[str, Any] = {"method": TRAIN_METHODS[method]}
-    if method == "osft":
+    strategy = lookup("continual", config.continual.method).implementation
+    update: dict[str, Any] = {"method": strategy.train_method}
+    if strategy.per_task_osft:
         update["osft"] = config.train.osft.for_task(index, count)
-    if method == "multitask" and config.train.max_steps > 0:
+    if strategy.joint and config.train.max_steps > 0:
         # As many optimizer steps as the whole sequence gets, so both see the same examples.
         update["max_steps"] = config.train.max_steps * count
     return config.train.model_copy(update=update)
+
+
+class ContinualTrainSettings(StageSettings):
+    tasks: tuple[str, ...]
+    subset: str | None
+    train_limit: int | None
+    train: TrainConfig
+    calibration_tasks: tuple[str, ...]
+    model: ModelConfig | None  # None: training continues the previous stage's model
 
 
 class ContinualTrainStage(Stage):
@@ -176,17 +181,15 @@ class ContinualTrainStage(Stage):
         self.calibration_tasks = calibration_tasks
         self.depends_on = (previous,) if previous else ()
 
-    def settings(self) -> dict[str, Any]:
-        settings = {
-            "tasks": self.tasks,
-            "subset": self.data.subset,
-            "train_limit": self.config.continual.train_limit,
-            "train": self.train.model_dump(mode="json"),
-            "calibration_tasks": self.calibration_tasks,
-        }
-        if self.previous is None:
-            settings["model"] = self.config.model.model_dump(mode="json")
-        return settings
+    def settings(self) -> ContinualTrainSettings:
+        return ContinualTrainSettings(
+            tasks=tuple(self.tasks),
+            subset=self.data.subset,
+            train_limit=self.config.continual.train_limit,
+            train=self.train,
+            calibration_tasks=tuple(self.calibration_tasks),
+            model=self.config.model if self.previous is None else None,
+        )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.models import load_configured_model
@@ -228,34 +231,14 @@ class ContinualTrainStage(Stage):
         return summary
 
 
-class MergeExpertsStage(Stage):
-    """Merge the per-task experts trained so far into the base model (the sotu method)."""
-
-    def __init__(self, name: str, config: ForgetlessConfig, experts: list[str]):
-        self.name, self.config = name, config
-        self.depends_on = tuple(experts)
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "model": self.config.model.model_dump(mode="json"),
-            "merge": self.config.merge.model_dump(mode="json"),
-        }
-
-    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.merge import merge_checkpoints
-
-        started = time.perf_counter()
-        experts = [str(inputs[name].directory / MODEL_DIR) for name in self.depends_on]
-        report = merge_checkpoints(
-            self.config.model.name, experts, workdir / MODEL_DIR, self.config.merge, overwrite=True
-        )
-        return {
-            "model_dir": MODEL_DIR,
-            "experts": list(self.depends_on),
-            "collision_rate": report.overlap["collision_rate"],
-            "mean_abs_cosine_masked": report.overlap["mean_abs_cosine_masked"],
-            "seconds": time.perf_counter() - started,
-        }
+class ContinualEvalSettings(StageSettings):
+    # Sorted: the base evaluation is shared by every order of the same tasks.
+    tasks: tuple[str, ...]
+    subset: str | None
+    split: str
+    limit: int | None
+    scoring: ScoringConfig
+    model: ModelConfig | None  # None: the model of the upstream stage
 
 
 class ContinualEvalStage(Stage):
@@ -273,24 +256,21 @@ class ContinualEvalStage(Stage):
         self.model_from = model_from
         self.depends_on = (model_from,) if model_from else ()
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> ContinualEvalSettings:
         continual = self.config.continual
-        settings: dict[str, Any] = {
-            # Sorted: the base evaluation is shared by every order of the same tasks.
-            "tasks": sorted(self.tasks),
-            "subset": self.data.subset,
-            "split": continual.eval_split,
-            "limit": continual.eval_limit,
-            "batch_tokens": self.config.evaluate.batch_tokens,
-        }
-        if self.model_from is None:
-            settings["model"] = self.config.model.model_dump(mode="json")
-        return settings
+        return ContinualEvalSettings(
+            tasks=tuple(sorted(self.tasks)),
+            subset=self.data.subset,
+            split=continual.eval_split,
+            limit=continual.eval_limit,
+            scoring=self.config.evaluate.scoring,
+            model=self.config.model if self.model_from is None else None,
+        )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.tasks import TaskSpec, score_task
 
-        loaded = load_stage_model(self.config, inputs, self.model_from)
+        loaded = load_stage_model(self.config.model, inputs, self.model_from)
         results: dict[str, dict[str, Any]] = {}
         for task in self.tasks:
             path = workdir / "tasks" / f"{task}.json"
@@ -316,6 +296,18 @@ class ContinualEvalStage(Stage):
 HEAD_STATE = "closed_form_head.pt"
 
 
+class ClosedFormSettings(StageSettings):
+    tasks: tuple[str, ...]
+    fit_tasks: tuple[str, ...]
+    subset: str | None
+    split: str
+    limit: int | None
+    train_limit: int | None
+    projection_dim: int
+    seed: int
+    max_length: int
+
+
 class ClosedFormEvalStage(Stage):
     """Class-incremental evaluation (SoTU's): add ``fit_tasks``' training features, taken from
     this stage's model, to the previous stage's closed-form head, then classify every task's
@@ -339,19 +331,19 @@ class ClosedFormEvalStage(Stage):
         self.fit_tasks, self.model_from, self.previous_head = fit_tasks, model_from, previous_head
         self.depends_on = (model_from, *((previous_head,) if previous_head else ()))
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> ClosedFormSettings:
         continual = self.config.continual
-        return {
-            "tasks": self.tasks,
-            "fit_tasks": self.fit_tasks,
-            "subset": self.data.subset,
-            "split": continual.eval_split,
-            "limit": continual.eval_limit,
-            "train_limit": continual.train_limit,
-            "projection_dim": continual.projection_dim,
-            "seed": self.config.train.seed,
-            "max_length": self.config.train.max_length,
-        }
+        return ClosedFormSettings(
+            tasks=tuple(self.tasks),
+            fit_tasks=tuple(self.fit_tasks),
+            subset=self.data.subset,
+            split=continual.eval_split,
+            limit=continual.eval_limit,
+            train_limit=continual.train_limit,
+            projection_dim=continual.projection_dim,
+            seed=self.config.train.seed,
+            max_length=self.config.train.max_length,
+        )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         import torch
@@ -359,7 +351,7 @@ class ClosedFormEvalStage(Stage):
         from forgetless.merge.closed_form import RandomProjectionRidge, extract_features
 
         started = time.perf_counter()
-        loaded = load_stage_model(self.config, inputs, self.model_from)
+        loaded = load_stage_model(self.config.model, inputs, self.model_from)
 
         def features(records: list) -> torch.Tensor:
             prompts = [in_training_format(loaded.tokenizer, record).query for record in records]
@@ -403,36 +395,25 @@ class ClosedFormEvalStage(Stage):
         }
 
 
-class RetentionStage(Stage):
+def retention_stage(name: str, config: ForgetlessConfig, model_from: str | None = None):
     """The retention tasks (general abilities) on the base or the final model."""
+    return EvaluateStage(
+        name,
+        config.model,
+        config.evaluate,
+        model_from=model_from,
+        tasks=config.continual.retention_tasks,
+        data_dir=config.data_dir,
+    )
 
-    def __init__(self, name: str, config: ForgetlessConfig, model_from: str | None = None):
-        self.name, self.config, self.model_from = name, config, model_from
-        self.depends_on = (model_from,) if model_from else ()
 
-    def settings(self) -> dict[str, Any]:
-        evaluate = self.config.evaluate.model_dump(
-            mode="json", exclude={"domain_tasks", "general_tasks"}
-        )
-        settings = {"tasks": self.config.continual.retention_tasks, "evaluate": evaluate}
-        if self.model_from is None:
-            settings["model"] = self.config.model.model_dump(mode="json")
-        return settings
-
-    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.evaluate.tasks import evaluate_tasks
-
-        loaded = load_stage_model(self.config, inputs, self.model_from)
-        results = evaluate_tasks(
-            loaded.model,
-            loaded.tokenizer,
-            self.config.continual.retention_tasks,
-            self.config.evaluate,
-            data_dir=self.config.data_dir,
-        )
-        metrics = {task: result.to_dict() for task, result in results.items()}
-        write_json_atomic(workdir / "metrics.json", metrics)
-        return {"seconds": sum(result.seconds for result in results.values())}
+class ContinualReportSettings(StageSettings):
+    benchmark: str
+    order: int
+    method: str
+    head: str
+    tasks: tuple[str, ...]
+    model: str
 
 
 class ContinualReportStage(Stage):
@@ -449,16 +430,16 @@ class ContinualReportStage(Stage):
         self.train_stages, self.eval_stages, self.retention = train_stages, eval_stages, retention
         self.depends_on = ("eval_base", *train_stages, *eval_stages, *(retention or ()))
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> ContinualReportSettings:
         continual = self.config.continual
-        return {
-            "benchmark": continual.benchmark,
-            "order": continual.order,
-            "method": continual.method,
-            "head": continual.head,
-            "tasks": self.tasks,
-            "model": self.config.model.name,
-        }
+        return ContinualReportSettings(
+            benchmark=continual.benchmark,
+            order=continual.order,
+            method=continual.method,
+            head=continual.head,
+            tasks=tuple(self.tasks),
+            model=self.config.model.name,
+        )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.report.continual import continual_metrics, write_continual_report
@@ -484,7 +465,7 @@ class ContinualReportStage(Stage):
                 general_tasks=self.config.continual.retention_tasks,
             )
             rows, change = retention["rows"], retention["summary"]["general_improvement_pct"]
-        seconds = {name: inputs[name].summary["seconds"] for name in self.depends_on}
+        seconds = {name: inputs[name].seconds or 0.0 for name in self.depends_on}
         continual = self.config.continual
         metrics = continual_metrics(matrix, base_row)
         if continual.head == "closed_form":
@@ -533,20 +514,21 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
     which run in the shared base directory.
     """
     stages: list[Stage] = []
-    if config.continual.method == "multitask":
+    strategy = lookup("continual", config.continual.method).implementation
+    if strategy.joint:
         steps = [("train_all", tasks, 0, [])]
     else:
         steps = [
             (f"train_{i + 1:02d}_{short_name(task)}", [task], i, tasks[:i])
             for i, task in enumerate(tasks)
         ]
-    merging = config.continual.method == "sotu"
+    merging = strategy.merge
     previous = None
     train_names, eval_names, experts = [], [], []
     for name, trained_on, index, earlier in steps:
         train = stage_train_config(config, index, len(tasks))
         # sotu experts all start from the base model; the others continue the previous stage.
-        start_from = None if merging else previous
+        start_from = None if strategy.from_base else previous
         stages.append(
             ContinualTrainStage(name, config, data, trained_on, train, start_from, earlier)
         )
@@ -555,7 +537,7 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
         if merging:
             experts.append(name)
             previous = name.replace("train_", "merge_", 1)
-            stages.append(MergeExpertsStage(previous, config, list(experts)))
+            stages.append(MergeExpertsStage(previous, config.model, config.merge, list(experts)))
             train_names.append(previous)
         if config.continual.head == "closed_form":
             # Own stage names, so both heads' results can sit beside the same trained models.
@@ -571,7 +553,7 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
         eval_names.append(evaluation)
     retention = None
     if config.continual.retention_tasks:
-        stages.append(RetentionStage("retention_final", config, model_from=previous))
+        stages.append(retention_stage("retention_final", config, model_from=previous))
         retention = ("retention_base", "retention_final")
     report = "report" if config.continual.head == "lm" else "report_closed_form"
     stages.append(ContinualReportStage(report, config, tasks, train_names, eval_names, retention))
@@ -599,8 +581,7 @@ def run_continual(
         data.train_records(task)
         data.eval_records(task)
     load_tasks(continual.retention_tasks, config.evaluate, data_dir=config.data_dir)
-    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
-        raise ForgetlessError(f"run directory {config.run_dir} exists and is not a directory")
+    RunDirectory(Path(config.run_dir))  # a file in its place is an error before any work
 
     events = on_event or (lambda event, info: None)
     shared = RunDirectory(base_directory(config), on_event=events)
@@ -609,7 +590,7 @@ def run_continual(
     )
     results = {"eval_base": shared.run(ContinualEvalStage("eval_base", config, data, tasks), {})}
     if continual.retention_tasks:
-        results["retention_base"] = shared.run(RetentionStage("retention_base", config), {})
+        results["retention_base"] = shared.run(retention_stage("retention_base", config), {})
     stages = sequence_stages(config, data, tasks)
     for stage in stages:
         results[stage.name] = sequence.run(stage, results)

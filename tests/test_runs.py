@@ -1,4 +1,5 @@
-"""Run directory caching, interrupted stages, and resuming an interrupted training run."""
+"""The stage engine: caching, interrupted stages, plans that share stages, and resuming an
+interrupted training run."""
 
 import json
 from pathlib import Path
@@ -7,12 +8,18 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from forgetless.config import ForgetlessConfig, TrainConfig
 from forgetless.data.records import TextRecord
 from forgetless.errors import ForgetlessError
+from forgetless.model_config import ModelConfig
 from forgetless.models import load_model
-from forgetless.pipeline import STAGE_RECORD, DataFileTrainStage, RunDirectory, Stage
+from forgetless.runs import STAGE_RECORD, RunDirectory, Stage, StageSettings
+from forgetless.train.config import TrainConfig
 from forgetless.train.sft import train_model
+from forgetless.train.stages import TrainStage
+
+
+class CountingSettings(StageSettings):
+    value: int
 
 
 class CountingStage(Stage):
@@ -23,7 +30,7 @@ class CountingStage(Stage):
         self.calls = 0
 
     def settings(self):
-        return {"value": self.value}
+        return CountingSettings(value=self.value)
 
     def run(self, workdir, inputs):
         self.calls += 1
@@ -54,12 +61,28 @@ def test_finished_stages_are_cached_and_downstream_follows_changes(tmp_path):
     assert changed_b.calls == 1
 
 
+def test_plans_share_identical_stages_and_separate_differing_ones(tmp_path):
+    def plan(value):
+        return [CountingStage("base", 1), CountingStage("train", value, depends_on=("base",))]
+
+    plans = {"a": plan(2), "b": plan(3), "c": plan(2)}
+    results = RunDirectory(tmp_path).run_plans(plans)
+    assert sum(stage.calls for stages in plans.values() for stage in stages) == 3
+    assert results["a"]["base"].directory == tmp_path / "base"
+    assert results["a"]["train"].directory == tmp_path / "a" / "train"
+    assert results["b"]["train"].directory == tmp_path / "b" / "train"
+    assert results["c"]["train"] == results["a"]["train"]
+    again = {"a": plan(2), "b": plan(3), "c": plan(2)}
+    rerun = RunDirectory(tmp_path).run_plans(again)
+    assert all(result.cached for results in rerun.values() for result in results.values())
+    assert sum(stage.calls for stages in again.values() for stage in stages) == 0
+
+
 def test_data_file_stage_fingerprint_follows_content_not_path(tmp_path):
     def stage_for(path, text):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        config = ForgetlessConfig.model_validate({"data": {"source": str(path)}})
-        return DataFileTrainStage(config, "train_subset", path)
+        return TrainStage("train_subset", ModelConfig(), TrainConfig(), data_file=path)
 
     original = stage_for(tmp_path / "run" / "selected.jsonl", '{"text": "a"}\n')
     moved = stage_for(tmp_path / "copy" / "selected.jsonl", '{"text": "a"}\n')

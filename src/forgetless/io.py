@@ -1,0 +1,81 @@
+"""Atomic writes: every file and folder forgetless produces appears whole or not at all.
+
+A file is written to a temporary sibling and renamed into place; a folder (a model, a
+tokenizer, a merged checkpoint) is filled under a temporary sibling name and renamed once
+complete. A crash leaves the previous version or nothing, never half a file that a later run
+would trust. Results get the permissions of an ordinary file (``0o666`` / ``0o777`` less the
+umask), not the owner-only ones of the temporary-file functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A handle on a temporary sibling of ``path`` that replaces ``path`` when the block ends
+    without an error (``mode``: ``"w"`` for text, ``"wb"`` for bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
+            yield out
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as out:
+        out.write(text)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """An empty staging folder beside ``target`` that replaces ``target`` (and whatever it
+    held) once the block ends without an error."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def save_model(model, tokenizer, target: str | Path) -> None:
+    """A plain Hugging Face checkpoint (safetensors weights, config, tokenizer), atomically."""
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)

@@ -1,0 +1,23 @@
+"""Which model to adapt, and how to load it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from forgetless.schema import Section
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Hub id, local checkpoint directory, or alias (smollm2-135m, tiny-llama).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on a bf16-capable GPU, else float32."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code from the hub. Only set for repos you trust."
+    )

@@ -1,0 +1,157 @@
+"""The adapt recipe: evaluate the base → [mix] → [select] → train, or train domain experts →
+merge → evaluate the adapted model → report; ``recipe.steps`` picks the steps.
+
+Each step feeds the next through its artefact: the mixture's sampled training set and the
+selection's records are files the next stage reads (identified by their stage's
+fingerprint), the experts' checkpoints are what the merge reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forgetless.config import ForgetlessConfig
+from forgetless.evaluate.stages import EvaluateStage
+from forgetless.merge.stages import MergeExpertsStage
+from forgetless.report.stages import ReportStage
+from forgetless.runs import RunDirectory, Stage, StageResult
+from forgetless.train.stages import TrainStage
+
+BASE_EVAL = "eval_base"
+ADAPTED_EVAL = "eval_adapted"
+REPORT = "report"
+
+
+@dataclass
+class Plan:
+    """A recipe's stages in order, and the roles the comparison reads them by."""
+
+    stages: list[Stage]
+    model_stage: str  # whose model/ is the adapted model
+    training: list[str]  # stages whose compute is the adaptation's (data work included)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def adapt_plan(config: ForgetlessConfig, *, progress: bool = True) -> Plan:
+    """The stages of ``config.recipe`` for ``config``."""
+
+    steps = config.recipe.steps
+    model, data_dir = config.model, config.data_dir
+    stages: list[Stage] = [EvaluateStage(BASE_EVAL, model, config.evaluate, data_dir=data_dir)]
+    before = len(stages)
+    notes: dict[str, str] = {}
+    if "merge" in steps:
+        experts = []
+        for name, data in config.recipe.experts.items():
+            expert = f"train_{name}"
+            stages.append(
+                TrainStage(
+                    expert, model, config.train, data=data, data_dir=data_dir, progress=progress
+                )
+            )
+            experts.append(expert)
+        stages.append(MergeExpertsStage("merge", model, config.merge, experts))
+        model_stage = "merge"
+        notes.update(train=config.train.method, merge=config.merge.method)
+    else:
+        records_from = None
+        if "mix" in steps:
+            from forgetless.mix.stages import Mixture, mixture_stages
+
+            mixture = Mixture(model, config.mix, data_dir=data_dir, progress=progress)
+            stages += mixture_stages(mixture)
+            records_from = stages[-1].name
+            notes["mix"] = config.mix.method
+        if "select" in steps:
+            from forgetless.select.stages import Selection, selection_stages
+
+            selection = Selection(
+                model,
+                config.data if records_from is None else None,
+                config.select,
+                pool_from=records_from,
+                data_dir=data_dir,
+                progress=progress,
+            )
+            stages += selection_stages(selection)
+            records_from = stages[-1].name
+            notes["select"] = f"{config.select.method} {config.select.budget:g}"
+        stages.append(
+            TrainStage(
+                "train",
+                model,
+                config.train,
+                data=config.data if records_from is None else None,
+                records_from=records_from,
+                data_dir=data_dir,
+                progress=progress,
+            )
+        )
+        model_stage = "train"
+        notes["train"] = config.train.method
+    training = [stage.name for stage in stages[before:]]
+    evaluate = config.evaluate
+    stages.append(
+        EvaluateStage(ADAPTED_EVAL, model, evaluate, model_from=model_stage, data_dir=data_dir)
+    )
+    meta = {"model": model.name, "data": _data_description(config), "method": describe(notes)}
+    stages.append(
+        ReportStage(
+            REPORT,
+            evaluate.domain_tasks,
+            evaluate.general_tasks,
+            base=BASE_EVAL,
+            adapted=ADAPTED_EVAL,
+            training=model_stage,
+            meta=meta,
+        )
+    )
+    return Plan(stages, model_stage, training, notes)
+
+
+def _data_description(config: ForgetlessConfig) -> str:
+    if "merge" in config.recipe.steps:
+        return ", ".join(f"{n}: {d.source}" for n, d in config.recipe.experts.items())
+    if "mix" in config.recipe.steps:
+        return " + ".join(config.mix.sources)
+    return config.data.source
+
+
+def describe(notes: dict[str, str]) -> str:
+    """A recipe's steps and methods in a few words, e.g. 'select ogs 0.1, train osft'."""
+    return ", ".join(f"{step} {value}" for step, value in notes.items())
+
+
+def check_inputs(config: ForgetlessConfig) -> None:
+    """Surface every data or task-name mistake before the first stage spends model time."""
+    from forgetless.data import load_section
+    from forgetless.evaluate.tasks import load_tasks
+
+    evaluate = config.evaluate
+    load_tasks(
+        [*evaluate.domain_tasks, *evaluate.general_tasks], evaluate, data_dir=config.data_dir
+    )
+    steps = config.recipe.steps
+    if "merge" in steps:
+        for data in config.recipe.experts.values():
+            load_section(data, config.data_dir)
+    elif "mix" in steps:
+        from forgetless.mix.corpus import load_corpus
+
+        load_corpus(config.mix.sources, config.mix.limit_per_source, config.data_dir)
+    else:
+        load_section(config.data, config.data_dir)
+
+
+def run_adapt(
+    config: ForgetlessConfig,
+    on_event: Callable[[str, StageResult | str], None] | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, StageResult]:
+    """Run (or resume) the recipe; the ``report`` result holds ``report.{json,md,png}``."""
+    check_inputs(config)
+    run_dir = RunDirectory(Path(config.run_dir), on_event=on_event or (lambda event, info: None))
+    return run_dir.run_all(adapt_plan(config, progress=progress).stages)

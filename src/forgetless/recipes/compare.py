@@ -1,0 +1,206 @@
+"""Comparing arms: several adapt recipes on one base model, data and evaluation items.
+
+``compare.arms`` names each arm and the settings it changes; an arm may sweep one setting,
+giving one point per value. Every arm's plan runs in one run directory, so what arms share
+runs once (the base evaluation, a mixture's clusters, a selection's gradients). The result is
+the frontier report (:mod:`forgetless.report.frontier`): each point's paired change against
+the base on every task, its compute, and the Pareto-optimal arms, as JSON, Markdown and a
+self-contained HTML page in ``<run_dir>/frontier/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forgetless.config import ForgetlessConfig, set_dotted, validate_config
+from forgetless.errors import ForgetlessError
+from forgetless.recipes.adapt import (
+    ADAPTED_EVAL,
+    BASE_EVAL,
+    Plan,
+    adapt_plan,
+    check_inputs,
+    describe,
+)
+from forgetless.runs import RunDirectory, StageResult
+
+FRONTIER_DIR = "frontier"
+ARM_KEYS = ("sweep", "description")  # an arm's entries that are not config sections
+
+
+@dataclass
+class Arm:
+    name: str
+    label: str  # the point's name in the report: the arm, and its swept value if any
+    folder: str  # where its own stages go in the run directory
+    sweep: dict[str, Any]
+    description: str
+    config: ForgetlessConfig
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=@+-]", "_", text)
+
+
+def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[Arm]:
+    """One :class:`Arm` per arm and swept value of ``raw``'s ``compare.arms``."""
+    base_raw = {key: value for key, value in raw.items() if key != "compare"}
+    base = validate_config(base_raw, origin)
+    arms_raw = (raw.get("compare") or {}).get("arms") or {}
+    if not arms_raw:
+        raise ForgetlessError(f"{origin or 'the config'}: compare.arms names no arm to run")
+    arms: list[Arm] = []
+    for name, spec in arms_raw.items():
+        where = f"{origin}: compare.arms.{name}" if origin else f"compare.arms.{name}"
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise ForgetlessError(f"{where}: expected a mapping of config sections")
+        sweep = spec.get("sweep") or {}
+        if not isinstance(sweep, dict) or len(sweep) > 1:
+            raise ForgetlessError(
+                f"{where}.sweep: give one setting, e.g. {{train.learning_rate: [1e-4, 3e-4]}}"
+            )
+        changes = {key: value for key, value in spec.items() if key not in ARM_KEYS}
+        points = [(None, None)]
+        if sweep:
+            key, values = next(iter(sweep.items()))
+            if not isinstance(values, list) or not values:
+                raise ForgetlessError(f"{where}.sweep.{key}: give a list of values")
+            points = [(key, value) for value in values]
+        for key, value in points:
+            arm_raw = _merge(base_raw, changes)
+            label, folder = name, name
+            if key is not None:
+                set_dotted(arm_raw, key, value)
+                shown = (
+                    f"{key.rsplit('.', 1)[-1]}={value:g}"
+                    if isinstance(value, float)
+                    else f"{key.rsplit('.', 1)[-1]}={value}"
+                )
+                label, folder = f"{name} {shown}", f"{name}@{shown}"
+            config = validate_config(arm_raw, where)
+            if config.model != base.model or config.evaluate != base.evaluate:
+                raise ForgetlessError(
+                    f"{where}: an arm may not change the model or the evaluation; every arm is "
+                    "scored against the same base on the same items"
+                )
+            arms.append(
+                Arm(name, label, _safe(folder), {key: value} if key else {},
+                    str(spec.get("description", "")), config)
+            )  # fmt: skip
+    return arms
+
+
+def _compute(plan: Plan, results: dict[str, StageResult]) -> dict[str, Any]:
+    """What producing the arm's model cost: its data and training stages together."""
+    summaries = [results[name].summary for name in plan.training]
+    trained = [summary for summary in summaries if "input_tokens_seen" in summary]
+    memory = [s["peak_memory_mb"] for s in trained if s.get("peak_memory_mb") is not None]
+    return {
+        "tokens": sum(s["input_tokens_seen"] for s in trained),
+        "epochs": max((s["epochs"] for s in trained), default=0.0),
+        "steps": sum(s["steps"] for s in trained),
+        "seconds": sum(results[name].seconds or 0.0 for name in plan.training),
+        "peak_memory_mb": max(memory) if memory else None,
+    }
+
+
+@dataclass
+class Comparison:
+    frontier: dict[str, Any]  # the report (forgetless.report.frontier)
+    directory: Path  # where frontier.{json,md,html} are
+    arms: list[Arm]
+    plans: dict[str, Plan]  # by arm folder
+    results: dict[str, dict[str, StageResult]]  # by arm folder, then stage name
+
+    def of(self, label: str) -> tuple[Plan, dict[str, StageResult]]:
+        """The plan and stage results of the point labelled ``label``."""
+        folder = next(arm.folder for arm in self.arms if arm.label == label)
+        return self.plans[folder], self.results[folder]
+
+
+def compare(
+    arms: list[Arm],
+    run_dir: str | Path,
+    *,
+    on_event: Callable[[str, StageResult | str], None] | None = None,
+    progress: bool = True,
+    title: str | None = None,
+    frontier_dir: str | Path | None = None,
+) -> Comparison:
+    """Run every arm (sharing what they share) and write the frontier report, by default in
+    ``<run_dir>/frontier``."""
+    from forgetless.evaluate.stats import paired_task_change, read_evaluation
+    from forgetless.report.frontier import build_frontier, write_frontier
+
+    first = arms[0].config
+    evaluate = first.evaluate
+    if not evaluate.domain_tasks or not evaluate.general_tasks:
+        raise ForgetlessError(
+            "a comparison needs evaluate.domain_tasks and evaluate.general_tasks: the frontier "
+            "plots domain gain against general retention"
+        )
+    tasks = list(dict.fromkeys([*evaluate.domain_tasks, *evaluate.general_tasks]))
+    axes = {
+        "x_task": first.compare.x_task or evaluate.domain_tasks[0],
+        "y_task": first.compare.y_task or evaluate.general_tasks[0],
+    }
+    for axis, task in axes.items():
+        if task not in tasks:
+            raise ForgetlessError(f"compare.{axis} {task!r} is not among the evaluated tasks")
+    for arm in arms:
+        check_inputs(arm.config)
+    plans = {arm.folder: adapt_plan(arm.config, progress=progress) for arm in arms}
+    runs = RunDirectory(Path(run_dir), on_event=on_event or (lambda event, info: None))
+    results = runs.run_plans({folder: plan.stages for folder, plan in plans.items()})
+    base = read_evaluation(results[arms[0].folder][BASE_EVAL].directory)
+    points = []
+    for arm in arms:
+        arm_results = results[arm.folder]
+        evaluation = read_evaluation(arm_results[ADAPTED_EVAL].directory)
+        plan = plans[arm.folder]
+        points.append(
+            {
+                "label": arm.label,
+                "arm": arm.name,
+                "sweep": arm.sweep,
+                "description": arm.description or describe(plan.notes),
+                "changes": {task: paired_task_change(task, base, evaluation) for task in tasks},
+                "compute": _compute(plan, arm_results),
+                "model_dir": str(arm_results[plan.model_stage].directory / "model"),
+            }
+        )
+    comparison = {
+        "title": title or f"forgetless compare: {first.model.name}",
+        "model": first.model.name,
+        **axes,
+        "domain_tasks": list(evaluate.domain_tasks),
+        "general_tasks": list(evaluate.general_tasks),
+        "base": {
+            task: {
+                key: base[0][task][key]
+                for key in ("metric", "value", "higher_is_better", "n", "ci95")
+            }
+            for task in tasks
+        },
+        "arms": points,
+    }
+    frontier = build_frontier(comparison)
+    directory = Path(frontier_dir) if frontier_dir is not None else Path(run_dir) / FRONTIER_DIR
+    write_frontier(frontier, directory)
+    return Comparison(frontier, directory, arms, plans, results)

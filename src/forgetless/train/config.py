@@ -1,0 +1,118 @@
+"""Training settings: the optimiser and schedule, and the settings of each training method."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from forgetless.schema import Section
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (PEFT's shorthand)."
+    )
+
+
+DEFAULT_OSFT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class OsftConfig(Section):
+    target_modules: str = Field(
+        DEFAULT_OSFT_TARGETS,
+        description="Regex (re.search) over module names selecting the constrained weight "
+        "matrices; default: attention q/k/v/o and MLP gate/up/down.",
+    )
+    rank_policy: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="adaptive: per-layer preserved rank from input/output cosine importance "
+        "on calibration data (Sculpting Subspaces); fixed: preserve_ratio for every matrix.",
+    )
+    importance: Literal["block", "matrix"] = Field(
+        "block",
+        description="Adaptive importance: mean cos(x, f(x)) over calibration tokens with f the "
+        "transformer block (residual stream) holding the matrix, or the matrix itself.",
+    )
+    mrr: float = Field(
+        0.1, ge=0.0, le=1.0, description="Adaptive: preserved ratio of the least important layer."
+    )
+    trr: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Adaptive: mean preserved ratio (a layer of average importance keeps "
+        "trr * min(m, n) singular directions frozen).",
+    )
+    preserve_ratio: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fixed policy: frozen fraction of min(m, n) (PEFT OSF effective_rank as a "
+        "fraction; Red Hat mini_trainer's unfreeze_rank_ratio = 1 - preserve_ratio).",
+    )
+    rank_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="Regex -> preserved rank for matching modules: a fraction in (0, 1) of "
+        "min(m, n), or an absolute rank >= 1. Wins over the policy.",
+    )
+    final_trr: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Task sequences: the preserved ratio grows linearly from trr (first task) "
+        "to final_trr (last task) as the SVD is recomputed after each task.",
+    )
+    calibration_data: str = Field(
+        "c4",
+        description="Data set whose inputs calibrate adaptive ranks for the first task "
+        "(later tasks of a sequence calibrate on the earlier tasks' data).",
+    )
+    calibration_samples: int = Field(
+        16, ge=1, description="Calibration sequences (of train.max_length tokens)."
+    )
+    freeze_untargeted: bool = Field(
+        True,
+        description="Freeze parameters outside target_modules (embeddings, norms), as PEFT's "
+        "OSF does; false trains them unconstrained.",
+    )
+
+    def for_task(self, index: int, count: int) -> OsftConfig:
+        """Settings for task ``index`` (0-based) of ``count``: the preserved ratio grows linearly
+        from ``trr`` to ``final_trr`` so each task leaves room for the next ones."""
+        if count <= 1:
+            return self
+        grown = self.trr + (self.final_trr - self.trr) * index / (count - 1)
+        return self.model_copy(update={"trr": grown})
+
+
+class TrainConfig(Section):
+    method: str = Field(
+        "full",
+        description="A registered training method (`forgetless methods train`): full "
+        "fine-tuning, LoRA, or OSFT (full fine-tuning constrained to the orthogonal complement "
+        "of each matrix's top singular subspace).",
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    max_steps: int = Field(
+        60, description="Optimizer steps; <= 0 means train for num_epochs instead."
+    )
+    num_epochs: float = Field(1.0, gt=0, description="Epochs, used only when max_steps <= 0.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    max_length: int = Field(
+        128, ge=8, description="Tokens per sequence (text is packed into blocks of this size)."
+    )
+    lr_scheduler: str = Field("constant", description="transformers scheduler name.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed for weights init of adapters, data order, dropout.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (for resuming).")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most N checkpoints.")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    osft: OsftConfig = Field(default_factory=OsftConfig, description="OSFT settings.")

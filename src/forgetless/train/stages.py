@@ -1,0 +1,100 @@
+"""The training stage: fine-tune the base model on records, resumably, into ``model/``.
+
+The records are a data section, a data file identified by its content, or what an upstream
+stage handed on (a selection, a mixture's sample).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from forgetless.data.config import DataConfig
+from forgetless.data.records import Record, read_records
+from forgetless.errors import ForgetlessError
+from forgetless.model_config import ModelConfig
+from forgetless.runs import Stage, StageResult, StageSettings, records_file
+from forgetless.train.config import TrainConfig
+
+MODEL_DIR = "model"
+
+
+class DataFileSettings(StageSettings):
+    """A data file by its content: a moved or copied run directory stays cached."""
+
+    sha256: str
+    kind: str | None
+
+
+class TrainSettings(StageSettings):
+    model: ModelConfig
+    # Exactly one says where the records come from; an upstream stage is identified by its
+    # fingerprint, so both are then None.
+    data: DataConfig | None
+    data_file: DataFileSettings | None
+    train: TrainConfig
+
+
+class TrainStage(Stage):
+    def __init__(
+        self,
+        name: str,
+        model: ModelConfig,
+        train: TrainConfig,
+        *,
+        data: DataConfig | None = None,
+        data_file: str | Path | None = None,
+        records_from: str | None = None,
+        data_dir: str | None = None,
+        progress: bool = True,
+    ):
+        if sum(x is not None for x in (data, data_file, records_from)) != 1:
+            raise ValueError("give the records as data, data_file or records_from")
+        self.name, self.data_dir, self.progress = name, data_dir, progress
+        self.records_from = records_from
+        self.data_file = None if data_file is None else Path(data_file)
+        file_settings = None
+        if self.data_file is not None:
+            digest = hashlib.sha256(self.data_file.read_bytes()).hexdigest()
+            file_settings = DataFileSettings(sha256=digest, kind=data.kind if data else "text")
+            data = None
+        self._settings = TrainSettings(model=model, data=data, data_file=file_settings, train=train)
+        self.depends_on = (records_from,) if records_from else ()
+
+    def settings(self) -> TrainSettings:
+        return self._settings
+
+    def records(self, inputs: dict[str, StageResult]) -> list[Record]:
+        from forgetless.data import load_section, load_user_data
+
+        settings = self._settings
+        if settings.data is not None:
+            return load_section(settings.data, self.data_dir)
+        if self.data_file is not None:
+            return load_user_data(self.data_file, settings.data_file.kind or "text")
+        return read_records(records_file(inputs[self.records_from]))
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        summary = train_into(self._settings, self.records(inputs), workdir, self.data_dir)
+        # Checkpoints exist only to resume an interrupted run; the finished stage keeps the
+        # final model and drops them to save disk.
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        return summary
+
+
+def train_into(
+    settings: TrainSettings, records: list[Record], output_dir: Path, data_dir: str | None
+) -> dict[str, Any]:
+    """Fine-tune the settings' model on ``records`` into ``output_dir/model``; resumable."""
+    from forgetless.models import load_configured_model
+    from forgetless.train.sft import train_model
+
+    if not records:
+        raise ForgetlessError("no training records")
+    loaded = load_configured_model(settings.model, for_training=True)
+    _, result = train_model(
+        loaded.model, loaded.tokenizer, records, settings.train, output_dir, data_dir=data_dir
+    )
+    return {**result.to_dict(), "model_dir": MODEL_DIR, "records": len(records)}
