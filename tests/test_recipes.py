@@ -162,6 +162,7 @@ def test_packaged_recipes_and_demo_are_valid():
     with resources.as_file(folder) as path:
         demo = expand_arms(load_raw(path / "demo.yaml"), "demo.yaml")
         assert [arm.name for arm in demo] == ["full", "forgetless"]
+        assert demo[1].config.train.method != "full"
         # The same data and token budget for both arms.
         assert demo[0].config.data == demo[1].config.data
         tokens = {arm.config.train.max_steps * arm.config.train.batch_size for arm in demo}
@@ -245,3 +246,44 @@ def test_stage_identities_follow_every_field_they_read(tmp_path):
     assert not any(
         _changed_fingerprints(lambda c: EmbedStage(mixture(c)), config, "mix.cluster").values()
     )
+
+
+@pytest.mark.slow
+def test_packaged_recipe_runs_end_to_end_on_smollm2(tmp_path, shared_data_dir):
+    """configs/recipes/mix_select_osft.yaml as shipped, on SmolLM2-135M, with every size
+    shrunk to fit a test: mix (CLIMB search) -> select (OGS) -> train (OSFT) -> report."""
+    shrink = {
+        "run_dir": str(tmp_path / "run"),
+        "mix.limit_per_source": 20,
+        "mix.tokens": 6000,
+        "mix.cluster.clusters": 4,
+        "mix.cluster.super_clusters": 3,
+        "mix.search.rounds": [4, 2],
+        "mix.search.candidates": 200,
+        "mix.search.predictor_iterations": 20,
+        "mix.search.proxy_tokens": 1024,
+        "mix.search.proxy_max_length": 32,
+        "mix.search.target_limit": 4,
+        "select.featured_samples": 8,
+        "select.anchor.samples": 4,
+        "select.validation.samples": 4,
+        "select.gradient": {"projection_dim": 16, "warmup_steps": 1, "max_length": 128},
+        "select.navigator": {"iterations": 5, "candidates": 4},
+        "train.max_steps": 2,
+        "train.batch_size": 1,
+        "train.max_length": 64,
+        "train.osft.calibration_samples": 2,
+        "evaluate.task_limits": {},
+        "evaluate.limit": 4,
+    }
+    folder = resources.files("forgetless") / "configs" / "recipes"
+    with resources.as_file(folder) as path:
+        config = validate_config(load_raw(path / "mix_select_osft.yaml", shrink))
+    results = run_adapt(config, progress=False)
+    assert results["mixture_climb"].summary["records_file"] == "records.jsonl"
+    assert results["selection_ogs"].summary["selected"] > 0
+    assert results["train"].summary["method"] == "osft"
+    report = json.loads((results["report"].directory / "report.json").read_text())
+    assert [row["task"] for row in report["rows"]] == ["ppl:medical_pool@test", "c4", "arc_easy"]
+    rerun = run_adapt(config, progress=False)
+    assert all(result.cached for result in rerun.values())

@@ -176,6 +176,12 @@ def _notes(frontier: dict[str, Any]) -> list[str]:
     ]
     if base:
         notes.append(f"Base model {frontier['model']}: {'; '.join(base)}.")
+    if any(arm["compute"].get("peak_memory_mb") is not None for arm in frontier["arms"]):
+        notes.append(
+            "Seconds: wall time of each arm's data and training stages. Peak memory: allocated "
+            "CUDA memory on a GPU; on a CPU the process's resident memory, which includes what "
+            "arms trained earlier in the same process left behind."
+        )
     return notes
 
 
