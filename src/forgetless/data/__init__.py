@@ -6,6 +6,7 @@ set name goes to :func:`load_dataset`, a path to :func:`load_user_data`.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -56,15 +57,26 @@ __all__ = [
 
 
 def load_section(data: DataConfig, data_dir: str | Path | None = None) -> list[Record]:
-    """The records a data section describes."""
-    return load_records(
-        data.source,
-        kind=data.kind,
-        split=data.split,
-        subset=data.subset,
-        data_dir=data_dir,
-        columns=data.columns,
-        limit=data.limit,
+    """The records a data section describes. The stages of a run (the arms of a comparison)
+    read the same sections again and again: each is read once per process."""
+    source = Path(data.source)
+    stamp = source.stat().st_mtime_ns if source.exists() else None  # an edited file rereads
+    return list(_load_section(data.model_dump_json(), str(data_dir) if data_dir else None, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_section(data_json: str, data_dir: str | None, stamp) -> tuple[Record, ...]:
+    data = DataConfig.model_validate_json(data_json)
+    return tuple(
+        load_records(
+            data.source,
+            kind=data.kind,
+            split=data.split,
+            subset=data.subset,
+            data_dir=data_dir,
+            columns=data.columns,
+            limit=data.limit,
+        )
     )
 
 

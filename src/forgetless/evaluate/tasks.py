@@ -16,9 +16,12 @@ scored on the data it was trained on by accident.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from forgetless.data import get_dataset_spec, load_records
@@ -116,17 +119,32 @@ class TaskResult:
 
 
 def load_task_records(spec: TaskSpec, config: EvalConfig, *, data_dir=None) -> list:
-    """The records a task is scored on (loading them first surfaces data errors early)."""
-    kind = {"perplexity": "text", "multiple_choice": "multiple_choice"}.get(
-        spec.kind, "instruction"
+    """The records a task is scored on (loading them first surfaces data errors early).
+
+    Every evaluation of a comparison scores the same items: they are read once per process.
+    """
+    columns = json.dumps(spec.columns, sort_keys=True) if spec.columns else None
+    limit = config.limit_for(spec.name)
+    path = Path(spec.source)
+    stamp = path.stat().st_mtime_ns if path.exists() else None  # an edited file rereads
+    data_dir = str(data_dir) if data_dir else None
+    return list(_task_records(spec.source, spec.kind, spec.split, columns, limit, data_dir, stamp))
+
+
+@functools.lru_cache(maxsize=32)
+def _task_records(source, kind, split, columns, limit, data_dir, stamp) -> tuple:
+    record_kind = {"perplexity": "text", "multiple_choice": "multiple_choice"}.get(
+        kind, "instruction"
     )
-    return load_records(
-        spec.source,
-        kind=kind,
-        split=spec.split,
-        data_dir=data_dir,
-        columns=spec.columns,
-        limit=config.limit_for(spec.name),
+    return tuple(
+        load_records(
+            source,
+            kind=record_kind,
+            split=split,
+            data_dir=data_dir,
+            columns=json.loads(columns) if columns else None,
+            limit=limit,
+        )
     )
 
 
