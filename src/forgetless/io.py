@@ -36,6 +36,9 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
             yield out
+            # On disk before the rename: a crash right after it must not leave an empty file.
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from forgetless.errors import ForgetlessError
-from forgetless.io import write_json_atomic
+from forgetless.io import atomic_file, write_json_atomic
 
 MATRIX_FILE = "matrix.npy"
 COLUMNS_FILE = "columns.npz"
@@ -78,9 +78,8 @@ class ShardedRows:
     def commit(self, shard: int) -> None:
         """Make the shard's rows durable, then record it as finished."""
         self.matrix.flush()
-        staging = self.directory / (COLUMNS_FILE + ".tmp.npz")
-        np.savez(staging, **self.columns)
-        staging.replace(self.directory / COLUMNS_FILE)
+        with atomic_file(self.directory / COLUMNS_FILE, "wb") as out:
+            np.savez(out, **self.columns)
         self.manifest["done_shards"] = shard + 1
         write_json_atomic(self.directory / MANIFEST_FILE, self.manifest)
 

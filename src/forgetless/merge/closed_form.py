@@ -193,7 +193,10 @@ class RandomProjectionRidge:
             "seen": sorted(self._seen),
             "generator": self._generator.get_state(),
         }
-        torch.save(state, path)
+        from forgetless.io import atomic_file
+
+        with atomic_file(path, "wb") as out:
+            torch.save(state, out)
 
     def load(self, path: str | Path) -> None:
         """Continue from :meth:`save`'s file, written by a head built with the same arguments."""

@@ -4,12 +4,12 @@ overrides those flags make, and a one-line print of each stage event."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from forgetless.config import parse_assignment
+from forgetless.io import write_json_atomic, write_text_atomic
 
 
 def experiment_parser(doc: str, config: Path, run_dir: str, output: str) -> argparse.ArgumentParser:
@@ -46,7 +46,6 @@ def print_event(event: str, info) -> None:
 def write_results(output: str | Path, results: Any, table: str) -> None:
     """Write ``<output>.json`` and the markdown ``<output>.md``, and print the table."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    output.with_suffix(".md").write_text(table + "\n")
+    write_json_atomic(output.with_suffix(".json"), results)
+    write_text_atomic(output.with_suffix(".md"), table + "\n")
     print(table)
