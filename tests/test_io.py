@@ -51,3 +51,13 @@ def test_a_finished_folder_replaces_the_previous_one_whole(tmp_path):
         (staging / "new").write_text("2")
     assert [path.name for path in (tmp_path / "model").iterdir()] == ["new"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_killed_writers_leftovers_go_with_the_next_write(tmp_path):
+    (tmp_path / ".model.abc123.partial").mkdir()
+    (tmp_path / ".model.abc123.partial" / "weights").write_bytes(b"half")
+    (tmp_path / ".a.txt.xyz.partial").write_text("half")
+    write_text_atomic(tmp_path / "a.txt", "whole")
+    with atomic_directory(tmp_path / "model") as staging:
+        (staging / "weights").write_bytes(b"whole")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "model"]

@@ -230,3 +230,16 @@ def test_cli_merge_takes_several_experts_after_one_flag(checkpoints, tmp_path, r
     assert code == 2 and "--overwrite" in err
     code, _, err = run_cli(["merge", "--base", base, "--experts", base, "--output", base])
     assert code == 2 and "one of the inputs" in err
+
+
+def test_non_finite_expert_weights_are_refused_and_nothing_is_written(checkpoints, tmp_path):
+    base, experts = checkpoints
+    broken = tmp_path / "broken"
+    loaded = load_model(experts[0])
+    with torch.no_grad():
+        next(loaded.model.parameters())[0, 0] = float("nan")
+    _save(loaded.model, loaded.tokenizer, broken)
+    with pytest.raises(ForgetlessError, match="holds NaN or infinite values"):
+        merge_checkpoints(base, [experts[1], str(broken)], tmp_path / "out", MergeConfig())
+    assert not (tmp_path / "out").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken"]

@@ -277,3 +277,60 @@ def test_ray_engine_matches_the_local_engine(tmp_path, shared_data_dir):
     ]
     for key in ("assignment", "kept", "super_of_cluster"):
         assert np.array_equal(clusterings[0][key], clusterings[1][key])
+
+
+# --- files read back from disk, and non-finite numbers --------------------------------------
+
+
+def test_search_files_read_back_are_checked_line_by_line(tmp_path):
+    from forgetless.errors import ForgetlessError
+    from forgetless.mix.search import METRICS_FILE, MIXTURES_FILE, SearchFiles
+
+    files = SearchFiles(tmp_path, 2)
+    (tmp_path / MIXTURES_FILE).write_text("id,round,w0,w1\n../../escape,0,0.5,0.5\n")
+    with pytest.raises(
+        ForgetlessError, match=r"mixtures.csv:2: '../../escape' is not a mixture id"
+    ):
+        files.mixtures()
+    (tmp_path / MIXTURES_FILE).write_text("id,round,w0,w1\naaaaaaaaaaaa,0,0.5\n")
+    with pytest.raises(ForgetlessError, match=r"mixtures.csv:2: a round and 2 weights"):
+        files.mixtures()
+    (tmp_path / MIXTURES_FILE).write_text("id,round,w0,w1\naaaaaaaaaaaa,0,nan,0.5\n")
+    with pytest.raises(ForgetlessError, match=r"mixtures.csv:2: weights must be finite"):
+        files.mixtures()
+    (tmp_path / METRICS_FILE).write_text("id,loss\naaaaaaaaaaaa,1.0\n")
+    with pytest.raises(ForgetlessError, match=r"metrics.csv:1: no 'objective' column"):
+        files.metrics()
+    (tmp_path / METRICS_FILE).write_text("id,objective,loss\naaaaaaaaaaaa,1.0\n")
+    with pytest.raises(ForgetlessError, match=r"metrics.csv:2: a number expected"):
+        files.metrics()
+    (tmp_path / METRICS_FILE).write_text("id,objective\naaaaaaaaaaaa,inf\n")
+    with pytest.raises(ForgetlessError, match=r"metrics.csv:2: objective inf is not finite"):
+        files.metrics()
+
+
+def test_a_non_finite_proxy_objective_stops_the_search(tmp_path):
+    from forgetless.errors import ForgetlessError
+    from forgetless.mix.search import prior_from_tokens, run_search
+
+    config = SearchConfig(rounds=[4], candidates=50, predictor_iterations=5)
+    prior = prior_from_tokens(np.array([3.0, 2.0, 1.0]))
+    with pytest.raises(ForgetlessError, match="non-finite objective"):
+        run_search(config, 0, prior, tmp_path, lambda w, d: {"objective": float("nan")})
+
+
+def test_a_sample_is_never_empty_nor_drawn_by_non_finite_weights():
+    from forgetless.errors import ForgetlessError
+    from forgetless.mix.corpus import Corpus
+    from forgetless.mix.stages import sample_training_set
+    from forgetless.model_config import ModelConfig
+
+    corpus = Corpus(["a", "b"], ["some text " * 20, "other text " * 20], ["s", "s"])
+    groups = np.array([0, 1])
+    tiny = ModelConfig(name="tiny-llama")
+    with pytest.raises(ForgetlessError, match="draws no document"):
+        sample_training_set(corpus, groups, np.array([0.5, 0.5]), 1, tiny, repetition_cap=4, seed=0)
+    with pytest.raises(ForgetlessError, match="weights must be finite"):
+        sample_training_set(
+            corpus, groups, np.array([np.nan, 1.0]), 500, tiny, repetition_cap=4, seed=0
+        )

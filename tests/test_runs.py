@@ -148,12 +148,18 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "run" / "model").exists()
+    totals = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "forgetless_totals.json"
+    before = json.loads(totals.read_text())
     resumed = load_model("tiny-llama", device="cpu")
     model, result = train_model(
         resumed.model, resumed.tokenizer, _records(), _config(), tmp_path / "run", progress=False
     )
     assert result.resumed_from is not None and Path(result.resumed_from).name == "checkpoint-2"
     assert result.steps == 6
+    # The summary covers the whole run, the part before the interruption included.
+    assert result.input_tokens_seen == ref_result.input_tokens_seen
+    assert result.train_loss == pytest.approx(ref_result.train_loss, rel=1e-4)
+    assert result.seconds > before["seconds"] > 0
     for (name, expected), actual in zip(
         ref_model.state_dict().items(), model.state_dict().values(), strict=True
     ):
@@ -186,7 +192,42 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     train_model(first.model, first.tokenizer, _records(), config, tmp_path, progress=False)
     again = load_model("tiny-llama", device="cpu")
     changed = config.model_copy(update={"learning_rate": 5e-3})
-    with pytest.raises(ForgetlessError, match="different run.*learning_rate"):
+    with pytest.raises(ForgetlessError, match="another training run.*learning_rate"):
         train_model(again.model, again.tokenizer, _records(), changed, tmp_path, progress=False)
-    with pytest.raises(ForgetlessError, match="different run.*data"):
+    with pytest.raises(ForgetlessError, match=r"another training run \(changed: data"):
         train_model(again.model, again.tokenizer, _records()[:8], config, tmp_path, progress=False)
+    other = load_model("tiny-llama", device="cpu")
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    with pytest.raises(ForgetlessError, match=r"another training run \(changed: model"):
+        train_model(other.model, other.tokenizer, _records(), config, tmp_path, progress=False)
+
+
+def test_a_finished_run_called_again_changes_nothing(tmp_path):
+    first = load_model("tiny-llama", device="cpu")
+    config = _config().model_copy(update={"max_steps": 2})
+    _, result = train_model(
+        first.model, first.tokenizer, _records(), config, tmp_path, progress=False
+    )
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    stamp = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    again = load_model("tiny-llama", device="cpu")
+    model, rerun = train_model(
+        again.model, again.tokenizer, _records(), config, tmp_path, progress=False
+    )
+    assert rerun == result and rerun.steps == 2
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
+    saved = load_model(str(tmp_path / "model"), device="cpu").model.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], msg=name)
+
+
+def test_a_diverging_run_stops_at_the_step_it_diverged(tmp_path):
+    loaded = load_model("tiny-llama", device="cpu")
+    config = _config().model_copy(update={"learning_rate": 1e30, "max_grad_norm": 1e30})
+    with pytest.raises(
+        ForgetlessError, match=r"training diverged at step \d+: .* no longer finite"
+    ):
+        train_model(loaded.model, loaded.tokenizer, _records(), config, tmp_path, progress=False)
+    assert not (tmp_path / "model").exists()

@@ -54,11 +54,30 @@ ModelOpt = Annotated[
 ]
 
 
-def _config(path: Path | None, assignments: list[str] | None, flags: dict[str, Any]):
+# Config keys set by a flag whose name is not the key's last part.
+FLAG_NAMES = {"model.name": "--model", "data.source": "--data", "select.anchor.source": "--anchor"}
+
+
+def _flag(key: str) -> str:
+    return FLAG_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def _overrides(
+    assignments: list[str] | None, flags: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config overrides of ``--set`` and the flags, and which option set each key."""
     overrides = dict(parse_assignment(text) for text in assignments or [])
+    labels = {key: f"--set {key}" for key in overrides}
     # An unset flag must not erase a value given with --set.
-    overrides.update({key: value for key, value in flags.items() if value is not None})
-    return load_config(path, overrides)
+    given = {key: value for key, value in flags.items() if value is not None}
+    overrides.update(given)
+    labels.update({key: _flag(key) for key in given})
+    return overrides, labels
+
+
+def _config(path: Path | None, assignments: list[str] | None, flags: dict[str, Any]):
+    overrides, labels = _overrides(assignments, flags)
+    return load_config(path, overrides, labels)
 
 
 def _choices(family: str) -> str:
@@ -109,10 +128,16 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a training run of other settings in OUTPUT_DIR.")
+    ] = False,
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Fine-tune a model (full, LoRA or OSFT); resumes from the last checkpoint in OUTPUT_DIR."""
+    """Fine-tune a model (full, LoRA or OSFT); resumes from the last checkpoint in OUTPUT_DIR.
+
+    Run again when finished, it changes nothing; another run in the same OUTPUT_DIR is refused
+    unless --overwrite."""
     cfg = _config(
         config,
         set_,
@@ -132,10 +157,14 @@ def train(
         },
     )
     from forgetless.data import load_section
+    from forgetless.train.sft import remove_run
     from forgetless.train.stages import TrainSettings, train_into
 
     settings = TrainSettings(model=cfg.model, data=cfg.data, data_file=None, train=cfg.train)
-    summary = train_into(settings, load_section(cfg.data, cfg.data_dir), output_dir, cfg.data_dir)
+    records = load_section(cfg.data, cfg.data_dir)
+    if overwrite:
+        remove_run(output_dir)
+    summary = train_into(settings, records, output_dir, cfg.data_dir)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun / accelerate launch
         out.print_json(data=summary)
 
@@ -275,8 +304,7 @@ def _compare(path: Path, assignments: list[str] | None, flags: dict[str, Any]) -
     from forgetless.recipes.compare import compare as run_comparison
     from forgetless.recipes.compare import expand_arms
 
-    overrides = dict(parse_assignment(text) for text in assignments or [])
-    overrides.update({key: value for key, value in flags.items() if value is not None})
+    overrides, _ = _overrides(assignments, flags)
     raw = load_raw(path, overrides)
     arms = expand_arms(raw, path)
     run_dir = arms[0].config.run_dir
@@ -690,6 +718,18 @@ def data_info(
     out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
+def _command_names() -> list[str]:
+    """Every command and sub-command, as typed after `forgetless`."""
+
+    def name(info) -> str:
+        return info.name or info.callback.__name__.replace("_", "-")
+
+    names = [name(info) for info in app.registered_commands]
+    for group in app.registered_groups:
+        names += [f"{group.name} {name(info)}" for info in group.typer_instance.registered_commands]
+    return names
+
+
 def _is_usage_error(error: Exception) -> bool:
     # Typer vendors its own copy of click, so match click's exception interface rather than
     # one particular class.
@@ -722,13 +762,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except ForgetlessError as error:
-        err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        # One line whatever a library put in the message it wraps.
+        message = " ".join(str(error).split())
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted; rerun the same command to resume", markup=False)
         sys.exit(130)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
+    except OSError as error:
+        # A path that cannot be written or read (permissions, a full disk, a file where a
+        # folder should be) is the user's to fix; anything else keeps its traceback.
+        if error.filename is None:
+            raise
+        err.print(
+            f"error: {error.filename}: {error.strerror or error}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except Exception as error:
         if not _is_usage_error(error):
             raise
@@ -736,6 +790,8 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
+
+COMMAND_NAMES = _command_names()
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from forgetless import catalog, registry
 from forgetless.data.config import DataConfig
@@ -79,6 +79,15 @@ class ForgetlessConfig(Section):
     )
     run_dir: str = Field("runs/default", description="Where stages write their artefacts.")
 
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_data_dir(cls, data_dir: str | None) -> str | None:
+        # A mistyped data directory must fail here, not turn into a download (or be ignored
+        # because this run reads only user files).
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+            raise ValueError(f"{data_dir} is not a directory")
+        return data_dir
+
     @model_validator(mode="after")
     def _registered_methods(self) -> ForgetlessConfig:
         for family in METHOD_SECTIONS:
@@ -93,13 +102,18 @@ def _dump(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
+):
     """Load a YAML config (or the defaults) and apply dotted-key overrides on top.
 
     ``overrides`` maps dotted keys to values, e.g. ``{"train.learning_rate": 5e-4}``; values of
-    ``None`` are ignored so unset CLI flags leave the file's value in place.
+    ``None`` are ignored so unset CLI flags leave the file's value in place. ``labels`` names
+    where an override came from (``--learning-rate``), so an invalid value is blamed on it.
     """
-    return validate_config(load_raw(path, overrides), path)
+    return validate_config(load_raw(path, overrides), path, labels)
 
 
 def load_raw(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,9 +128,8 @@ def load_raw(path: str | Path | None, overrides: dict[str, Any] | None = None) -
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
-            raise ForgetlessError(
-                f"{where}: invalid YAML ({getattr(err, 'problem', err)})"
-            ) from None
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ForgetlessError(f"{where}: invalid YAML ({problem})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ForgetlessError(f"{file}: the top level must be a mapping of sections")
         raw = loaded or {}
@@ -126,12 +139,17 @@ def load_raw(path: str | Path | None, overrides: dict[str, Any] | None = None) -
     return raw
 
 
-def validate_config(raw: dict[str, Any], origin: str | Path | None = None) -> ForgetlessConfig:
-    """The validated config of a raw mapping; a mistake is one line naming ``origin``."""
+def validate_config(
+    raw: dict[str, Any],
+    origin: str | Path | None = None,
+    labels: dict[str, str] | None = None,
+) -> ForgetlessConfig:
+    """The validated config of a raw mapping; a mistake is one line naming ``origin``, or the
+    flag of ``labels`` (dotted key -> flag) that set the invalid value."""
     try:
         return ForgetlessConfig.model_validate(raw)
     except ValidationError as err:
-        raise ForgetlessError(_one_line(err, origin)) from None
+        raise ForgetlessError(_one_line(err, origin, labels or {})) from None
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -156,7 +174,7 @@ def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _one_line(err: ValidationError, path: str | Path | None) -> str:
+def _one_line(err: ValidationError, path: str | Path | None, labels: dict[str, str]) -> str:
     first = err.errors()[0]
     origin = f"{path}: " if path is not None else ""
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
@@ -164,6 +182,9 @@ def _one_line(err: ValidationError, path: str | Path | None) -> str:
     if not first["loc"]:  # a check across sections names its own field
         return f"{origin}invalid config: {message}{more}"
     location = ".".join(str(part) for part in first["loc"])
+    for key, label in labels.items():
+        if location == key or location.startswith(f"{key}."):
+            return f"{label}: invalid value for {location}: {message}{more}"
     return f"{origin}invalid config value for {location}: {message}{more}"
 
 

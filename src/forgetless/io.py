@@ -10,6 +10,7 @@ umask), not the owner-only ones of the temporary-file functions.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -26,12 +27,23 @@ def _umask() -> int:
     return mask
 
 
+def _remove_stale(target: Path) -> None:
+    """Temporaries a killed writer of ``target`` left behind. (Two processes writing the same
+    target at once are not supported anyway: the last rename would win.)"""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """A handle on a temporary sibling of ``path`` that replaces ``path`` when the block ends
     without an error (``mode``: ``"w"`` for text, ``"wb"`` for bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
@@ -60,6 +72,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     held) once the block ends without an error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     )

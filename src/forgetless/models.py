@@ -154,19 +154,42 @@ def is_path_like(name: str) -> bool:
 
 
 def _pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
-    if not Path(name).expanduser().exists() and is_path_like(name):
+    local = Path(name).expanduser()
+    if not local.exists() and is_path_like(name):
         raise ForgetlessError(f"model path not found: {name}")
+    if local.is_dir():
+        _check_checkpoint_dir(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
+    except Exception as err:
+        # A hub id offline or unknown (OSError), a local folder with broken files (the
+        # loaders' ValueError, safetensors' own error type): the files are at fault, whichever
+        # library noticed; the first line of its message says how.
+        if not isinstance(err, OSError) and not local.is_dir():
+            raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ForgetlessError(
             f"cannot load model {name!r} (known aliases: {', '.join(MODEL_ALIASES)}): {first_line}"
         ) from None
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_checkpoint_dir(directory: Path) -> None:
+    """A local checkpoint lacking its config or its tokenizer, said plainly before the
+    loaders fail with messages about model types and slow tokenizers."""
+    if not (directory / "config.json").is_file():
+        raise ForgetlessError(f"{directory} is no model checkpoint: it has no config.json")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ForgetlessError(
+            f"{directory} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the "
+            "weights with tokenizer.save_pretrained"
+        )
 
 
 def smollm2_gguf_path() -> Path:
@@ -201,7 +224,7 @@ def tiny_llama_checkpoint_dir() -> Path:
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"tiny-llama-{digest}"
     if not (target / "config.json").is_file():
-        save_model(model, tokenizer, target)
+        _quietly_save(model, tokenizer, target)
     return target
 
 
@@ -222,7 +245,21 @@ def _dequantise_to(gguf: Path, target: Path) -> None:
     # model an ordinary checkpoint that save_pretrained accepts.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    save_model(model, tokenizer, target)
+    _quietly_save(model, tokenizer, target)
+
+
+def _quietly_save(model, tokenizer, target: Path) -> None:
+    """Fill the model cache without a progress bar: the cache is a side effect of the command
+    the user ran, and its bar would sit above that command's own output or error."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        save_model(model, tokenizer, target)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

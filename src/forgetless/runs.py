@@ -55,7 +55,11 @@ class StageResult:
 def records_file(result: StageResult) -> Path:
     """The records a stage handed on: a stage producing training records (a selection, a
     mixture's sample) names their file under ``records_file`` in its summary."""
-    return result.directory / result.summary["records_file"]
+    path = (result.directory / result.summary["records_file"]).resolve()
+    # The name is read back from stage.json: it must not lead out of the stage's folder.
+    if not path.is_relative_to(result.directory.resolve()):
+        raise ForgetlessError(f"{result.directory / STAGE_RECORD}: records_file leaves the stage")
+    return path
 
 
 class Stage(ABC):

@@ -7,4 +7,6 @@ from pydantic import BaseModel, ConfigDict
 
 class Section(BaseModel):
     # Unknown keys are almost always typos: reject them instead of silently ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A NaN or infinite setting (a learning rate, a merge scale) can only produce a silently
+    # wrong result, so no float of any section may be one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -90,4 +90,9 @@ class EvaluateStage(Stage):
         write_json_atomic(
             workdir / ITEMS_FILE, {task: result.per_item for task, result in results.items()}
         )
-        return {"metrics_file": METRICS_FILE, "items_file": ITEMS_FILE, "tasks": list(metrics)}
+        return {
+            "metrics_file": METRICS_FILE,
+            "items_file": ITEMS_FILE,
+            "tasks": list(metrics),
+            "seconds": {task: result.seconds for task, result in results.items()},
+        }

@@ -71,7 +71,7 @@ class Checkpoint:
         shard_of = _weight_files(directory)
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(shard_of.values())):
-            with safe_open(shard, framework="pt") as handle:
+            with _safe_open(shard) as handle:
                 for key in handle.keys():
                     view = handle.get_slice(key)
                     dtype_name = view.get_dtype()
@@ -88,13 +88,40 @@ class Checkpoint:
         file = self.directory / "config.json"
         if not file.is_file():
             raise ForgetlessError(f"{self.label}: no config.json in {self.directory}")
-        return json.loads(file.read_text())
+        try:
+            return json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ForgetlessError(f"{file}: not a valid config.json ({error})") from None
 
     def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key``; non-finite values are refused, they would poison the merge."""
         # Opening per read (not once per merge) unmaps the file after every tensor, so pages
         # of N expert files do not pile up in the process's resident memory.
-        with safe_open(self.shard_of[key], framework="pt") as handle:
-            return handle.get_tensor(key)
+        shard = self.shard_of[key]
+        with _safe_open(shard) as handle:
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as error:  # the library's own error type; the file is at fault
+                raise ForgetlessError(
+                    f"{shard}: cannot read {key} ({_first_line(error)})"
+                ) from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ForgetlessError(f"{self.label}: tensor {key} holds NaN or infinite values")
+        return tensor
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _safe_open(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own error type for a corrupt file
+        raise ForgetlessError(
+            f"{path}: not a readable safetensors file ({_first_line(error)})"
+        ) from None
 
 
 def resolve_checkpoint_dir(name: str) -> Path:
@@ -134,14 +161,17 @@ def resolve_checkpoint_dir(name: str) -> Path:
 def _weight_files(directory: Path) -> dict[str, Path]:
     index = directory / WEIGHTS_INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise ForgetlessError(f"{index}: not a valid safetensors index ({error})") from None
         missing = sorted({file for file in weight_map.values() if not (directory / file).is_file()})
         if missing:
             raise ForgetlessError(f"{directory}: shard {missing[0]} listed in the index is missing")
         return {key: directory / file for key, file in weight_map.items()}
     single = directory / WEIGHTS_NAME
     if single.is_file():
-        with safe_open(single, framework="pt") as handle:
+        with _safe_open(single) as handle:
             return {key: single for key in handle.keys()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise ForgetlessError(

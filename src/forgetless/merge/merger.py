@@ -62,13 +62,14 @@ def merge_checkpoints(
     if not experts:
         raise ForgetlessError("give at least one expert checkpoint to merge")
     output = Path(output_dir)
-    base_ckpt = Checkpoint.open(base)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ForgetlessError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    # The experts first: a mistyped expert fails before the base is fetched or cached.
     expert_ckpts = [Checkpoint.open(name) for name in experts]
+    base_ckpt = Checkpoint.open(base)
     inputs = {ckpt.directory.resolve() for ckpt in [base_ckpt, *expert_ckpts]}
     if output.resolve() in inputs:
         raise ForgetlessError(f"the output {output} is one of the inputs; choose a new directory")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ForgetlessError(f"{output} exists and is not empty; pass --overwrite to replace it")
     check_compatible(base_ckpt, expert_ckpts)
     max_shard_bytes = parse_size(config.max_shard_size)
 
@@ -119,5 +120,11 @@ def _merged_tensors(
         meter.start(key, reference.numel())
         merged = merge_tensor(key, delta, len(experts), config, meter)
         meter.finish()
-        yield key, reference.add_(merged, alpha=config.scale).to(base_tensor.dtype)
-        del base_tensor, reference, merged
+        result = reference.add_(merged, alpha=config.scale).to(base_tensor.dtype)
+        if not bool(torch.isfinite(result).all()):
+            raise ForgetlessError(
+                f"the merged {key} is not finite in {base_tensor.dtype} (merge.scale "
+                f"{config.scale:g} too large?); nothing was written"
+            )
+        yield key, result
+        del base_tensor, reference, merged, result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from forgetless.schema import Section
 
@@ -97,7 +97,7 @@ class SearchConfig(Section):
     proxy_batch_size: int = Field(8, ge=1, description="Sequences per proxy training step.")
     proxy_max_length: int = Field(128, ge=8, description="Tokens per proxy training sequence.")
     proxy_learning_rate: float = Field(1e-3, gt=0, description="Proxy AdamW learning rate.")
-    rounds: list[int] = Field(
+    rounds: list[PositiveInt] = Field(
         default_factory=lambda: [64, 32, 16],
         min_length=1,
         description="Proxy runs per search round (CLIMB: 64, 32, 16).",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from forgetless.mix.config import SearchConfig
 
 logger = logging.getLogger(__name__)
 MIXTURES_FILE = "mixtures.csv"
+MIXTURE_ID = re.compile(r"[0-9a-f]{12}")
 METRICS_FILE = "metrics.csv"
 PROXIES_DIR = "proxies"
 
@@ -141,14 +144,24 @@ class SearchFiles:
             return []
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        return [
-            {
-                "id": row["id"],
-                "round": int(row["round"]),
-                "weights": np.array([float(row[c]) for c in self.columns]),
-            }
-            for row in rows
-        ]
+        mixtures = []
+        for line, row in enumerate(rows, start=2):
+            where = f"{path}:{line}"
+            identifier = row.get("id") or ""
+            # Ids name proxy folders: anything but a mixture hash could leave the run directory.
+            if not MIXTURE_ID.fullmatch(identifier):
+                raise ForgetlessError(f"{where}: {identifier!r} is not a mixture id")
+            try:
+                weights = np.array([float(row[c]) for c in self.columns])
+                round_index = int(row["round"])
+            except (KeyError, TypeError, ValueError):
+                raise ForgetlessError(
+                    f"{where}: a round and {len(self.columns)} weights expected"
+                ) from None
+            if not np.isfinite(weights).all():
+                raise ForgetlessError(f"{where}: weights must be finite")
+            mixtures.append({"id": identifier, "round": round_index, "weights": weights})
+        return mixtures
 
     def add_mixtures(self, round_index: int, proposals: np.ndarray) -> None:
         path = self.directory / MIXTURES_FILE
@@ -165,11 +178,23 @@ class SearchFiles:
         if not path.is_file():
             return {}
         with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        try:
-            return {row["id"]: {k: float(v) for k, v in row.items() if k != "id"} for row in rows}
-        except (KeyError, ValueError) as error:
-            raise ForgetlessError(f"{path}: malformed row ({error})") from None
+            reader = csv.DictReader(handle)
+            if "objective" not in (reader.fieldnames or []):
+                raise ForgetlessError(f"{path}:1: no 'objective' column")
+            rows = list(reader)
+        metrics = {}
+        for line, row in enumerate(rows, start=2):
+            try:
+                values = {k: float(v) for k, v in row.items() if k != "id"}
+            except (TypeError, ValueError):
+                raise ForgetlessError(f"{path}:{line}: a number expected in every column") from None
+            if not math.isfinite(values["objective"]):
+                raise ForgetlessError(
+                    f"{path}:{line}: objective {values['objective']} is not finite; rerun that "
+                    "proxy or remove the row"
+                )
+            metrics[row["id"]] = values
+        return metrics
 
     def add_metrics(self, identifier: str, values: dict[str, float]) -> None:
         path = self.directory / METRICS_FILE
@@ -265,7 +290,13 @@ def run_search(
             }
         for mixture in tqdm(pending, desc=f"round {round_index + 1}", disable=not progress):
             workdir = files.directory / PROXIES_DIR / mixture["id"]
-            files.add_metrics(mixture["id"], runner(mixture["weights"], workdir))
+            metrics = runner(mixture["weights"], workdir)
+            if not math.isfinite(metrics["objective"]):
+                raise ForgetlessError(
+                    f"proxy run {mixture['id']} gave a non-finite objective "
+                    f"({metrics['objective']}); lower mix.search.proxy_learning_rate"
+                )
+            files.add_metrics(mixture["id"], metrics)
         done = files.metrics()
         actual = np.array([done[m["id"]]["objective"] for m in recorded])
         entry: dict[str, Any] = {

@@ -310,10 +310,18 @@ def sample_training_set(
     ``{"text", "id", "super_cluster"}`` and a summary."""
     from forgetless.mix.sampler import sample_mixture
 
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ForgetlessError(f"mixture weights must be finite, non-negative, not all 0: {weights}")
     document_tokens = _document_tokens(corpus, model)
     sample = sample_mixture(
         document_tokens, groups, weights, tokens, repetition_cap=repetition_cap, seed=seed
     )
+    if not len(sample.documents):
+        shortest = int(document_tokens[groups >= 0].min()) if (groups >= 0).any() else 0
+        raise ForgetlessError(
+            f"a budget of {tokens} tokens draws no document (the shortest kept one has "
+            f"{shortest} tokens); raise the token budget (mix.tokens, or --tokens)"
+        )
     rows, drawn = [], Counter()
     for i in sample.documents.tolist():
         # A document repeated by the sampler gets an id per copy: stages downstream (a

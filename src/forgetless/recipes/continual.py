@@ -289,7 +289,6 @@ class ContinualEvalStage(Stage):
             # whole, so their full log-likelihood is what training optimises; dividing by the
             # length would favour long labels whose later tokens are near-certain.
             "accuracy": {task: result["value"] for task, result in results.items()},
-            "seconds": sum(result["seconds"] for result in results.values()),
         }
 
 

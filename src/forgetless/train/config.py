@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from forgetless.schema import Section
 
@@ -106,7 +106,9 @@ class TrainConfig(Section):
     max_length: int = Field(
         128, ge=8, description="Tokens per sequence (text is packed into blocks of this size)."
     )
-    lr_scheduler: str = Field("constant", description="transformers scheduler name.")
+    lr_scheduler: str = Field(
+        "constant", description="transformers scheduler name (linear, cosine, constant, ...)."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -116,3 +118,16 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     osft: OsftConfig = Field(default_factory=OsftConfig, description="OSFT settings.")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        # Checked here, not by TrainingArguments halfway into a run: a typo is a one-line error.
+        from transformers import SchedulerType
+
+        known = [kind.value for kind in SchedulerType]
+        if name not in known:
+            raise ValueError(
+                f"{name!r} is not a transformers scheduler; choose one of: {', '.join(known)}"
+            )
+        return name

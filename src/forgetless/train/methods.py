@@ -51,6 +51,8 @@ class LoraMethod(TrainMethod):
     def prepare(self, model, config: TrainConfig):
         from peft import LoraConfig, get_peft_model
 
+        from forgetless.errors import ForgetlessError
+
         lora = LoraConfig(
             r=config.lora.r,
             lora_alpha=config.lora.alpha,
@@ -58,7 +60,12 @@ class LoraMethod(TrainMethod):
             target_modules=config.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, lora)
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as error:  # PEFT's error when no module matches the targets
+            raise ForgetlessError(
+                f"train.lora.target_modules: {str(error).splitlines()[0]}"
+            ) from None
 
     def finish(self, model, output: Path, *, main_process: bool):
         if main_process:
@@ -83,8 +90,9 @@ class OsftMethod(TrainMethod):
         progress: bool,
     ) -> list[Any]:
         from forgetless.io import write_text_atomic
-        from forgetless.train.osft import OsftCallback, calibration_batches
+        from forgetless.train.osft import OsftCallback, calibration_batches, refuse_sharded_launch
 
+        refuse_sharded_launch()  # before the SVDs, let alone a step
         calibration = None
         if config.osft.rank_policy == "adaptive":
             if calibration_records is None:

@@ -250,6 +250,24 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# How `accelerate launch` asks for sharded training: TrainingArguments' own fields stay empty.
+SHARDING_ENVIRONMENT = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+
+
+def refuse_sharded_launch(args=None) -> None:
+    """Refuse FSDP and DeepSpeed before any step, however they were requested."""
+    requested = [name for name in SHARDING_ENVIRONMENT if os.environ.get(name, "").lower() in
+                 ("1", "true", "yes")]  # fmt: skip
+    if args is not None and (args.deepspeed or args.fsdp):
+        requested.append("TrainingArguments")
+    if requested:
+        raise ForgetlessError(
+            f"OSFT does not support FSDP or DeepSpeed (requested by {', '.join(requested)}): "
+            "they shard each matrix or its gradient, and the projection needs them whole; "
+            "use DDP (torchrun, or accelerate launch without FSDP/DeepSpeed)"
+        )
+
+
 def _refuse_sharded(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if type(param).__name__ == "DTensor" or "_flat_param" in name:
@@ -375,10 +393,7 @@ class OsftCallback(TrainerCallback):
         return [asdict(choice) for choice in self.projector.choices]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if args.deepspeed or args.fsdp:
-            raise ForgetlessError(
-                "OSFT does not support DeepSpeed or FSDP (they shard weights or gradients); use DDP"
-            )
+        refuse_sharded_launch(args)
         device = next(iter(self.projector.weights.values())).device
         for basis in self.projector.bases.values():
             basis.to(device)

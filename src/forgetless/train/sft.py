@@ -8,8 +8,10 @@ writes a plain, loadable checkpoint at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -28,7 +31,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from forgetless.data.features import IGNORE_INDEX, build_training_features
-from forgetless.data.records import Record
+from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
 from forgetless.io import save_model, write_json_atomic
 from forgetless.registry import lookup
@@ -54,7 +57,8 @@ class TrainResult:
     # repeated, and how often matters to any comparison between data sets.
     epochs: float
     resumed_from: str | None
-    # The whole call, set-up included (OSFT's SVDs, LoRA wrapping), and its peak memory.
+    # The whole run, set-up included (OSFT's SVDs, LoRA wrapping) and any part before an
+    # interruption, and the peak memory of this call.
     seconds: float
     peak_memory_mb: float | None
 
@@ -79,26 +83,152 @@ def train_model(
     Returns the trained model (LoRA adapters merged in) and a summary. The final weights are
     written to ``output_dir/model`` as a plain Hugging Face checkpoint (safetensors).
 
+    ``output_dir`` records what the run is (settings, starting weights, data): a finished run
+    called again returns its model and summary without training, and a different run there is
+    an error. After an interruption the summary still covers the whole run.
+
     For OSFT, ``model`` must hold the weights training *starts* from (also when resuming):
     the frozen subspaces come from them. Adaptive ranks are calibrated on
     ``calibration_records`` (the prior data), by default ``config.osft.calibration_data``
     read from ``data_dir``.
     """
+    output = Path(output_dir)
+    identity = run_identity(model, records, config)
+    finished = _finished_run(output, identity)
+    if finished is not None:
+        trained = AutoModelForCausalLM.from_pretrained(output / MODEL_DIR, dtype=model.dtype)
+        return trained.to(next(model.parameters()).device), finished
     device_type = next(model.parameters()).device.type
     with track_peak_memory(device_type) as peak:
         started = time.perf_counter()
         model, result = _train(
-            model, tokenizer, records, config, Path(output_dir), callbacks, progress,
-            calibration_records, data_dir,
+            model, tokenizer, records, config, output, callbacks, progress,
+            calibration_records, data_dir, identity,
         )  # fmt: skip
-    result.seconds = time.perf_counter() - started
+    result.seconds += time.perf_counter() - started
     result.peak_memory_mb = peak.mb
+    if _main_process():
+        write_json_atomic(output / RUN_RECORD, {"identity": identity, "result": result.to_dict()})
     return model, result
 
 
+RUN_RECORD = "forgetless_train.json"
+TOTALS_FILE = "forgetless_totals.json"
+
+
+def run_identity(model: PreTrainedModel, records: Sequence[Record], config: TrainConfig) -> dict:
+    """What a training run is: its settings, the weights it starts from, and its data."""
+    data = hashlib.sha256()
+    for record in records:
+        data.update(json.dumps(record_row(record), sort_keys=True).encode())
+        data.update(b"\n")
+    # A sum per tensor tells two starting points apart at the cost of one pass over the weights.
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    weights = hashlib.sha256(sums.numpy().tobytes())
+    weights.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    return {
+        "train": config.model_dump(mode="json"),
+        "model": weights.hexdigest()[:16],
+        "data": f"{len(records)} records, sha256 {data.hexdigest()[:16]}",
+    }
+
+
+def _finished_run(output: Path, identity: dict) -> TrainResult | None:
+    """The summary of the run ``output`` already finished, if it is this run; an error if
+    ``output`` holds another run."""
+    record_file = output / RUN_RECORD
+    if not record_file.is_file():
+        return None
+    previous = json.loads(record_file.read_text())
+    if previous.get("identity") != identity:
+        before = previous.get("identity") or {}
+        changed = [key for key in ("model", "data") if before.get(key) != identity[key]]
+        changed += sorted(
+            key
+            for key in {**before.get("train", {}), **identity["train"]}
+            if before.get("train", {}).get(key) != identity["train"].get(key)
+        )
+        raise ForgetlessError(
+            f"{output} holds another training run (changed: {', '.join(changed) or 'format'}); "
+            "use another output directory, or --overwrite to replace it"
+        )
+    if previous.get("result") is None or not (output / MODEL_DIR).is_dir():
+        return None
+    return TrainResult(**previous["result"])
+
+
+def remove_run(output: str | Path) -> None:
+    """Delete what a training run wrote into ``output`` (and nothing else of the folder)."""
+    from forgetless.train.methods import ADAPTER_DIR, OSFT_RANKS
+
+    output = Path(output)
+    for name in (CHECKPOINTS_DIR, MODEL_DIR, ADAPTER_DIR):
+        shutil.rmtree(output / name, ignore_errors=True)
+    for name in (RUN_RECORD, OSFT_RANKS):
+        (output / name).unlink(missing_ok=True)
+
+
+def _main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class _StopOnNonFinite(TrainerCallback):
+    """Stops a diverging run at the step where it diverged, instead of training on to weights
+    of NaN and a loss the logs would average away."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        norms = torch.stack([p.detach().float().norm() for _, p in self.parameters])
+        if not bool(torch.isfinite(norms).all()):
+            name = self.parameters[int((~torch.isfinite(norms)).nonzero()[0])][0]
+            raise ForgetlessError(
+                f"training diverged at step {state.global_step}: {name} is no longer finite; "
+                "lower train.learning_rate (or check the data)"
+            )
+
+
+class _RunTotals(TrainerCallback):
+    """The whole run's wall time and summed loss, kept in every checkpoint: a resumed run's
+    summary then covers the steps before the interruption too."""
+
+    def __init__(self, before: dict):
+        self.seconds_before = before.get("seconds", 0.0)
+        self.loss_sum = torch.tensor(before.get("loss_sum", 0.0), dtype=torch.float64)
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        # Summed as a tensor: no device synchronisation per step.
+        self.loss_sum = self.loss_sum.to(loss.device) + loss.detach().double()
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            totals = {"seconds": self.elapsed(), "loss_sum": float(self.loss_sum)}
+            write_json_atomic(folder / TOTALS_FILE, totals)
+
+
+class _Trainer(Trainer):
+    """The Hugging Face Trainer, adding each step's loss to the run's totals."""
+
+    def __init__(self, *args, totals: _RunTotals, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.totals = totals
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.totals.add(loss)
+        return loss
+
+
 def _train(
-    model, tokenizer, records, config, output, callbacks, progress, calibration_records, data_dir
-) -> tuple[PreTrainedModel, TrainResult]:
+    model, tokenizer, records, config, output, callbacks, progress, calibration_records, data_dir,
+    identity,
+) -> tuple[PreTrainedModel, TrainResult]:  # fmt: skip
     method = lookup("train", config.method).implementation
     set_seed(config.seed)
     features = build_training_features(tokenizer, records, config.max_length)
@@ -106,6 +236,11 @@ def _train(
     # Built first: it starts the process group under torchrun / accelerate launch, which OSFT
     # needs to give every process the same subspaces.
     args = _training_arguments(model, config, output / CHECKPOINTS_DIR, progress)
+    resume = _last_checkpoint(output / CHECKPOINTS_DIR)
+    before: dict = {}
+    if resume is not None and (Path(resume) / TOTALS_FILE).is_file():
+        before = json.loads((Path(resume) / TOTALS_FILE).read_text())
+    totals = _RunTotals(before)
     callbacks = [
         *callbacks,
         *method.callbacks(
@@ -118,8 +253,10 @@ def _train(
             data_dir=data_dir,
             progress=progress,
         ),
+        _StopOnNonFinite(model),
+        totals,
     ]
-    trainer = Trainer(
+    trainer = _Trainer(
         model=model,
         args=args,
         train_dataset=features,
@@ -128,9 +265,10 @@ def _train(
         ),
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        totals=totals,
     )
-    resume = _last_checkpoint(output / CHECKPOINTS_DIR)
-    _check_same_run(output / CHECKPOINTS_DIR, config, len(features), resuming=resume is not None)
+    if args.process_index == 0:
+        write_json_atomic(output / RUN_RECORD, {"identity": identity, "result": None})
     if resume:
         logger.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -145,12 +283,12 @@ def _train(
         model_dir=str(output / MODEL_DIR),
         method=config.method,
         steps=outcome.global_step,
-        train_loss=float(outcome.training_loss),
-        train_runtime_s=runtime,
+        train_loss=float(totals.loss_sum) / max(outcome.global_step, 1),
+        train_runtime_s=before.get("seconds", 0.0) + runtime,
         input_tokens_seen=int(trainer.state.num_input_tokens_seen),
         epochs=float(trainer.state.epoch or 0.0),
         resumed_from=resume,
-        seconds=runtime,
+        seconds=before.get("seconds", 0.0),
         peak_memory_mb=None,
     )
     return model, result
@@ -187,34 +325,6 @@ def _training_arguments(
         remove_unused_columns=False,
         disable_tqdm=not progress,
     )
-
-
-RUN_RECORD = "forgetless_train.json"
-
-
-def _check_same_run(checkpoints: Path, config: TrainConfig, n_features: int, resuming: bool):
-    """Refuse to resume checkpoints written with other settings or data.
-
-    The Trainer would silently continue from them (e.g. past a smaller max_steps), so a reused
-    output directory must hold the same run.
-    """
-    record = {"train": config.model_dump(mode="json"), "training_sequences": n_features}
-    record_file = checkpoints / RUN_RECORD
-    if resuming and record_file.is_file():
-        previous = json.loads(record_file.read_text())
-        if previous != record:
-            changed = sorted(
-                key
-                for key in {**previous["train"], **record["train"]}
-                if previous["train"].get(key) != record["train"].get(key)
-            )
-            if previous["training_sequences"] != n_features:
-                changed.append("data")
-            raise ForgetlessError(
-                f"{checkpoints.parent} holds checkpoints of a different run (changed: "
-                f"{', '.join(changed)}); use another output directory or delete it"
-            )
-    write_json_atomic(record_file, record)
 
 
 def _last_checkpoint(folder: Path) -> str | None:
