@@ -163,10 +163,6 @@ def resolve_data_file(relpath: str, data_dir: str | Path | None = None) -> Path:
     given = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     looked_in: list[Path] = []
     if given is not None:
-        if not Path(given).expanduser().is_dir():
-            # A mistyped data directory must not turn into a download.
-            origin = "--data-dir" if data_dir is not None else DATA_DIR_ENV
-            raise ForgetlessError(f"{origin} {given} is not a directory")
         looked_in.append(Path(given).expanduser())
     looked_in.append(data_cache_dir())
     for root in looked_in:

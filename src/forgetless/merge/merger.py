@@ -62,6 +62,9 @@ def merge_checkpoints(
     if not experts:
         raise ForgetlessError("give at least one expert checkpoint to merge")
     output = Path(output_dir)
+    # Compared before the emptiness check, which would otherwise hide the real mistake.
+    if any(Path(name).expanduser().resolve() == output.resolve() for name in [base, *experts]):
+        raise ForgetlessError(f"the output {output} is one of the inputs; choose a new directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ForgetlessError(f"{output} exists and is not empty; pass --overwrite to replace it")
     # The experts first: a mistyped expert fails before the base is fetched or cached.
