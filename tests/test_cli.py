@@ -13,7 +13,9 @@ COMMANDS = [
     "eval",
     "report",
     "run",
+    "compare",
     "demo",
+    "methods",
     "continual",
     "merge",
     "select",
@@ -21,6 +23,9 @@ COMMANDS = [
     "mix cluster",
     "mix search",
     "mix sample",
+    "lm-eval",
+    "lm-eval export",
+    "lm-eval run",
     "config",
     "data",
     "data list",
@@ -33,6 +38,59 @@ def test_help_on_every_command(command, run_cli):
     code, out, _ = run_cli([*command.split(), "--help"])
     assert code == 0
     assert "Usage" in out
+
+
+def test_version_and_short_help(run_cli):
+    from forgetless import __version__
+
+    code, out, _ = run_cli(["--version"])
+    assert code == 0 and out.startswith(f"forgetless {__version__} (torch ")
+    code, out, _ = run_cli(["train", "-h"])
+    assert code == 0 and "--output-dir" in out
+
+
+def test_help_lists_choices_and_defaults(run_cli, monkeypatch):
+    from forgetless import registry
+
+    monkeypatch.setenv("COLUMNS", "250")  # no cell of the help table folded
+
+    code, out, _ = run_cli(["train", "--help"])
+    assert code == 0
+    help_text = " ".join(out.replace("│", " ").split())
+    assert f"[{'|'.join(registry.names('train'))}]" in help_text
+    assert "[default: (0.0001)]" in help_text  # train.learning_rate's documented default
+    code, out, _ = run_cli(["continual", "--help"])
+    # The continual command's defaults are those of its packaged config, not the schema's.
+    assert "[default: (seqft)]" in " ".join(out.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["merge", "--base", "b", "--experts", "e", "--output", "m"], "--output was renamed"),
+        (["run", "--run-dir", "r"], "--run-dir was renamed --output-dir"),
+        (["mix", "sample", "--output-dir", "r", "--tokens", "9", "--to", "f"], "--to was renamed"),
+    ],
+)
+def test_renamed_output_flags_say_their_new_name(argv, message, tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(argv)
+    _assert_one_line_error(code, err, message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_json_is_the_whole_stdout(tmp_path, run_cli):
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(f'{{"text": "note {i} about a patient"}}\n' for i in range(40)))
+    argv = ["train", "--model", "tiny-llama", "--data", str(data), "--max-steps", "2"]
+    argv += ["--batch-size", "2", "--max-length", "16", "--output-dir", str(tmp_path / "out")]
+    argv += ["--set", "train.logging_steps=1", "--json"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    summary = json.loads(out)  # the Trainer's log lines went to stderr
+    assert summary["steps"] == 2 and "'loss'" in err
+    code, out, _ = run_cli(argv[:-1])  # finished: a no-op, shown as a table
+    assert code == 0 and "steps" in out and not out.lstrip().startswith("{")
 
 
 def test_config_prints_documented_defaults(capsys, tmp_path):
@@ -80,18 +138,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
         (["eval", "--bogus-flag"], "bogus-flag"),
         (["run", "--config", "missing.yaml"], "missing.yaml"),
         (["eval", "--set", "evaluate.limit=-3", "--tasks", "c4"], "evaluate.limit"),
-        (["select", "--output", "x", "--method", "best"], "select.method"),
-        (["select", "--output", "x", "--budget", "1.5"], "select.budget"),
-        (["mix", "cluster", "--output", "x", "--sources", "no_such_set"], "no_such_set"),
-        (["mix", "cluster", "--output", "x", "--clusters", "1"], "mix.cluster.clusters"),
-        (["mix", "search", "--output", "x", "--rounds", "8,a"], "--rounds"),
+        (["select", "--output-dir", "x", "--method", "best"], "select.method"),
+        (["select", "--output-dir", "x", "--budget", "1.5"], "select.budget"),
+        (["mix", "cluster", "--output-dir", "x", "--sources", "no_such_set"], "no_such_set"),
+        (["mix", "cluster", "--output-dir", "x", "--clusters", "1"], "mix.cluster.clusters"),
+        (["mix", "search", "--output-dir", "x", "--rounds", "8,a"], "--rounds"),
         (
-            ["mix", "search", "--output", "x", "--set", "mix.search.targets={arc_easy: 1}"],
+            ["mix", "search", "--output-dir", "x", "--set", "mix.search.targets={arc_easy: 1}"],
             "arc_easy",
         ),
-        (["mix", "sample", "--output", "x", "--tokens", "100", "--to", "x.jsonl"], "mix search"),
         (
-            ["select", "--output", "x", "--set", "select.validation_samples=100000"],
+            ["mix", "sample", "--output-dir", "x", "--tokens", "100", "--output", "x.jsonl"],
+            "mix search",
+        ),
+        (
+            ["select", "--output-dir", "x", "--set", "select.validation_samples=100000"],
             "validation_samples",
         ),
     ],
@@ -166,7 +227,7 @@ evaluate:
 """
     )
     run_dir = tmp_path / "run"
-    argv = ["run", "--config", str(config), "--run-dir", str(run_dir)]
+    argv = ["run", "--config", str(config), "--output-dir", str(run_dir)]
     assert run_cli(argv)[0] == 0
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert [row["task"] for row in report["rows"]] == ["ppl:pubmedqa", "arc_easy", "c4"]

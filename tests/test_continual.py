@@ -191,7 +191,7 @@ def test_sotu_trains_experts_from_the_base_and_merges_them(tmp_path, shared_data
 
 
 def test_closed_form_head_accumulates_classes_task_after_task(tmp_path, shared_data_dir, run_cli):
-    argv = ["continual", "--method", "sotu", "--head", "closed_form", "--run-dir", str(tmp_path)]
+    argv = ["continual", "--method", "sotu", "--head", "closed_form", "--output-dir", str(tmp_path)]
     for key, value in {**TINY, "train.max_steps": 1, "continual.eval_limit": 4}.items():
         if key != "run_dir":
             argv += ["--set", f"{key}={value}"]
@@ -231,7 +231,7 @@ def test_help_names_the_options(run_cli):
 )
 def test_cli_mistakes_give_one_line(argv, needle, tmp_path, shared_data_dir, run_cli):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli(["continual", *argv, "--run-dir", str(run_dir)])
+    code, _, err = run_cli(["continual", *argv, "--output-dir", str(run_dir)])
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
@@ -241,7 +241,7 @@ def test_cli_mistakes_give_one_line(argv, needle, tmp_path, shared_data_dir, run
 def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, shared_data_dir, run_cli):
     overrides = {**TINY, "train.max_steps": 1, "evaluate.limit": 4}
     overrides["continual.retention_tasks"] = ["arc_easy"]
-    argv = ["continual", "--order", "3", "--method", "multitask", "--run-dir", str(tmp_path)]
+    argv = ["continual", "--order", "3", "--method", "multitask", "--output-dir", str(tmp_path)]
     argv += ["--train-limit", "4", "--eval-limit", "3"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]

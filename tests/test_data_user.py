@@ -281,7 +281,7 @@ def test_usage_errors(tmp_path):
     assert "unsupported file type '.xml'" in _error(tmp_path / "notes.xml")
     (tmp_path / "notes.txt").write_text("hello\n")
     assert "missing column 'prompt'" in _error(tmp_path / "notes.txt", "instruction")
-    assert "unknown record kind 'chat'" in _error(path, "chat")
+    assert "unknown record kind 'dialogue'" in _error(path, "dialogue")
     assert "'query' is not a field of kind 'text'" in _error(path, columns={"query": "q"})
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -79,7 +79,8 @@ def checkpoints(tmp_path_factory):
 TINY = ["--model", "tiny-llama"]
 TRAIN = ["train", "--output-dir", "out", *TINY, "--max-steps", "1", "--max-length", "16"]
 EVAL = ["eval", *TINY, "--limit", "2"]
-SELECT = ["select", "--output", "out", *TINY, "--limit", "12"]
+MERGE = ["merge", "--base", "tiny-llama", "--experts", "tiny-llama", "--output-dir", "m"]
+SELECT = ["select", "--output-dir", "out", *TINY, "--limit", "12"]
 
 CASES: dict[str, list[tuple[list[str], str]]] = {
     "missing file or folder": [
@@ -88,11 +89,15 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ([*EVAL, "--tasks", "ppl:nope.jsonl"], "nope.jsonl"),
         (["eval", "--model", "./no/model", "--tasks", "c4"], "no/model"),
         (["run", "--config", "nope.yaml"], "nope.yaml"),
+        (
+            ["lm-eval", "run", "--model", "tiny-llama", "--tasks", "t", "--include-path", "nope"],
+            "include path",
+        ),
         (["compare", "--config", "nope.yaml"], "nope.yaml"),
         (["continual", "--config", "nope.yaml"], "nope.yaml"),
-        (["merge", "--base", "tiny-llama", "--experts", "./nope", "--output", "m"], "nope"),
+        (["merge", "--base", "tiny-llama", "--experts", "./nope", "--output-dir", "m"], "nope"),
         ([*SELECT, "--data", "nope.jsonl"], "nope.jsonl"),
-        (["mix", "cluster", "--output", "out", "--sources", "nope.jsonl"], "nope.jsonl"),
+        (["mix", "cluster", "--output-dir", "out", "--sources", "nope.jsonl"], "nope.jsonl"),
         (
             [
                 "report",
@@ -109,7 +114,10 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             ],
             "nope.json",
         ),
-        (["mix", "sample", "--output", "out", "--tokens", "100", "--to", "x.jsonl"], "mix search"),
+        (
+            ["mix", "sample", "--output-dir", "out", "--tokens", "100", "--output", "x.jsonl"],
+            "mix search",
+        ),
     ],
     "empty input": [
         ([*TRAIN, "--data", "empty.jsonl"], "empty.jsonl: no records found"),
@@ -205,11 +213,11 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             "--data-dir: invalid value for data_dir: a_file is not",
         ),
         (["eval", "--model", "a_file", "--tasks", "c4"], "a_file"),
-        (["merge", "--base", "a_file", "--experts", "a_file", "--output", "m"], "a_file"),
+        (["merge", "--base", "a_file", "--experts", "a_file", "--output-dir", "m"], "a_file"),
         (
             [
                 "run",
-                "--run-dir",
+                "--output-dir",
                 "a_file",
                 "--config",
                 "arms_none.yaml",
@@ -222,21 +230,32 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             ],
             "a_file",
         ),
-        ([*SELECT, "--output", "a_file"], "a_file"),
+        ([*SELECT, "--output-dir", "a_file"], "a_file"),
     ],
     "output in the way": [
         (
-            ["merge", "--base", "tiny-llama", "--experts", "tiny-llama", "--output", "nonempty"],
+            [
+                "merge",
+                "--base",
+                "tiny-llama",
+                "--experts",
+                "tiny-llama",
+                "--output-dir",
+                "nonempty",
+            ],
             "nonempty exists and is not empty",
         ),
         (["run", "--config", "arms_eval.yaml"], "forgetless compare --config"),
     ],
     "corrupt or mismatched checkpoint": [
         (
-            ["merge", "--base", "<good>", "--experts", "<trunc>", "--output", "m"],
+            ["merge", "--base", "<good>", "--experts", "<trunc>", "--output-dir", "m"],
             "model.safetensors: not a readable safetensors file",
         ),
-        (["merge", "--base", "<good>", "--experts", "<other>", "--output", "m"], "hidden_size is"),
+        (
+            ["merge", "--base", "<good>", "--experts", "<other>", "--output-dir", "m"],
+            "hidden_size is",
+        ),
         (["eval", "--model", "<trunc>", "--tasks", "c4", "--limit", "1"], "trunc"),
         (["eval", "--model", "<notok>", "--tasks", "c4", "--limit", "1"], "has no tokenizer"),
     ],
@@ -254,13 +273,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ([*SELECT, "--budget", "1.5"], "--budget"),
         (
             [
-                "merge",
-                "--base",
-                "tiny-llama",
-                "--experts",
-                "tiny-llama",
-                "--output",
-                "m",
+                *MERGE,
                 "--keep",
                 "0",
             ],
@@ -268,42 +281,34 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ),
         (
             [
-                "merge",
-                "--base",
-                "tiny-llama",
-                "--experts",
-                "tiny-llama",
-                "--output",
-                "m",
+                *MERGE,
                 "--scale",
                 "inf",
             ],
             "--scale",
         ),
-        (["mix", "sample", "--output", "out", "--tokens", "0", "--to", "x.jsonl"], "--tokens"),
-        (["mix", "search", "--output", "out", "--rounds", "8,a"], "--rounds"),
-        (["mix", "search", "--output", "out", "--rounds", "0"], "mix.search.rounds"),
-        (["mix", "cluster", "--output", "out", "--clusters", "1"], "--clusters"),
+        (
+            ["mix", "sample", "--output-dir", "out", "--tokens", "0", "--output", "x.jsonl"],
+            "--tokens",
+        ),
+        (["mix", "search", "--output-dir", "out", "--rounds", "8,a"], "--rounds"),
+        (["mix", "search", "--output-dir", "out", "--rounds", "0"], "mix.search.rounds"),
+        (["mix", "cluster", "--output-dir", "out", "--clusters", "1"], "--clusters"),
         (["continual", "--order", "9", "--set", "model.name=tiny-llama"], "has no order 9"),
         (["continual", "--eval-limit", "0"], "--eval-limit"),
         ([*TRAIN, "--set", "train.lr_scheduler=cosin"], "not a transformers scheduler"),
     ],
     "unknown name": [
         ([*EVAL, "--tasks", "no_such_task"], "no_such_task"),
+        (["lm-eval", "export", "--tasks", "no_such_task", "--output-dir", "out"], "no_such_task"),
         ([*TRAIN, "--data", "no_such_set"], "no_such_set"),
         ([*TRAIN, "--method", "qlora"], "train.method 'qlora' is not one of"),
         ([*TRAIN, "--data", "pubmedqa", "--split", "dev"], "has no split 'dev'"),
-        ([*TRAIN, "--data", "pubmedqa", "--kind", "chat"], "--kind"),
+        ([*TRAIN, "--data", "pubmedqa", "--kind", "dialogue"], "--kind"),
         ([*SELECT, "--method", "best"], "select.method 'best'"),
         (
             [
-                "merge",
-                "--base",
-                "tiny-llama",
-                "--experts",
-                "tiny-llama",
-                "--output",
-                "m",
+                *MERGE,
                 "--method",
                 "average",
             ],
@@ -311,7 +316,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ),
         (["continual", "--method", "replay"], "continual.method 'replay'"),
         (
-            ["mix", "search", "--output", "out", "--set", "mix.search.targets={arc_easy: 1}"],
+            ["mix", "search", "--output-dir", "out", "--set", "mix.search.targets={arc_easy: 1}"],
             "arc_easy",
         ),
         (["data", "info", "no_such_set"], "unknown data set 'no_such_set'"),
@@ -371,7 +376,7 @@ def test_a_user_mistake_is_one_line_exit_2_and_leaves_nothing(
 def test_the_matrix_covers_every_command():
     from forgetless.cli import COMMAND_NAMES
 
-    tested = {" ".join(argv[:2]) if argv[0] in ("mix", "data") else argv[0]
+    tested = {" ".join(argv[:2]) if argv[0] in ("mix", "data", "lm-eval") else argv[0]
               for cases in CASES.values() for argv, _ in cases}  # fmt: skip
     # demo runs compare's code path on a packaged file; config takes no input.
     assert set(COMMAND_NAMES) - tested <= {"demo", "config", "data list"}

@@ -16,7 +16,8 @@ from forgetless.errors import ForgetlessError
 FUZZ = settings(
     max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-KINDS = ("text", "instruction", "multiple_choice")
+# None: the loader picks the kind from the columns (chat for messages, else text).
+KINDS = ("text", "instruction", "multiple_choice", "chat", None)
 
 # Bytes that look like the formats, mutated: valid rows, broken rows, other encodings.
 JSONISH = st.lists(
@@ -28,6 +29,11 @@ JSONISH = st.lists(
                 b'{"query": "q", "choices": ["a", "b"], "gold": 1}',
                 b'{"query": "q", "choices": "[\\"a\\"]", "gold": "Z"}',
                 b'{"text": null}',
+                b'{"messages": [{"role": "user", "content": "q"}, '
+                b'{"role": "assistant", "content": "a"}]}',
+                b'{"messages": [{"role": "assistant", "content": ["a"]}, {"role": 1}, null]}',
+                b'{"messages": "[{\\"role\\": \\"user\\"}]", "id": [1]}',
+                b'{"conversations": [{"from": "human", "value": "q"}, {"from": ["gpt"]}]}',
                 b"[1, 2]",
                 b"{",
                 b"\xef\xbb\xbf{}",

@@ -219,7 +219,7 @@ def test_incompatible_expert_gives_a_clear_error(checkpoints, tmp_path, break_ex
 def test_cli_merge_takes_several_experts_after_one_flag(checkpoints, tmp_path, run_cli):
     base, experts = checkpoints
     output = tmp_path / "merged"
-    argv = ["merge", "--base", base, "--experts", *experts, "--output", str(output)]
+    argv = ["merge", "--base", base, "--experts", *experts, "--output-dir", str(output)]
     code, out, err = run_cli([*argv, "--keep", "0.3", "--seed", "2"])
     assert code == 0, err
     report = json.loads((output / "merge_report.json").read_text())
@@ -228,7 +228,7 @@ def test_cli_merge_takes_several_experts_after_one_flag(checkpoints, tmp_path, r
 
     code, _, err = run_cli([*argv, "--keep", "0.3"])
     assert code == 2 and "--overwrite" in err
-    code, _, err = run_cli(["merge", "--base", base, "--experts", base, "--output", base])
+    code, _, err = run_cli(["merge", "--base", base, "--experts", base, "--output-dir", base])
     assert code == 2 and "one of the inputs" in err
 
 

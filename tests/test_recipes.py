@@ -191,10 +191,13 @@ def _another(value):
     return "x"
 
 
-def _changed_fingerprints(make_stage, config, section):
+def _changed_fingerprints(make_stage, config, section, identity=True):
     """For each field of the section at dotted path ``section``: does the stage's fingerprint
-    follow a change of it?"""
+    follow a change of it? Only the fields that define results, or with ``identity=False``
+    only those that say where logs go (NOT_IDENTITY)."""
     from pydantic import BaseModel, ValidationError
+
+    from forgetless.schema import NOT_IDENTITY
 
     def at(cfg, path):
         for part in path.split("."):
@@ -208,6 +211,9 @@ def _changed_fingerprints(make_stage, config, section):
     follows = {}
     for name, value in at(config, section).model_dump().items():
         if isinstance(getattr(at(config, section), name), BaseModel):
+            continue
+        field = type(at(config, section)).model_fields[name]
+        if (field.json_schema_extra != NOT_IDENTITY) != identity:
             continue
         raw = config.model_dump(mode="json")
         node = raw
@@ -239,6 +245,17 @@ def test_stage_identities_follow_every_field_they_read(tmp_path):
     ):
         follows = _changed_fingerprints(stage, config, section)
         assert follows and all(follows.values()), (section, follows)
+    # Where training logs go and what the run is called are not what it computes.
+    train = _changed_fingerprints(
+        lambda c: TrainStage("train", c.model, c.train, data=c.data), config, "train", False
+    )
+    assert set(train) == {"run_name", "project"} and not any(train.values())
+    logged = config.model_copy(
+        update={"train": config.train.model_copy(update={"report_to": ["tensorboard"]})}
+    )
+    assert TrainStage("train", logged.model, logged.train, data=logged.data).fingerprint(
+        {}
+    ) == TrainStage("train", config.model, config.train, data=config.data).fingerprint({})
     # ... and not the fields they do not read: searching does not re-cluster.
     assert not any(
         _changed_fingerprints(lambda c: ClusterStage(mixture(c)), config, "mix.search").values()

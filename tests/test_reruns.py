@@ -48,11 +48,11 @@ def test_finished_commands_run_again_change_no_byte(tmp_path, run_cli, shared_da
         "run": ["run", "--config", str(config)],
         "train": ["train", "--config", str(config), "--output-dir", str(tmp_path / "train")],
         "select": [
-            "select", "--config", str(config), "--output", str(tmp_path / "select"),
+            "select", "--config", str(config), "--output-dir", str(tmp_path / "select"),
             "--method", "random", "--budget", "0.5", "--set", "select.validation.samples=4",
         ],
         "mix": [
-            "mix", "cluster", "--config", str(config), "--output", str(tmp_path / "mix"),
+            "mix", "cluster", "--config", str(config), "--output-dir", str(tmp_path / "mix"),
             "--sources", "pubmedqa@train", "c4", "--limit-per-source", "10", "--clusters", "3",
         ],
     }  # fmt: skip
@@ -64,10 +64,10 @@ def test_finished_commands_run_again_change_no_byte(tmp_path, run_cli, shared_da
         assert code == 0, (name, err)
         assert _everything(tmp_path) == first, name
     merge = ["merge", "--base", "tiny-llama", "--experts", str(tmp_path / "train" / "model")]
-    code, _, _ = run_cli([*merge, "--output", str(tmp_path / "merged")])
+    code, _, _ = run_cli([*merge, "--output-dir", str(tmp_path / "merged")])
     assert code == 0
     first = _snapshot(tmp_path / "merged")
-    code, _, _ = run_cli([*merge, "--output", str(tmp_path / "merged"), "--overwrite"])
+    code, _, _ = run_cli([*merge, "--output-dir", str(tmp_path / "merged"), "--overwrite"])
     assert code == 0 and _snapshot(tmp_path / "merged") == first
 
 

@@ -247,7 +247,7 @@ def test_selection_cli(tmp_path, run_cli, shared_data_dir):
     code, out, err = run_cli(
         [
             "select",
-            "--output",
+            "--output-dir",
             str(tmp_path / "run"),
             "--model",
             "tiny-llama",

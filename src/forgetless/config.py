@@ -178,10 +178,11 @@ def _one_line(err: ValidationError, path: str | Path | None, labels: dict[str, s
     first = err.errors()[0]
     origin = f"{path}: " if path is not None else ""
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    message = first["msg"].removeprefix("Value error, ")
+    # A key or value may hold any character (a newline in a dict key): keep one line.
+    message = " ".join(first["msg"].removeprefix("Value error, ").split())
     if not first["loc"]:  # a check across sections names its own field
         return f"{origin}invalid config: {message}{more}"
-    location = ".".join(str(part) for part in first["loc"])
+    location = " ".join(".".join(str(part) for part in first["loc"]).split())
     for key, label in labels.items():
         if location == key or location.startswith(f"{key}."):
             return f"{label}: invalid value for {location}: {message}{more}"

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetless.data.records import InstructionRecord, MultipleChoiceRecord, Record, TextRecord
+from forgetless.data.records import (
+    ChatRecord,
+    InstructionRecord,
+    MultipleChoiceRecord,
+    Record,
+    TextRecord,
+)
 from forgetless.errors import ForgetlessError
 
 PACKAGED_MODELS = {
@@ -56,6 +62,8 @@ def record_text(record: Record) -> str:
         return f"{record.prompt}\n{record.response}"
     if isinstance(record, MultipleChoiceRecord):
         return f"{record.query}{record.delimiter}{record.choices[record.gold]}"
+    if isinstance(record, ChatRecord):
+        return "\n".join(message.content for message in record.messages)
     raise ForgetlessError(f"cannot embed a {type(record).__name__}")
 
 

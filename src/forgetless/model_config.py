@@ -14,6 +14,11 @@ class ModelConfig(Section):
         "smollm2-135m",
         description="Hub id, local checkpoint directory, or alias (smollm2-135m, tiny-llama).",
     )
+    revision: str | None = Field(
+        None,
+        description="Branch, tag or commit of a hub model to load (pin it for reproducible "
+        "runs); default: the main branch. Not for local checkpoints or aliases.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto = bfloat16 on a bf16-capable GPU, else float32."
     )

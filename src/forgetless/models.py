@@ -94,8 +94,11 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer by alias, local path or hub id."""
+    """Load a causal LM and its tokenizer by alias, local path or hub id (at ``revision``:
+    a branch, tag or commit of the hub repository)."""
+    _check_revision(name, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name == TINY_LLAMA_ALIAS:
@@ -103,19 +106,24 @@ def load_model(
     elif name == SMOLLM2_ALIAS:
         model, tokenizer = _smollm2(torch_dtype)
     else:
-        model, tokenizer = _pretrained(name, torch_dtype, trust_remote_code)
+        model, tokenizer = _pretrained(name, torch_dtype, trust_remote_code, revision)
     model = model.to(device=torch_device, dtype=torch_dtype)
     _ensure_pad_token(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
     """The tokenizer of a model alias, local checkpoint or hub id, without its weights."""
+    _check_revision(name, revision)
     if name == TINY_LLAMA_ALIAS:
         return tiny_tokenizer()
     path = smollm2_checkpoint_dir() if name == SMOLLM2_ALIAS else name
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, revision=revision
+        )
     except OSError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ForgetlessError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
@@ -136,7 +144,16 @@ def load_configured_model(
         dtype=dtype,
         device=config.device,
         trust_remote_code=config.trust_remote_code,
+        # The revision pins the configured hub model, not a checkpoint that replaces it.
+        revision=config.revision if name is None else None,
     )
+
+
+def _check_revision(name: str, revision: str | None) -> None:
+    if revision is not None and name in MODEL_ALIASES:
+        raise ForgetlessError(
+            f"model.revision pins a hub model; {name!r} is a packaged alias without revisions"
+        )
 
 
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -153,16 +170,18 @@ def is_path_like(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
+def _pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None):
     local = Path(name).expanduser()
     if not local.exists() and is_path_like(name):
         raise ForgetlessError(f"model path not found: {name}")
     if local.is_dir():
         _check_checkpoint_dir(local)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=trust_remote_code, revision=revision
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code
+            name, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
         )
     except Exception as err:
         # A hub id offline or unknown (OSError), a local folder with broken files (the

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from forgetless import __version__
 from forgetless.errors import ForgetlessError
 from forgetless.io import write_json_atomic
+from forgetless.schema import identity_dump
 
 STAGE_RECORD = "stage.json"
 
@@ -84,7 +85,7 @@ class Stage(ABC):
             # A new release may compute a stage differently, so it invalidates the cache.
             "forgetless": __version__,
             "stage": f"{kind.__module__}.{kind.__qualname__}",
-            "settings": self.settings().model_dump(mode="json"),
+            "settings": identity_dump(self.settings()),
             "inputs": [inputs[name] for name in self.depends_on],
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -158,7 +159,7 @@ class RunDirectory:
             "stage": stage.name,
             "fingerprint": fingerprint,
             "inputs": {name: inputs[name].fingerprint for name in stage.depends_on},
-            "settings": stage.settings().model_dump(mode="json"),
+            "settings": identity_dump(stage.settings()),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": seconds,
             "summary": summary,

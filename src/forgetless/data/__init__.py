@@ -1,7 +1,9 @@
-"""Data: built-in data sets and user files, normalised into the three record kinds.
+"""Data: built-in data sets, user files and Hub data sets, normalised into the record kinds.
 
 :func:`load_records` is the single entry point the rest of forgetless uses: a registered data
-set name goes to :func:`load_dataset`, a path to :func:`load_user_data`.
+set name goes to :func:`load_dataset`, an existing path to :func:`load_user_data`, an
+``owner/name`` that is neither to :func:`load_hub_data`, and any other path-like source to
+:func:`load_user_data` (which says the file is missing).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from forgetless.data.config import DataConfig
 from forgetless.data.records import (
     KINDS,
     RECORD_TYPES,
+    ChatRecord,
     InstructionRecord,
+    Message,
     MultipleChoiceRecord,
     Record,
     TextRecord,
@@ -32,7 +36,7 @@ from forgetless.data.registry import (
     resolve_data_file,
     split_sizes,
 )
-from forgetless.data.user import FILE_EXTENSIONS, load_user_data
+from forgetless.data.user import FILE_EXTENSIONS, is_hub_id, load_hub_data, load_user_data
 from forgetless.errors import ForgetlessError
 
 __all__ = [
@@ -40,14 +44,18 @@ __all__ = [
     "FILE_EXTENSIONS",
     "KINDS",
     "RECORD_TYPES",
+    "ChatRecord",
     "DatasetSpec",
     "InstructionRecord",
+    "Message",
     "MultipleChoiceRecord",
     "Record",
     "TextRecord",
     "get_dataset_spec",
+    "is_hub_id",
     "list_datasets",
     "load_dataset",
+    "load_hub_data",
     "load_records",
     "load_section",
     "load_user_data",
@@ -76,17 +84,13 @@ def _load_section(data_json: str, data_dir: str | None, stamp) -> tuple[Record, 
             data_dir=data_dir,
             columns=data.columns,
             limit=data.limit,
+            revision=data.revision,
         )
     )
 
 
 def _looks_like_path(source: str) -> bool:
-    return (
-        Path(source).expanduser().exists()
-        or source.lower().endswith(FILE_EXTENSIONS)
-        or "/" in source
-        or os.sep in source
-    )
+    return source.lower().endswith(FILE_EXTENSIONS) or "/" in source or os.sep in source
 
 
 def load_records(
@@ -97,15 +101,28 @@ def load_records(
     data_dir: str | Path | None = None,
     columns: dict[str, str] | None = None,
     limit: int | None = None,
+    revision: str | None = None,
 ) -> list[Record]:
-    """Records from a registered data set name or from a user file or saved data set."""
+    """Records from a registered data set name, a user file or saved data set, or a Hub id."""
     if source in DATASETS:
         if columns:
             raise ForgetlessError(f"columns apply to user files only, not to data set '{source}'")
+        if revision is not None:
+            raise ForgetlessError(f"revision applies to hub data sets only, not to '{source}'")
         return load_dataset(source, kind, split, subset, data_dir, limit)
-    if _looks_like_path(source):
+    exists = Path(source).expanduser().exists()
+    if not exists and is_hub_id(source):
+        return load_hub_data(source, kind, columns, split, subset, revision, limit)
+    if exists or _looks_like_path(source):
         if subset is not None:
-            raise ForgetlessError(f"subsets apply to built-in data sets only, not to {source}")
-        return load_user_data(source, kind or "text", columns, split, limit)
+            raise ForgetlessError(
+                f"subsets apply to built-in and hub data sets only, not to {source}"
+            )
+        if revision is not None:
+            raise ForgetlessError(f"revision applies to hub data sets only, not to {source}")
+        return load_user_data(source, kind, columns, split, limit)
     known = ", ".join(list_datasets())
-    raise ForgetlessError(f"unknown data set or missing file '{source}' (known data sets: {known})")
+    raise ForgetlessError(
+        f"unknown data set or missing file '{source}' (known data sets: {known}; "
+        "hub data sets are written owner/name)"
+    )

@@ -2,8 +2,11 @@
 
 * Text is tokenised, joined with EOS and cut into blocks of ``max_length`` tokens (the usual
   packing of language-model pre-training; every token is a target).
-* Instruction pairs go through the tokenizer's chat template; the prompt part (system, user
-  turn and the assistant header) gets label -100, so the loss covers the response only.
+* Conversations go through the tokenizer's chat template. An instruction pair is a
+  conversation of one user turn (after its system prompt, if any) and one assistant turn; a
+  chat record may hold many. Only the assistant turns - each reply with the end-of-turn marker
+  the template puts after it - carry the loss; system and user turns and the assistant headers
+  get label -100.
 * Multiple-choice items are trained as instructions whose response is the gold choice.
 """
 
@@ -15,14 +18,26 @@ from collections.abc import Sequence
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from forgetless.data.records import InstructionRecord, MultipleChoiceRecord, Record, TextRecord
+from forgetless.data.records import (
+    ChatRecord,
+    InstructionRecord,
+    MultipleChoiceRecord,
+    Record,
+    TextRecord,
+)
 from forgetless.errors import ForgetlessError
 
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
 
-# Used only for tokenizers without a chat template (base models).
+# Used only for tokenizers without a chat template (base models): a system prompt, then per
+# exchange the user turn, the response header, the reply and EOS, exchanges separated by a
+# blank line.
+PLAIN_SYSTEM_FORMAT = "{system}\n\n"
 PLAIN_PROMPT_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"
+PLAIN_TURN_SEPARATOR = "\n\n"
+
+Piece = tuple[str, bool]  # (rendered text, whether it is learned)
 
 
 def build_training_features(
@@ -36,8 +51,7 @@ def build_training_features(
         raise ForgetlessError("training records must all be of one kind")
     if isinstance(records[0], TextRecord):
         return pack_text(tokenizer, [record.text for record in records], max_length)
-    pairs = [as_instruction(record) for record in records]
-    return instruction_features(tokenizer, pairs, max_length)
+    return conversation_features(tokenizer, records, max_length)
 
 
 def as_instruction(record: Record) -> InstructionRecord:
@@ -48,6 +62,19 @@ def as_instruction(record: Record) -> InstructionRecord:
             prompt=record.query, response=record.choices[record.gold], id=record.id
         )
     raise ForgetlessError(f"cannot train on a {type(record).__name__} as an instruction")
+
+
+def conversation(record: Record) -> list[dict[str, str]]:
+    """The chat-template messages a trainable record stands for."""
+    if isinstance(record, ChatRecord):
+        return [{"role": message.role, "content": message.content} for message in record.messages]
+    pair = as_instruction(record)
+    system = [] if pair.system is None else [{"role": "system", "content": pair.system}]
+    return [
+        *system,
+        {"role": "user", "content": pair.prompt},
+        {"role": "assistant", "content": pair.response},
+    ]
 
 
 def pack_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> Dataset:
@@ -67,54 +94,110 @@ def pack_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_leng
     )
 
 
+def conversation_pieces(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> list[Piece]:
+    """The rendered conversation up to its last assistant turn, as consecutive pieces.
+
+    With a chat template, assistant turn ``i`` is the text that ``messages[: i + 1]`` adds to
+    ``messages[:i]`` rendered with the generation prompt, so the learned pieces are exactly
+    what the model should produce; everything before it is context.
+    """
+    if not tokenizer.chat_template:
+        return _plain_pieces(tokenizer, messages)
+    pieces: list[Piece] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            # Some templates rewrite earlier turns once an answer follows; masking by prefix
+            # would then be wrong, so refuse rather than train on the wrong tokens.
+            raise ForgetlessError(
+                "the tokenizer's chat template does not render the prompt as a prefix of the "
+                "conversation, so response-only masking is impossible"
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return pieces
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool,
+) -> str:
+    from jinja2 import TemplateError  # templates are jinja; only needed where there is one
+
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as err:
+        # Templates may refuse conversations (roles that do not alternate, a system prompt
+        # they do not support) with raise_exception.
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ForgetlessError(
+            f"the tokenizer's chat template refuses a conversation: {detail}"
+        ) from None
+
+
+def _plain_pieces(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> list[Piece]:
+    pieces: list[Piece] = []
+    context = ""
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            context += PLAIN_SYSTEM_FORMAT.format(system=content)
+        elif role == "user":
+            context += (PLAIN_TURN_SEPARATOR if pieces else "") + PLAIN_PROMPT_FORMAT.format(
+                prompt=content
+            )
+        else:
+            pieces += [(context, False), (content + (tokenizer.eos_token or ""), True)]
+            context = ""
+    return pieces
+
+
 def chat_prompt_and_response(
     tokenizer: PreTrainedTokenizerBase, record: InstructionRecord
 ) -> tuple[str, str]:
-    """Split one rendered conversation into the part to ignore and the part to learn."""
-    if not tokenizer.chat_template:
-        return PLAIN_PROMPT_FORMAT.format(prompt=record.prompt), record.response + (
-            tokenizer.eos_token or ""
-        )
-    messages = [{"role": "user", "content": record.prompt}]
-    if record.system is not None:
-        messages.insert(0, {"role": "system", "content": record.system})
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": record.response}], tokenize=False
-    )
-    if not full.startswith(prompt):
-        # Some templates rewrite earlier turns once an answer follows; masking by prefix
-        # would then be wrong, so refuse rather than train on the wrong tokens.
-        raise ForgetlessError(
-            "the tokenizer's chat template does not render the prompt as a prefix of the "
-            "conversation, so response-only masking is impossible"
-        )
-    return prompt, full[len(prompt) :]
+    """Split one rendered instruction pair into the part to ignore and the part to learn."""
+    (prompt, _), (response, _) = conversation_pieces(tokenizer, conversation(record))
+    return prompt, response
 
 
-def instruction_example(
-    tokenizer: PreTrainedTokenizerBase, record: InstructionRecord, max_length: int
+def training_example(
+    tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int
 ) -> tuple[list[int], list[int]] | None:
-    """(input_ids, labels) of one conversation, or None when the prompt fills max_length."""
-    prompt, response = chat_prompt_and_response(tokenizer, record)
-    # Tokenising the two parts separately keeps the boundary exact; the special tokens are
-    # already in the rendered text.
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    """(input_ids, labels) of one conversation, or None when nothing learned fits max_length."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, learned in conversation_pieces(tokenizer, conversation(record)):
+        # Tokenising the pieces separately keeps the boundaries exact; the special tokens are
+        # already in the rendered text.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if learned else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) >= max_length:
+            break
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return input_ids, labels
 
 
-def instruction_features(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[InstructionRecord], max_length: int
+def conversation_features(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_length: int
 ) -> Dataset:
     rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     dropped = 0
     for record in records:
-        example = instruction_example(tokenizer, record, max_length)
+        example = training_example(tokenizer, record, max_length)
         if example is None:
             dropped += 1
             continue
@@ -144,4 +227,4 @@ def sample_example(
         ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
         ids = (ids + [tokenizer.eos_token_id])[:max_length]
         return (ids, list(ids)) if len(ids) >= 2 else None
-    return instruction_example(tokenizer, as_instruction(record), max_length)
+    return training_example(tokenizer, record, max_length)

@@ -1,19 +1,23 @@
-"""The three kinds every data source normalises into.
+"""The four kinds every data source normalises into.
 
 * :class:`TextRecord` — raw text for language modelling and perplexity.
 * :class:`InstructionRecord` — a prompt and a response, trained through the tokenizer's chat
   template with the loss on the response tokens only.
 * :class:`MultipleChoiceRecord` — a query, its choices and the gold index, scored by the
   log-likelihood of each choice as a continuation of the query.
+* :class:`ChatRecord` — a multi-turn conversation (optional system prompt, user and assistant
+  turns), trained through the chat template with the loss on every assistant turn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Kind = Literal["text", "instruction", "multiple_choice"]
-KINDS: tuple[str, ...] = ("text", "instruction", "multiple_choice")
+Kind = Literal["text", "instruction", "multiple_choice", "chat"]
+KINDS: tuple[str, ...] = ("text", "instruction", "multiple_choice", "chat")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,56 @@ class MultipleChoiceRecord:
             raise ValueError(f"gold index {self.gold} out of range for {len(self.choices)} choices")
 
 
-Record = TextRecord | InstructionRecord | MultipleChoiceRecord
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    messages: tuple[Message, ...]
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        check_conversation(self.messages)
+
+
+def check_conversation(messages: Sequence[Message]) -> None:
+    """A ValueError naming the first thing that makes ``messages`` untrainable.
+
+    Chat templates expect a system prompt only in front and a user turn before the first reply
+    (some read ``messages[0]`` unguarded, others raise), and a conversation without an
+    assistant turn has nothing to learn.
+    """
+    for position, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise ValueError(
+                f"message {position} has role {message.role!r}; roles: {', '.join(ROLES)}"
+            )
+        if not isinstance(message.content, str):
+            raise ValueError(
+                f"message {position} ({message.role}): content must be a string, "
+                f"got {'null' if message.content is None else type(message.content).__name__}"
+            )
+        if not message.content.strip():
+            raise ValueError(f"message {position} ({message.role}) is empty")
+        if message.role == "system" and position > 0:
+            raise ValueError(f"message {position}: a system prompt may only come first")
+    opening = 1 if messages and messages[0].role == "system" else 0
+    if len(messages) <= opening or messages[opening].role != "user":
+        raise ValueError("the conversation must open with a user turn (after any system prompt)")
+    if not any(message.role == "assistant" for message in messages):
+        raise ValueError("the conversation has no assistant turn to learn from")
+
+
+Record = TextRecord | InstructionRecord | MultipleChoiceRecord | ChatRecord
 
 RECORD_TYPES: dict[str, type] = {
     "text": TextRecord,
     "instruction": InstructionRecord,
     "multiple_choice": MultipleChoiceRecord,
+    "chat": ChatRecord,
 }
 
 
@@ -70,6 +118,11 @@ def record_from_row(row: dict) -> Record:
             gold=row["gold"],
             id=row.get("id", ""),
             delimiter=row.get("delimiter", " "),
+        )
+    if "messages" in row:
+        return ChatRecord(
+            messages=tuple(Message(m["role"], m["content"]) for m in row["messages"]),
+            id=row.get("id", ""),
         )
     if "prompt" in row:
         return InstructionRecord(

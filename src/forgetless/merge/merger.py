@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from forgetless.cards import CardContent, Provenance, write_card
 from forgetless.errors import ForgetlessError
+from forgetless.hub import check_push_access, push_model
 from forgetless.io import atomic_directory, write_json_atomic
 from forgetless.merge import MERGE_REPORT
 from forgetless.merge.checkpoint import (
@@ -23,6 +25,7 @@ from forgetless.merge.config import MergeConfig
 from forgetless.merge.diagnostics import OverlapMeter, expected_collision_rate
 from forgetless.merge.methods import merge_tensor
 from forgetless.merge.rules import merge_rule
+from forgetless.registry import lookup
 
 
 @dataclass
@@ -38,9 +41,12 @@ class MergeReport:
     parameters: int
     overlap: dict
     expected_collision_rate: float | None
+    hub_url: str | None = None  # where it was pushed, if it was
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Where the merge was published is not part of what it is (and is known only after
+        # merge_report.json is written).
+        return {key: value for key, value in asdict(self).items() if key != "hub_url"}
 
 
 def merge_checkpoints(
@@ -51,12 +57,16 @@ def merge_checkpoints(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> MergeReport:
     """Merge ``experts`` (fine-tunes of ``base``) into a plain HF checkpoint in ``output_dir``.
 
     ``base`` and each expert are checkpoint directories, hub ids or the ``smollm2-135m``
-    alias. The output has the base's config and tokenizer and a ``merge_report.json`` with the
-    overlap diagnostics; the same inputs and seed give the same bytes.
+    alias. The output has the base's config and tokenizer, a ``merge_report.json`` with the
+    overlap diagnostics and a model card (README.md); the same inputs and seed give the same
+    bytes. With ``push_to_hub`` (a repository id) the access is checked before any checkpoint
+    is read, and the merged folder is uploaded (``private`` if the repository is new).
     """
     config = config or MergeConfig()
     if not experts:
@@ -67,6 +77,8 @@ def merge_checkpoints(
         raise ForgetlessError(f"the output {output} is one of the inputs; choose a new directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ForgetlessError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    if push_to_hub is not None:
+        check_push_access(push_to_hub)
     # The experts first: a mistyped expert fails before the base is fetched or cached.
     expert_ckpts = [Checkpoint.open(name) for name in experts]
     base_ckpt = Checkpoint.open(base)
@@ -100,7 +112,44 @@ def merge_checkpoints(
             ),
         )
         write_json_atomic(staging / MERGE_REPORT, report.to_dict())
+        write_card(staging, _card(report))
+    if push_to_hub is not None:
+        message = f"forgetless: {len(experts)} experts merged into {base} with {config.method}"
+        report.hub_url = push_model(output, push_to_hub, private, message)
     return report
+
+
+def _card(report: MergeReport) -> CardContent:
+    overlap = report.overlap
+    experts = [
+        {
+            "expert": name,
+            "delta norm": overlap["delta_norm"][i],
+            "kept": overlap["kept_fraction"][i],
+        }
+        for i, name in enumerate(report.experts)
+    ]
+    return CardContent(
+        kind="merge",
+        method=report.method,
+        method_summary=lookup("merge", report.method).summary,
+        provenance=Provenance(report.base),
+        settings={
+            "method": report.method,
+            "keep": report.keep,
+            "rescale": report.rescale,
+            "scale": report.scale,
+            "seed": report.seed,
+        },
+        compute={"tensors": report.tensors, "parameters": report.parameters},
+        experts=experts,
+        diagnostics={
+            "collision rate (kept by two or more experts)": overlap["collision_rate"],
+            "expected with independent masks": report.expected_collision_rate,
+            "mean abs cosine between expert deltas, raw": overlap["mean_abs_cosine_raw"],
+            "mean abs cosine between expert deltas, masked": overlap["mean_abs_cosine_masked"],
+        },
+    )
 
 
 def _merged_tensors(

@@ -344,7 +344,7 @@ def _document_tokens(corpus: Corpus, model: ModelConfig) -> np.ndarray:
     # Tokens of the model that will train on the set, not of the proxy.
     from forgetless.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model.name, model.trust_remote_code)
+    tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
     lengths = tokenizer(corpus.texts, add_special_tokens=False)["input_ids"]
     return np.array([len(ids) + 1 for ids in lengths], dtype=np.float64)
 

@@ -8,20 +8,25 @@ fingerprint), the experts' checkpoints are what the merge reads.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forgetless.cards import set_retention
 from forgetless.config import ForgetlessConfig
 from forgetless.evaluate.stages import EvaluateStage
+from forgetless.hub import check_push_access, push_model
 from forgetless.merge.stages import MergeExpertsStage
 from forgetless.report.stages import ReportStage
+from forgetless.report.trackers import Trackers
 from forgetless.runs import RunDirectory, Stage, StageResult
 from forgetless.train.stages import TrainStage
 
 BASE_EVAL = "eval_base"
 ADAPTED_EVAL = "eval_adapted"
 REPORT = "report"
+MODEL_DIR = "model"
 
 
 @dataclass
@@ -106,9 +111,15 @@ def adapt_plan(config: ForgetlessConfig, *, progress: bool = True) -> Plan:
             adapted=ADAPTED_EVAL,
             training=model_stage,
             meta=meta,
+            trackers=trackers_of(config),
         )
     )
     return Plan(stages, model_stage, training, notes)
+
+
+def trackers_of(config: ForgetlessConfig) -> Trackers:
+    train = config.train
+    return Trackers(tuple(train.report_to), train.project, train.run_name)
 
 
 def _data_description(config: ForgetlessConfig) -> str:
@@ -150,8 +161,62 @@ def run_adapt(
     on_event: Callable[[str, StageResult | str], None] | None = None,
     *,
     progress: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> dict[str, StageResult]:
-    """Run (or resume) the recipe; the ``report`` result holds ``report.{json,md,png}``."""
+    """Run (or resume) the recipe; the ``report`` result holds ``report.{json,md,png}``.
+
+    The adapted model's card gets the retention table. With ``push_to_hub`` (a repository
+    id) the access is checked before the first stage, and the adapted model is uploaded at the
+    end (``private`` if the repository is new); ``on_event("pushed", url)`` reports it.
+    """
     check_inputs(config)
-    run_dir = RunDirectory(Path(config.run_dir), on_event=on_event or (lambda event, info: None))
-    return run_dir.run_all(adapt_plan(config, progress=progress).stages)
+    if push_to_hub is not None:
+        check_push_access(push_to_hub)
+    on_event = on_event or (lambda event, info: None)
+    plan = adapt_plan(config, progress=progress)
+    results = RunDirectory(Path(config.run_dir), on_event=on_event).run_all(plan.stages)
+    model_dir = results[plan.model_stage].directory / MODEL_DIR
+    set_retention(model_dir, retention_markdown(results))
+    if push_to_hub is not None:
+        message = f"forgetless run: {describe(plan.notes)} on {config.model.name}"
+        on_event("pushed", push_model(model_dir, push_to_hub, private, message))
+    return results
+
+
+def _value(value: float, metric: str) -> str:
+    return f"{100 * value:.2f} %" if metric in ("accuracy", "exact_match") else f"{value:.3f}"
+
+
+def retention_markdown(results: dict[str, StageResult]) -> str:
+    """The adapted model against the base for its card: each task's change with its paired
+    95 % interval (the same items scored by both), and the mean change per group."""
+    from forgetless.evaluate.stats import paired_task_change, read_evaluation
+
+    report = json.loads((results[REPORT].directory / "report.json").read_text())
+    base = read_evaluation(results[BASE_EVAL].directory)
+    adapted = read_evaluation(results[ADAPTED_EVAL].directory)
+    meta = report["meta"]
+    lines = [
+        f"Against the base `{meta['model']}` on the same items; recipe: {meta['method']}; "
+        f"data: {meta['data']}. Intervals are paired 95 % intervals of the change.",
+        "",
+        "| group | task | metric | base | this model | change (95 % CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        metric = row["metric"]
+        change = paired_task_change(row["task"], base, adapted)
+        low, high = change["ci95"]
+        unit = "pt" if change["unit"] == "points" else "% perplexity"
+        lines.append(
+            f"| {row['group']} | {row['task']} | {metric} | {_value(row['before'], metric)} "
+            f"| {_value(row['after'], metric)} "
+            f"| {change['change']:+.2f} {unit} [{low:+.2f}, {high:+.2f}] |"
+        )
+    lines.append("")
+    for group in ("domain", "general"):
+        mean = report["summary"].get(f"{group}_improvement_pct")
+        if mean is not None:
+            lines.append(f"- mean {group} change (positive = better): {mean:+.1f} %")
+    return "\n".join(lines) + "\n"

@@ -11,21 +11,26 @@ self-contained HTML page in ``<run_dir>/frontier/``.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forgetless.cards import set_retention
 from forgetless.config import ForgetlessConfig, set_dotted, validate_config
 from forgetless.errors import ForgetlessError
 from forgetless.recipes.adapt import (
     ADAPTED_EVAL,
     BASE_EVAL,
+    MODEL_DIR,
     Plan,
     adapt_plan,
     check_inputs,
     describe,
+    retention_markdown,
+    trackers_of,
 )
 from forgetless.runs import RunDirectory, StageResult
 
@@ -146,7 +151,8 @@ def compare(
     """Run every arm (sharing what they share) and write the frontier report, by default in
     ``<run_dir>/frontier``."""
     from forgetless.evaluate.stats import paired_task_change, read_evaluation
-    from forgetless.report.frontier import build_frontier, write_frontier
+    from forgetless.report.frontier import build_frontier, render_markdown, write_frontier
+    from forgetless.report.trackers import frontier_scalars
 
     first = arms[0].config
     evaluate = first.evaluate
@@ -174,6 +180,8 @@ def compare(
         arm_results = results[arm.folder]
         evaluation = read_evaluation(arm_results[ADAPTED_EVAL].directory)
         plan = plans[arm.folder]
+        model_dir = arm_results[plan.model_stage].directory / MODEL_DIR
+        set_retention(model_dir, retention_markdown(arm_results))
         points.append(
             {
                 "label": arm.label,
@@ -182,7 +190,7 @@ def compare(
                 "description": arm.description or describe(plan.notes),
                 "changes": {task: paired_task_change(task, base, evaluation) for task in tasks},
                 "compute": _compute(plan, arm_results),
-                "model_dir": str(arm_results[plan.model_stage].directory / "model"),
+                "model_dir": str(model_dir),
             }
         )
     comparison = {
@@ -202,5 +210,13 @@ def compare(
     }
     frontier = build_frontier(comparison)
     directory = Path(frontier_dir) if frontier_dir is not None else Path(run_dir) / FRONTIER_DIR
+    previous = directory / "frontier.json"
+    unchanged = previous.is_file() and json.loads(previous.read_text()) == json.loads(
+        json.dumps(frontier)
+    )
     write_frontier(frontier, directory)
+    if not unchanged:  # a rerun of a finished comparison logs nothing twice
+        trackers_of(first).log(
+            directory, "frontier", frontier_scalars(frontier), render_markdown(frontier)
+        )
     return Comparison(frontier, directory, arms, plans, results)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from forgetless.report.trackers import Trackers
 from forgetless.runs import Stage, StageResult, StageSettings
 
 
@@ -26,8 +27,11 @@ class ReportStage(Stage):
         adapted: str,
         training: str | None = None,
         meta: dict[str, Any] | None = None,
+        trackers: Trackers | None = None,
     ):
         self.name, self.base, self.adapted, self.training = name, base, adapted, training
+        # Where the report is logged says nothing about its content: not a setting.
+        self.trackers = trackers or Trackers()
         self._settings = ReportSettings(
             domain_tasks=tuple(domain_tasks), general_tasks=tuple(general_tasks), meta=meta or {}
         )
@@ -37,7 +41,12 @@ class ReportStage(Stage):
         return self._settings
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.report.retention import build_retention_report, write_report
+        from forgetless.report.retention import (
+            build_retention_report,
+            render_markdown,
+            write_report,
+        )
+        from forgetless.report.trackers import retention_scalars
 
         def metrics(stage: str) -> dict[str, Any]:
             return json.loads((inputs[stage].directory / "metrics.json").read_text())
@@ -54,4 +63,5 @@ class ReportStage(Stage):
             },
         )
         write_report(report, workdir)
+        self.trackers.log(workdir, "retention", retention_scalars(report), render_markdown(report))
         return {"files": ["report.json", "report.md", "report.png"]}

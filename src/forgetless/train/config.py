@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from forgetless.schema import Section
+from forgetless.errors import ForgetlessError
+from forgetless.schema import NOT_IDENTITY, Section
 
 
 class LoraConfig(Section):
@@ -116,8 +117,59 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (for resuming).")
     save_total_limit: int = Field(2, ge=1, description="Keep at most N checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers, as transformers' `report_to` (tensorboard, wandb, "
+        "trackio, mlflow, ...): training logs go there, and so do the retention and frontier "
+        "reports (tensorboard, wandb, trackio). A name or a list; empty or 'none': no tracker. "
+        "TensorBoard writes under <output>/checkpoints/runs.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    run_name: str | None = Field(
+        None,
+        description="Run name shown by the trackers; default: the output directory.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    project: str = Field(
+        "forgetless",
+        description="Tracker project (Trackio and W&B) the runs are grouped in.",
+        json_schema_extra=NOT_IDENTITY,
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     osft: OsftConfig = Field(default_factory=OsftConfig, description="OSFT settings.")
+
+    def check_trackers_installed(self) -> None:
+        """Fail before any work when a tracker's package is missing (transformers would raise
+        only once the Trainer is built, after the model and data are loaded)."""
+        from transformers.integrations import get_available_reporting_integrations
+
+        available = get_available_reporting_integrations()
+        for name in self.report_to:
+            if name not in available:
+                raise ForgetlessError(
+                    f"train.report_to: {name} is not installed; install its package "
+                    f"(e.g. pip install {name.replace('_', '-')}) or drop it"
+                )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: object) -> object:
+        # `--set train.report_to=tensorboard` gives one name; transformers accepts both too.
+        if isinstance(value, str):
+            value = [] if value == "none" else [value]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        for name in names:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(
+                    f"unknown tracker {name!r}; choose from: {', '.join(INTEGRATION_TO_CALLBACK)}"
+                )
+        return sorted(set(names), key=names.index)
 
     @field_validator("lr_scheduler")
     @classmethod

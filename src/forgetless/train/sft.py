@@ -30,12 +30,14 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from forgetless.cards import CardContent, Provenance, write_card
 from forgetless.data.features import IGNORE_INDEX, build_training_features
 from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
-from forgetless.io import save_model, write_json_atomic
+from forgetless.io import atomic_directory, write_json_atomic
 from forgetless.registry import lookup
 from forgetless.resources import track_peak_memory
+from forgetless.schema import identity_dump
 from forgetless.train import methods as _methods  # noqa: F401  (registers the methods)
 from forgetless.train.config import TrainConfig
 
@@ -77,11 +79,13 @@ def train_model(
     progress: bool = True,
     calibration_records: Sequence[Record] | None = None,
     data_dir: str | None = None,
+    provenance: Provenance | None = None,
 ) -> tuple[PreTrainedModel, TrainResult]:
     """Fine-tune ``model`` on ``records``; resumes from the last checkpoint in ``output_dir``.
 
     Returns the trained model (LoRA adapters merged in) and a summary. The final weights are
-    written to ``output_dir/model`` as a plain Hugging Face checkpoint (safetensors).
+    written to ``output_dir/model`` as a plain Hugging Face checkpoint (safetensors) with a
+    model card (README.md) naming the base model and data as ``provenance`` gives them.
 
     ``output_dir`` records what the run is (settings, starting weights, data): a finished run
     called again returns its model and summary without training, and a different run there is
@@ -92,6 +96,7 @@ def train_model(
     ``calibration_records`` (the prior data), by default ``config.osft.calibration_data``
     read from ``data_dir``.
     """
+    config.check_trackers_installed()
     output = Path(output_dir)
     identity = run_identity(model, records, config)
     finished = _finished_run(output, identity)
@@ -108,8 +113,71 @@ def train_model(
     result.seconds += time.perf_counter() - started
     result.peak_memory_mb = peak.mb
     if _main_process():
+        # Saved once the summary is complete, so the card's compute is the run record's; the
+        # run counts as finished only once its record is written after.
+        provenance = provenance or Provenance(model.name_or_path or "a model given in memory")
+        card = _card(provenance, identity, config, result, next(model.parameters()).device)
+        with atomic_directory(output / MODEL_DIR) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            write_card(staging, card)
         write_json_atomic(output / RUN_RECORD, {"identity": identity, "result": result.to_dict()})
     return model, result
+
+
+# Checkpointing and logging cadence: they leave the trained weights as they are.
+_BOOKKEEPING = ("save_steps", "save_total_limit", "logging_steps")
+
+
+def _card(
+    provenance: Provenance,
+    identity: dict,
+    config: TrainConfig,
+    result: TrainResult,
+    device: torch.device,
+) -> CardContent:
+    method = lookup("train", config.method)
+    dumped = identity["train"]
+    settings = {
+        key: value
+        for key, value in dumped.items()
+        if not isinstance(value, dict) and key not in _BOOKKEEPING
+    }
+    if method.settings is not None:  # e.g. train.lora: the method's own section, and no other
+        section = dumped
+        for part in method.settings.split(".")[1:]:
+            section = section[part]
+        prefix = method.settings.split(".", 1)[1]
+        settings.update({f"{prefix}.{key}": value for key, value in section.items()})
+    if device.type == "cuda":
+        where, memory = f"cuda ({torch.cuda.get_device_name(device)})", "GPU memory allocated"
+    else:
+        where, memory = device.type, "process resident memory"
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        where += f", {torch.distributed.get_world_size()} processes"
+    peak = result.peak_memory_mb
+    compute = {
+        "optimizer steps": result.steps,
+        "tokens trained on": result.input_tokens_seen,
+        "epochs": round(result.epochs, 3),
+        "mean training loss": round(result.train_loss, 4),
+        "wall time": f"{result.seconds:.0f} s",
+        f"peak {memory}": None if peak is None else f"{peak:.0f} MiB",
+        "device": where,
+    }
+    return CardContent(
+        kind="fine-tune",
+        method=config.method,
+        method_summary=method.summary,
+        provenance=Provenance(
+            provenance.base_model,
+            {**provenance.data, "fingerprint": identity["data"]},
+            provenance.datasets,
+            provenance.revision,
+        ),
+        settings=settings,
+        compute=compute,
+    )
 
 
 RUN_RECORD = "forgetless_train.json"
@@ -127,7 +195,7 @@ def run_identity(model: PreTrainedModel, records: Sequence[Record], config: Trai
     weights = hashlib.sha256(sums.numpy().tobytes())
     weights.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     return {
-        "train": config.model_dump(mode="json"),
+        "train": identity_dump(config),
         "model": weights.hexdigest()[:16],
         "data": f"{len(records)} records, sha256 {data.hexdigest()[:16]}",
     }
@@ -275,10 +343,7 @@ def _train(
     outcome = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - started
 
-    main_process = trainer.is_world_process_zero()
-    model = method.finish(trainer.model, output, main_process=main_process)
-    if main_process:
-        save_model(model, tokenizer, output / MODEL_DIR)
+    model = method.finish(trainer.model, output, main_process=trainer.is_world_process_zero())
     result = TrainResult(
         model_dir=str(output / MODEL_DIR),
         method=config.method,
@@ -317,7 +382,9 @@ def _training_arguments(
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
-        report_to=[],
+        report_to=config.report_to or "none",
+        run_name=config.run_name,
+        project=config.project,
         include_num_input_tokens_seen=True,
         bf16=mixed_bf16,
         use_cpu=not on_cuda and not torch.cuda.is_available(),

@@ -7,13 +7,16 @@ stage handed on (a selection, a mixture's sample).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from forgetless.cards import Provenance
 from forgetless.data.config import DataConfig
 from forgetless.data.records import Record, read_records
 from forgetless.errors import ForgetlessError
+from forgetless.hub import check_push_access, push_model
 from forgetless.model_config import ModelConfig
 from forgetless.runs import Stage, StageResult, StageSettings, records_file
 from forgetless.train.config import TrainConfig
@@ -73,11 +76,17 @@ class TrainStage(Stage):
         if settings.data is not None:
             return load_section(settings.data, self.data_dir)
         if self.data_file is not None:
-            return load_user_data(self.data_file, settings.data_file.kind or "text")
+            return load_user_data(self.data_file, settings.data_file.kind)
         return read_records(records_file(inputs[self.records_from]))
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        summary = train_into(self._settings, self.records(inputs), workdir, self.data_dir)
+        summary = train_into(
+            self._settings,
+            self.records(inputs),
+            workdir,
+            self.data_dir,
+            records_from=self.records_from,
+        )
         # Checkpoints exist only to resume an interrupted run; the finished stage keeps the
         # final model and drops them to save disk.
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
@@ -85,16 +94,59 @@ class TrainStage(Stage):
 
 
 def train_into(
-    settings: TrainSettings, records: list[Record], output_dir: Path, data_dir: str | None
+    settings: TrainSettings,
+    records: list[Record],
+    output_dir: Path,
+    data_dir: str | None,
+    *,
+    records_from: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the settings' model on ``records`` into ``output_dir/model``; resumable."""
+    """Fine-tune the settings' model on ``records`` into ``output_dir/model``; resumable.
+
+    ``records_from`` names the upstream stage that handed the records on (for the model
+    card). With ``push_to_hub`` (a repository id) the access is checked before anything is
+    loaded, and the finished model folder is uploaded (``private`` if the repository is new);
+    the summary then holds its ``hub_url``.
+    """
     from forgetless.models import load_configured_model
     from forgetless.train.sft import train_model
 
     if not records:
         raise ForgetlessError("no training records")
+    if push_to_hub is not None:
+        check_push_access(push_to_hub)
     loaded = load_configured_model(settings.model, for_training=True)
     _, result = train_model(
-        loaded.model, loaded.tokenizer, records, settings.train, output_dir, data_dir=data_dir
+        loaded.model,
+        loaded.tokenizer,
+        records,
+        settings.train,
+        output_dir,
+        data_dir=data_dir,
+        provenance=_provenance(settings, records_from),
     )
-    return {**result.to_dict(), "model_dir": MODEL_DIR, "records": len(records)}
+    summary = {**result.to_dict(), "model_dir": MODEL_DIR, "records": len(records)}
+    # One upload under torchrun / accelerate launch.
+    if push_to_hub is not None and os.environ.get("RANK", "0") == "0":
+        summary["hub_url"] = push_model(
+            Path(output_dir) / MODEL_DIR,
+            push_to_hub,
+            private,
+            f"forgetless: {settings.model.name} fine-tuned with {settings.train.method}",
+        )
+    return summary
+
+
+def _provenance(settings: TrainSettings, records_from: str | None) -> Provenance:
+    """The base model and the data as the model card names them."""
+    model = settings.model
+    if settings.data is not None:
+        data = settings.data.model_dump(mode="json", exclude_none=True)
+        return Provenance(model.name, data, (settings.data.source,), model.revision)
+    if settings.data_file is not None:
+        data = {"source": "a data file", "sha256": settings.data_file.sha256}
+        return Provenance(model.name, {**data, "kind": settings.data_file.kind}, (), model.revision)
+    source = f"the records of stage `{records_from}`" if records_from else "an upstream stage"
+    return Provenance(model.name, {"source": source}, (), model.revision)
