@@ -13,7 +13,10 @@ adding a merge reuses the experts. Writes ``<output>.md`` (tables) and ``<output
         --set evaluate.limit=50 --output /tmp/domain_merge_pilot
 
 A merge is ``method[:keep][:rescale|:norescale][:key=value]``, the key being any setting of
-the config's ``merge`` section (e.g. ``task_arithmetic:scale=0.33``).
+the config's ``merge`` section, e.g. ``task_arithmetic:scale=0.33``;
+``dare:0.33:normalize=true`` (DARE divided by the number of experts: their average in
+expectation, the scale the other rows work at); ``sotu:0.33:masks=disjoint`` (each entry
+kept by one expert at most); ``ties:0.2:weights=[1,2,1]`` (one weight per expert, no spaces).
 """
 
 from __future__ import annotations
@@ -299,11 +302,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--domains", nargs="+", default=list(DOMAIN_TASKS), choices=list(DOMAIN_TASKS)
     )
-    parser.add_argument("--merges", nargs="*", default=list(DEFAULT_MERGES))
+    parser.add_argument(
+        "--merges",
+        nargs="*",
+        default=list(DEFAULT_MERGES),
+        help="merges to compare, each method[:keep][:rescale|:norescale][:key=value], e.g. "
+        "dare:0.33:normalize=true sotu:0.33:masks=disjoint (default: %(default)s)",
+    )
     args = parse_experiment_args(parser, argv)
     try:
         merges = [parse_merge(text) for text in args.merges]
         arms = expand_arms(comparison_config(args, merges), args.config)
+        # Settings that must fit the number of experts (weights, disjoint keeps) fail now, not
+        # after the experts have trained.
+        for arm in arms:
+            arm.config.merge.expert_keeps(len(args.domains))
         config = arms[0].config
         run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:

@@ -304,3 +304,16 @@ def test_packaged_recipe_runs_end_to_end_on_smollm2(tmp_path, shared_data_dir):
     assert [row["task"] for row in report["rows"]] == ["ppl:medical_pool@test", "c4", "arc_easy"]
     rerun = run_adapt(config, progress=False)
     assert all(result.cached for result in rerun.values())
+
+
+def test_per_expert_merge_settings_must_fit_the_recipe_before_training(tmp_path):
+    experts = {
+        "medical": {"source": "pubmedqa", "split": "train", "kind": "text", "limit": 4},
+        "legal": {"source": "eurlex", "split": "train", "kind": "text", "limit": 4},
+    }
+    config = _config(
+        tmp_path, recipe={"steps": ["merge"], "experts": experts}, merge={"weights": [1.0]}
+    )
+    with pytest.raises(ForgetlessError, match="merge.weights has 1 values for 2 experts"):
+        run_adapt(config, progress=False)
+    assert not (tmp_path / "run").exists()

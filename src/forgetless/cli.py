@@ -729,7 +729,11 @@ def continual(
 def merge(
     base: Annotated[str, typer.Option(help="Base checkpoint the experts were fine-tuned from.")],
     experts: Annotated[
-        list[str], typer.Option(help="Expert checkpoints: --experts E1 E2 ... (safetensors).")
+        list[str],
+        typer.Option(
+            help="Expert checkpoints or PEFT LoRA adapter folders: --experts E1 E2 ... "
+            "(safetensors)."
+        ),
     ],
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Directory for the merged checkpoint.")
@@ -748,6 +752,25 @@ def merge(
     ] = None,
     scale: Annotated[
         float | None, _option("merge.scale", "Multiplier of the merged delta.")
+    ] = None,
+    masks: Annotated[
+        str | None,
+        _option("merge.masks", "Random masks drawn per expert, or a disjoint partition."),
+    ] = None,
+    weights: Annotated[
+        list[float] | None, _option("merge.weights", "One weight per expert: --weights W1 W2 ...")
+    ] = None,
+    densities: Annotated[
+        list[float] | None,
+        _option("merge.densities", "One keep per expert: --densities D1 D2 ..."),
+    ] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option(
+            "--normalize/--no-normalize",
+            help="Divide the merged delta by the sum of the weights (the experts' average).",
+            show_default=False,
+        ),
     ] = None,
     seed: Annotated[int | None, _option("merge.seed", "Seed of the random masks.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
@@ -771,6 +794,10 @@ def merge(
             "merge.rescale": rescale,
             "merge.scale": scale,
             "merge.seed": seed,
+            "merge.masks": masks,
+            "merge.weights": weights,
+            "merge.densities": densities,
+            "merge.normalize": normalize,
         },
     )
     _check_push(push_to_hub, private)
@@ -1236,7 +1263,7 @@ def _is_usage_error(error: Exception) -> bool:
 
 # Options that take several values after one flag (`--experts A B C`), which click cannot
 # parse natively; they are rewritten to the repeated form click understands.
-MULTI_VALUE_OPTIONS = ("--experts", "--sources")
+MULTI_VALUE_OPTIONS = ("--experts", "--sources", "--weights", "--densities")
 
 
 def _expand_multi_value_options(argv: list[str]) -> list[str]:

@@ -66,12 +66,13 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
 
     @classmethod
-    def open(cls, name: str) -> Checkpoint:
-        directory = resolve_checkpoint_dir(name)
+    def open(cls, name: str, directory: Path | None = None) -> Checkpoint:
+        """The checkpoint ``name`` (a path, hub id or alias), found in ``directory`` if given."""
+        directory = directory or resolve_checkpoint_dir(name)
         shard_of = _weight_files(directory)
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(shard_of.values())):
-            with _safe_open(shard) as handle:
+            with safetensors_file(shard) as handle:
                 for key in handle.keys():
                     view = handle.get_slice(key)
                     dtype_name = view.get_dtype()
@@ -98,7 +99,7 @@ class Checkpoint:
         # Opening per read (not once per merge) unmaps the file after every tensor, so pages
         # of N expert files do not pile up in the process's resident memory.
         shard = self.shard_of[key]
-        with _safe_open(shard) as handle:
+        with safetensors_file(shard) as handle:
             try:
                 tensor = handle.get_tensor(key)
             except Exception as error:  # the library's own error type; the file is at fault
@@ -109,13 +110,43 @@ class Checkpoint:
             raise ForgetlessError(f"{self.label}: tensor {key} holds NaN or infinite values")
         return tensor
 
+    def delta(self, key: str, reference: torch.Tensor) -> torch.Tensor:
+        """This checkpoint's tensor ``key`` minus ``reference`` (the base's, in fp32)."""
+        return self.read(key).float().sub_(reference)
+
+    def check_against(self, base: Checkpoint) -> None:
+        """Raise a one-line ForgetlessError unless this fine-tune can be merged into ``base``."""
+        base_config = base.config()
+        config = self.config()
+        for key in ARCHITECTURE_KEYS:
+            if config.get(key) != base_config.get(key):
+                raise ForgetlessError(
+                    f"{self.label}: {key} is {config.get(key)!r} but the base has "
+                    f"{base_config.get(key)!r}; experts must be fine-tunes of the base"
+                )
+        missing = sorted(set(base.tensors) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(base.tensors))
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"has extra tensor {extra[0]}"
+            count = len(missing) + len(extra)
+            raise ForgetlessError(
+                f"{self.label} {what} ({count} tensor names differ from the base)"
+            )
+        for key, info in base.tensors.items():
+            if self.tensors[key].shape != info.shape:
+                raise ForgetlessError(
+                    f"{self.label}: {key} has shape {list(self.tensors[key].shape)}, "
+                    f"the base {list(info.shape)}"
+                )
+        check_tokenizer(base, self.directory, self.label)
+
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _safe_open(path: Path):
+def safetensors_file(path: Path):
     try:
         return safe_open(path, framework="pt")
     except Exception as error:  # safetensors raises its own error type for a corrupt file
@@ -171,7 +202,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         return {key: directory / file for key, file in weight_map.items()}
     single = directory / WEIGHTS_NAME
     if single.is_file():
-        with _safe_open(single) as handle:
+        with safetensors_file(single) as handle:
             return {key: single for key in handle.keys()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise ForgetlessError(
@@ -191,61 +222,35 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Raise a one-line ForgetlessError unless every expert can be merged into ``base``."""
-    base_config = base.config()
-    for expert in experts:
-        config = expert.config()
-        for key in ARCHITECTURE_KEYS:
-            if config.get(key) != base_config.get(key):
-                raise ForgetlessError(
-                    f"{expert.label}: {key} is {config.get(key)!r} but the base has "
-                    f"{base_config.get(key)!r}; experts must be fine-tunes of the base"
-                )
-        missing = sorted(set(base.tensors) - set(expert.tensors))
-        extra = sorted(set(expert.tensors) - set(base.tensors))
-        if missing or extra:
-            what = f"lacks {missing[0]}" if missing else f"has extra tensor {extra[0]}"
-            count = len(missing) + len(extra)
-            raise ForgetlessError(
-                f"{expert.label} {what} ({count} tensor names differ from the base)"
-            )
-        for key, info in base.tensors.items():
-            if expert.tensors[key].shape != info.shape:
-                raise ForgetlessError(
-                    f"{expert.label}: {key} has shape {list(expert.tensors[key].shape)}, "
-                    f"the base {list(info.shape)}"
-                )
-        _check_tokenizer(base, expert)
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-def _tokenizer_digest(checkpoint: Checkpoint) -> str | None:
+def _tokenizer_digest(directory: Path) -> str | None:
     digest = hashlib.sha256()
     found = False
     for name in TOKENIZER_FILES:
-        file = checkpoint.directory / name
+        file = directory / name
         if file.is_file():
             found = True
             digest.update(name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest() if found else None
 
 
-def _check_tokenizer(base: Checkpoint, expert: Checkpoint) -> None:
-    base_digest, expert_digest = _tokenizer_digest(base), _tokenizer_digest(expert)
+def check_tokenizer(base: Checkpoint, directory: Path, label: str) -> None:
+    """Raise a one-line ForgetlessError if the tokenizer in ``directory`` (if any) maps tokens
+    to other ids than the base's."""
+    base_digest, expert_digest = _tokenizer_digest(base.directory), _tokenizer_digest(directory)
     if base_digest is None or expert_digest is None or base_digest == expert_digest:
         return
     # Files may differ in formatting only; what matters is the token -> id map.
     from transformers import AutoTokenizer
 
     base_vocab = AutoTokenizer.from_pretrained(base.directory).get_vocab()
-    expert_vocab = AutoTokenizer.from_pretrained(expert.directory).get_vocab()
+    expert_vocab = AutoTokenizer.from_pretrained(directory).get_vocab()
     if base_vocab != expert_vocab:
         changed = len(set(base_vocab.items()) ^ set(expert_vocab.items()))
         raise ForgetlessError(
-            f"{expert.label}: its tokenizer differs from the base's ({len(expert_vocab)} vs "
+            f"{label}: its tokenizer differs from the base's ({len(expert_vocab)} vs "
             f"{len(base_vocab)} tokens, {changed} entries differ)"
         )
 

@@ -11,6 +11,7 @@ weighted by tensor size: an unbiased estimate of the full Gram matrix.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -80,10 +81,14 @@ class OverlapMeter:
         }
 
 
-def expected_collision_rate(experts: int, keep: float) -> float:
-    """Share of kept positions kept by two or more experts under independent Bernoulli masks."""
-    any_kept = 1 - (1 - keep) ** experts
-    one_kept = experts * keep * (1 - keep) ** (experts - 1)
+def expected_collision_rate(keeps: list[float]) -> float:
+    """Share of kept positions kept by two or more experts under independent Bernoulli masks
+    with these keeps (one per expert)."""
+    any_kept = 1 - math.prod(1 - keep for keep in keeps)
+    one_kept = sum(
+        keep * math.prod(1 - other for j, other in enumerate(keeps) if j != expert)
+        for expert, keep in enumerate(keeps)
+    )
     return 0.0 if any_kept == 0 else 1 - one_kept / any_kept
 
 

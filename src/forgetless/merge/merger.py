@@ -16,16 +16,19 @@ from forgetless.io import atomic_directory, write_json_atomic
 from forgetless.merge import MERGE_REPORT
 from forgetless.merge.checkpoint import (
     Checkpoint,
-    check_compatible,
     copy_non_weight_files,
     parse_size,
+    resolve_checkpoint_dir,
     write_streaming,
 )
 from forgetless.merge.config import MergeConfig
 from forgetless.merge.diagnostics import OverlapMeter, expected_collision_rate
+from forgetless.merge.lora import LoraAdapter, is_adapter
 from forgetless.merge.methods import merge_tensor
 from forgetless.merge.rules import merge_rule
 from forgetless.registry import lookup
+
+Expert = Checkpoint | LoraAdapter
 
 
 @dataclass
@@ -35,6 +38,10 @@ class MergeReport:
     rescale: bool
     scale: float
     seed: int
+    masks: str | None  # None: the method draws no random masks
+    densities: list[float] | None
+    weights: list[float] | None
+    normalize: bool
     base: str
     experts: list[str]
     tensors: int
@@ -63,14 +70,19 @@ def merge_checkpoints(
     """Merge ``experts`` (fine-tunes of ``base``) into a plain HF checkpoint in ``output_dir``.
 
     ``base`` and each expert are checkpoint directories, hub ids or the ``smollm2-135m``
-    alias. The output has the base's config and tokenizer, a ``merge_report.json`` with the
-    overlap diagnostics and a model card (README.md); the same inputs and seed give the same
-    bytes. With ``push_to_hub`` (a repository id) the access is checked before any checkpoint
-    is read, and the merged folder is uploaded (``private`` if the repository is new).
+    alias; an expert may also be a PEFT LoRA adapter folder of the base, whose deltas are
+    computed from its factors tensor by tensor. The output has the base's config and
+    tokenizer, a ``merge_report.json`` with the overlap diagnostics and a model card
+    (README.md); the same inputs and seed give the same bytes. With ``push_to_hub`` (a
+    repository id) the access is checked before any checkpoint is read, and the merged folder
+    is uploaded (``private`` if the repository is new). ``config.weights`` and
+    ``config.densities`` must have one value per expert; that is checked before anything is
+    read.
     """
     config = config or MergeConfig()
     if not experts:
         raise ForgetlessError("give at least one expert checkpoint to merge")
+    keeps = config.expert_keeps(len(experts))
     output = Path(output_dir)
     # Compared before the emptiness check, which would otherwise hide the real mistake.
     if any(Path(name).expanduser().resolve() == output.resolve() for name in [base, *experts]):
@@ -80,12 +92,13 @@ def merge_checkpoints(
     if push_to_hub is not None:
         check_push_access(push_to_hub)
     # The experts first: a mistyped expert fails before the base is fetched or cached.
-    expert_ckpts = [Checkpoint.open(name) for name in experts]
+    expert_ckpts = [open_expert(name) for name in experts]
     base_ckpt = Checkpoint.open(base)
     inputs = {ckpt.directory.resolve() for ckpt in [base_ckpt, *expert_ckpts]}
     if output.resolve() in inputs:
         raise ForgetlessError(f"the output {output} is one of the inputs; choose a new directory")
-    check_compatible(base_ckpt, expert_ckpts)
+    for expert in expert_ckpts:
+        expert.check_against(base_ckpt)
     max_shard_bytes = parse_size(config.max_shard_size)
 
     meter = OverlapMeter(len(expert_ckpts))
@@ -100,15 +113,19 @@ def merge_checkpoints(
             rescale=config.rescales(),
             scale=config.scale,
             seed=config.seed,
+            masks=config.masks if random_masks else None,
+            densities=config.densities,
+            weights=config.weights,
+            normalize=config.normalize,
             base=base,
             experts=list(experts),
             tensors=len(base_ckpt.tensors),
             parameters=meter.positions,
             overlap=meter.summary(),
+            # What independent masks would give, whichever scheme ran: the measured rate of
+            # disjoint masks (0) reads against it.
             expected_collision_rate=(
-                round(expected_collision_rate(len(expert_ckpts), config.keep), 6)
-                if random_masks
-                else None
+                round(expected_collision_rate(keeps), 6) if random_masks else None
             ),
         )
         write_json_atomic(staging / MERGE_REPORT, report.to_dict())
@@ -140,6 +157,10 @@ def _card(report: MergeReport) -> CardContent:
             "rescale": report.rescale,
             "scale": report.scale,
             "seed": report.seed,
+            "masks": report.masks,
+            "densities": report.densities,
+            "weights": report.weights,
+            "normalize": report.normalize,
         },
         compute={"tensors": report.tensors, "parameters": report.parameters},
         experts=experts,
@@ -152,9 +173,17 @@ def _card(report: MergeReport) -> CardContent:
     )
 
 
+def open_expert(name: str) -> Expert:
+    """A full fine-tuned checkpoint, or a PEFT LoRA adapter folder (adapter_config.json)."""
+    directory = resolve_checkpoint_dir(name)
+    if is_adapter(directory):
+        return LoraAdapter.open(name, directory)
+    return Checkpoint.open(name, directory)
+
+
 def _merged_tensors(
     base: Checkpoint,
-    experts: list[Checkpoint],
+    experts: list[Expert],
     config: MergeConfig,
     meter: OverlapMeter,
     progress: bool,
@@ -167,7 +196,7 @@ def _merged_tensors(
         reference = base_tensor.float()
 
         def delta(expert: int, key: str = key, reference: torch.Tensor = reference):
-            return experts[expert].read(key).float().sub_(reference)
+            return experts[expert].delta(key, reference)
 
         meter.start(key, reference.numel())
         merged = merge_tensor(key, delta, len(experts), config, meter)

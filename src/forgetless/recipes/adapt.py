@@ -146,6 +146,8 @@ def check_inputs(config: ForgetlessConfig) -> None:
     )
     steps = config.recipe.steps
     if "merge" in steps:
+        # Per-expert merge settings must fit the experts before any of them trains.
+        config.merge.expert_keeps(len(config.recipe.experts))
         for data in config.recipe.experts.values():
             load_section(data, config.data_dir)
     elif "mix" in steps:

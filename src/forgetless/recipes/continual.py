@@ -574,6 +574,12 @@ def run_continual(
 
     continual = config.continual
     tasks = task_sequence(continual.benchmark, continual.order)
+    if continual.method == "sotu" and (config.merge.weights or config.merge.densities):
+        # The number of merged experts grows task by task: no fixed list fits every merge.
+        raise ForgetlessError(
+            "merge.weights and merge.densities are per expert, but the continual sotu merge "
+            "grows by one expert per task; use merge.keep (and merge.masks) instead"
+        )
     # Surface every data or task-name mistake before the first stage spends model time.
     data = TaskData(config)
     for task in tasks:
