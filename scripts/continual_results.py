@@ -27,8 +27,9 @@ from forgetless.report.experiment import print_event, write_results
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
-# Per-task experts merged after every task; compared with seqft in docs/merge.md.
-OPTIONAL_METHODS = ("sotu",)
+# Per-task experts merged after every task (compared with seqft in docs/merge.md), and the
+# baselines from the continual-learning literature.
+OPTIONAL_METHODS = ("sotu", "replay", "ewc", "olora")
 PACKAGED_CONFIG = (
     Path(__file__).resolve().parents[1] / "src/forgetless/configs/continual_fewshot.yaml"
 )

@@ -69,6 +69,17 @@ def render(summary: dict[str, Any], args) -> str:
             f"{entry['mean_objective']:.4f} | {signed(entry.get('spearman_held_out'))} | "
             f"{signed(entry.get('spearman_cross_validated'))} |"
         )
+    if summary["search"].get("noise_std") is not None:
+        spreads = ", ".join(
+            "–" if entry["std_objective"] is None else f"{entry['std_objective']:.4f}"
+            for entry in summary["search"]["rounds"]
+        )
+        lines += [
+            "",
+            f"Proxy seed noise (natural mixture, mix.search.noise_runs seeds): objective std "
+            f"{summary['search']['noise_std']:.4f}, against a spread of {spreads} within the "
+            "rounds.",
+        ]
     lines += [
         "",
         "## Mixtures (weight per super-cluster)",

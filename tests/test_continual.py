@@ -213,6 +213,29 @@ def test_closed_form_head_accumulates_classes_task_after_task(tmp_path, shared_d
     assert set(stage["inputs"]) == {"merge_02_amazon", "cil_01_dbpedia"}
 
 
+def test_closed_form_head_recomputed_on_the_current_backbone(tmp_path, shared_data_dir, run_cli):
+    argv = ["continual", "--method", "seqft", "--head", "closed_form"]
+    argv += ["--output-dir", str(tmp_path)]
+    settings = {**TINY, "train.max_steps": 1, "continual.eval_limit": 4}
+    settings["continual.head_statistics"] = "recompute"
+    for key, value in settings.items():
+        if key != "run_dir":
+            argv += ["--set", f"{key}={value}"]
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    sequence = tmp_path / "fewshot-0_42" / "order1-seqft"
+    # No head is carried over: stage 2 refits on tasks 1 and 2 through its own model only.
+    stage = json.loads((sequence / "cil_02_amazon" / "stage.json").read_text())
+    assert set(stage["inputs"]) == {"train_02_amazon"}
+    assert stage["settings"]["fit_tasks"] == ["fewshot_dbpedia", "fewshot_amazon"]
+    first = torch.load(sequence / "cil_01_dbpedia" / "closed_form_head.pt", weights_only=True)
+    second = torch.load(sequence / "cil_02_amazon" / "closed_form_head.pt", weights_only=True)
+    # Both heads hold DBpedia's classes, fitted through different backbones.
+    assert set(first["seen"]) < set(second["seen"])
+    dbpedia = sorted(first["seen"])
+    assert not torch.allclose(first["cross"][:, dbpedia], second["cross"][:, dbpedia])
+
+
 def test_help_names_the_options(run_cli):
     code, out, _ = run_cli(["continual", "--help"])
     assert code == 0
@@ -225,7 +248,7 @@ def test_help_names_the_options(run_cli):
     [
         (["--benchmark", "fewshot", "--order", "4"], "choose one of: 1, 2, 3"),
         (["--benchmark", "olora", "--order", "2"], "choose one of: 4, 5, 6"),
-        (["--method", "ewc"], "continual.method"),
+        (["--method", "gem"], "continual.method"),
         (["--subset", "9_999"], "9_999"),
     ],
 )

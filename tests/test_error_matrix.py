@@ -314,7 +314,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             ],
             "merge.method 'average'",
         ),
-        (["continual", "--method", "replay"], "continual.method 'replay'"),
+        (["continual", "--method", "gem"], "continual.method 'gem'"),
         (
             ["mix", "search", "--output-dir", "out", "--set", "mix.search.targets={arc_easy: 1}"],
             "arc_easy",

@@ -22,6 +22,7 @@ def test_mixture_experiment_table(tmp_path, experiment_argv, script):
         "mix.search.proxy_tokens": 2048,
         "mix.search.proxy_max_length": 32,
         "mix.search.target_limit": 4,
+        "mix.search.noise_runs": 2,
     }
     script.main(experiment_argv("mix", settings, "--tokens", "4096"))
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())
@@ -38,3 +39,6 @@ def test_mixture_experiment_table(tmp_path, experiment_argv, script):
     # Six proxy runs are too few for 5-fold cross-validation: shown as missing, not made up.
     assert "Spearman cross-validated |" in table and "| 2 | 2 |" in table
     assert summary["search"]["rounds"][1]["spearman_cross_validated"] is None
+    # The natural mixture under two proxy seeds: its spread is reported beside the rounds'.
+    assert summary["search"]["noise_std"] > 0
+    assert "Proxy seed noise (natural mixture" in table

@@ -1,4 +1,6 @@
-"""OSFT under DDP: two gloo processes give the weights of one process with the same global batch."""
+"""OSFT under DDP: two gloo processes give the weights of one process with the same global batch.
+
+FSDP2 is tested in test_osft_fsdp.py."""
 
 from __future__ import annotations
 
@@ -72,15 +74,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP via torchrun")
-def test_fsdp_requested_the_accelerate_way_is_refused_before_any_step(tmp_path):
+def test_fsdp1_requested_the_accelerate_way_is_refused_before_any_step(tmp_path):
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
     stderr = train(
         tmp_path / "fsdp", data, torchrun(), batch_size=2,
         env={"ACCELERATE_USE_FSDP": "true"}, expect_code=2,
     )  # fmt: skip
+    # Without FSDP_VERSION=2 accelerate builds FSDP1 (FSDP2 is supported: test_osft_fsdp.py).
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all("OSFT does not support FSDP" in line for line in errors)
+    assert errors and all("OSFT does not support FSDP1" in line for line in errors)
+    assert all("fsdp_version: 2" in line for line in errors)
     # Each process printed its one line; the only traceback is torchrun's report of them.
     assert "ForgetlessError" not in stderr and "forgetless/" not in stderr
     assert not (tmp_path / "fsdp" / "checkpoints").exists()

@@ -21,7 +21,7 @@ BUILT_IN = {
     "select": ["all", "random", "less", "orthogonal", "ogs"],
     "train": ["full", "lora", "osft"],
     "merge": ["sotu", "task_arithmetic", "ties", "dare"],
-    "continual": ["seqft", "lora", "osft", "sotu", "multitask"],
+    "continual": ["seqft", "lora", "osft", "sotu", "multitask", "replay", "ewc", "olora"],
 }
 
 

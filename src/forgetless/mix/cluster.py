@@ -21,11 +21,17 @@ class Clustering:
     cluster_scores: dict[str, np.ndarray]  # scorer -> (k,) mean score per fine cluster
     kept: np.ndarray  # (k,) bool
     super_of_cluster: np.ndarray  # (k,) super-cluster id, -1 for pruned clusters
+    dropped: np.ndarray  # (n,) bool: the document failed a document threshold
 
     @property
     def document_super(self) -> np.ndarray:
-        """(n,) super-cluster of each document, -1 where its cluster was pruned."""
-        return self.super_of_cluster[self.assignment]
+        """(n,) super-cluster of each document, -1 where it or its cluster was pruned."""
+        return np.where(self.dropped, -1, self.super_of_cluster[self.assignment])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(k,) documents per fine cluster."""
+        return np.bincount(self.assignment, minlength=len(self.kept))
 
     @property
     def super_count(self) -> int:
@@ -33,6 +39,8 @@ class Clustering:
 
 
 def effective_k(documents: int, config: ClusterConfig) -> int:
+    if config.clusters == "auto":
+        return max(2, documents // config.docs_per_cluster)
     k = min(config.clusters, max(2, documents // config.min_cluster_size))
     if k < config.clusters:
         logger.warning(
@@ -44,6 +52,15 @@ def effective_k(documents: int, config: ClusterConfig) -> int:
             config.min_cluster_size,
         )
     return k
+
+
+def describe_k(documents: int, config: ClusterConfig, k: int) -> str:
+    """How k was set, for the report."""
+    if config.clusters == "auto":
+        return f"k = {k}: auto, {documents} documents // {config.docs_per_cluster} per cluster"
+    if k < config.clusters:
+        return f"k = {k}: {config.clusters} lowered to documents // {config.min_cluster_size}"
+    return f"k = {k}: set"
 
 
 def spherical_kmeans(
@@ -75,21 +92,21 @@ def cluster_means(assignment: np.ndarray, values: np.ndarray, k: int) -> np.ndar
 
 
 def ward_super_clusters(
-    centroids: np.ndarray, distance: float, count: int | None = None
+    centroids: np.ndarray, distance: float, cap: int | None = None
 ) -> np.ndarray:
     """Super-cluster id of each centroid, numbered by first appearance (0, 1, ...).
 
-    The Ward tree is cut at ``distance``, or into at most ``count`` super-clusters when given.
+    The Ward tree is cut at ``distance``, or higher where that leaves more than ``cap``
+    super-clusters.
     """
     if len(centroids) == 1:
         return np.zeros(1, dtype=np.int64)
     from scipy.cluster.hierarchy import fcluster, linkage
 
     tree = linkage(centroids, method="ward")
-    if count is None:
-        labels = fcluster(tree, t=distance, criterion="distance")
-    else:
-        labels = fcluster(tree, t=count, criterion="maxclust")
+    labels = fcluster(tree, t=distance, criterion="distance")
+    if cap is not None and labels.max() > cap:
+        labels = fcluster(tree, t=cap, criterion="maxclust")
     order: dict[int, int] = {}
     return np.array([order.setdefault(label, len(order)) for label in labels], dtype=np.int64)
 
@@ -101,6 +118,7 @@ def cluster_corpus(
     thresholds: dict[str, float],
     seed: int,
     engine: str = "local",
+    document_thresholds: dict[str, float] | None = None,
 ) -> Clustering:
     k = effective_k(len(embeddings), config)
     centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, seed)
@@ -109,16 +127,20 @@ def cluster_corpus(
 
         assignment = ray_assign(embeddings, centroids)
     cluster_scores = {name: cluster_means(assignment, values, k) for name, values in scores.items()}
-    sizes = np.bincount(assignment, minlength=k)
-    kept = sizes > 0
+    dropped = np.zeros(len(assignment), dtype=bool)
+    for name, threshold in (document_thresholds or {}).items():
+        dropped |= ~np.array([passes(name, value, threshold) for value in scores[name]])
+    # A cluster all of whose documents were dropped has nothing left to weigh.
+    kept = np.bincount(assignment[~dropped], minlength=k) > 0
     for name, threshold in thresholds.items():
         kept &= np.array([passes(name, value, threshold) for value in cluster_scores[name]])
     if not kept.any():
         raise ForgetlessError(
-            f"every cluster was pruned; loosen mix.quality.thresholds ({thresholds})"
+            f"every cluster was pruned; loosen mix.quality.thresholds ({thresholds}) or "
+            f"document_thresholds ({document_thresholds or {}})"
         )
     super_of_cluster = np.full(k, -1, dtype=np.int64)
     super_of_cluster[kept] = ward_super_clusters(
         centroids[kept], config.merge_distance, config.super_clusters
     )
-    return Clustering(centroids, assignment, cluster_scores, kept, super_of_cluster)
+    return Clustering(centroids, assignment, cluster_scores, kept, super_of_cluster, dropped)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from forgetless.schema import Section
 
@@ -36,11 +36,19 @@ class FasttextScorerConfig(Section):
 
 class QualityConfig(Section):
     thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"heuristic": 0.5},
+        default_factory=lambda: {"rules": 0.5},
         description="Scorer -> threshold; a cluster whose mean score fails any is pruned. "
-        "heuristic: text-statistics score in [0, 1], kept if >= threshold; perplexity: "
-        "reference-LM perplexity, kept if <= threshold; fasttext: probability of the "
-        "fasttext label, kept if >= threshold.",
+        "rules: product of Gopher-style checks in [0, 1] (about the share of a cluster's "
+        "documents that pass them all), kept if >= threshold; heuristic: mean of text "
+        "statistics in [0, 1], kept if >= threshold; perplexity: reference-LM perplexity, "
+        "kept if <= threshold; fasttext: probability of the fasttext label, kept if >= "
+        "threshold.",
+    )
+    document_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"rules": 0.5},
+        description="Scorer -> threshold applied to each document on its own: one that fails "
+        "any is dropped, even from a kept cluster (a junk page among forty good ones leaves "
+        "its cluster's mean high). {} = prune whole clusters only, as CLIMB.",
     )
     perplexity: PerplexityScorerConfig = Field(
         default_factory=PerplexityScorerConfig, description="The perplexity scorer."
@@ -51,14 +59,19 @@ class QualityConfig(Section):
 
 
 class ClusterConfig(Section):
-    clusters: int = Field(
-        1000,
-        ge=2,
-        description="k of the k-means (CLIMB: 1000). Lowered to documents / "
-        "min_cluster_size for a small pool, with a warning.",
+    clusters: int | Literal["auto"] = Field(
+        "auto",
+        description="k of the k-means. auto: documents // docs_per_cluster (at least 2), so a "
+        "cluster's mean quality score rests on enough documents to prune by. A number (CLIMB: "
+        "1000) is lowered to documents / min_cluster_size for a small pool, with a warning.",
+    )
+    docs_per_cluster: int = Field(
+        50, ge=1, description="Documents per k-means cluster, on average, when clusters is auto."
     )
     min_cluster_size: int = Field(
-        5, ge=1, description="Documents per cluster at least, on average, when lowering k."
+        5,
+        ge=1,
+        description="Documents per cluster at least, on average, when lowering a numeric k.",
     )
     kmeans_iterations: int = Field(25, ge=1, description="Spherical k-means iterations.")
     merge_distance: float = Field(
@@ -68,13 +81,22 @@ class ClusterConfig(Section):
         "super-clusters (CLIMB: 1.5).",
     )
     super_clusters: int | None = Field(
-        None,
+        20,
         ge=1,
-        description="If set, cut the Ward tree into at most this many super-clusters instead of "
-        "at merge_distance. CLIMB's threshold gave ~20 with its embedder; the distance scale "
-        "depends on the embedder and on k, so a count is the portable setting.",
+        description="At most this many super-clusters: the Ward tree is cut at merge_distance, "
+        "or higher where that leaves more (None = no cap). Every super-cluster is a weight the "
+        "search must learn from a few dozen proxy runs; CLIMB searched about 20. The distance "
+        "scale depends on the embedder and on k, so the cap is the portable setting.",
     )
     top_terms: int = Field(8, ge=1, description="Top TF-IDF terms per super-cluster in the report.")
+
+    @field_validator("clusters", mode="before")
+    @classmethod
+    def _auto_or_two_at_least(cls, value):
+        # One message for both branches of the union, instead of one per branch.
+        if value == "auto" or (type(value) is int and value >= 2):
+            return value
+        raise ValueError(f"must be 'auto' or a whole number of at least 2, got {value!r}")
 
 
 class SearchConfig(Section):
@@ -91,6 +113,13 @@ class SearchConfig(Section):
         "continue: continued pre-training of proxy_model's weights.",
     )
     proxy_model: str = Field("tiny-llama", description="Proxy model (alias, path or hub id).")
+    proxy_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the first N transformer blocks of proxy_model (None = all): "
+        "with proxy: continue, a truncated copy of a pretrained model is a cheap proxy that "
+        "still starts from pretrained embeddings and lower layers.",
+    )
     proxy_tokens: int = Field(
         65536, ge=1, description="Training tokens per proxy run, sampled from the mixture."
     )
@@ -117,6 +146,60 @@ class SearchConfig(Section):
     predictor_iterations: int = Field(1000, ge=1, description="LightGBM boosting rounds.")
     predictor_learning_rate: float = Field(0.01, gt=0, description="LightGBM learning rate.")
     predictor_max_depth: int = Field(4, ge=1, description="LightGBM tree depth.")
+    predictor_l2: float = Field(
+        1.0, ge=0, description="LightGBM L2 penalty on leaf values (lambda_l2); 0 = none."
+    )
+    predictor_feature_fraction: float = Field(
+        0.8, gt=0, le=1, description="Share of the weights each LightGBM tree may split on."
+    )
+    predictor_bagging_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Share of the proxy runs each LightGBM tree is fitted on, from 10 runs on "
+        "(with fewer, every tree sees them all).",
+    )
+    predictor_patience: int = Field(
+        20,
+        ge=1,
+        description="Early stopping: boosting stops after this many rounds without a better "
+        "loss on the held-out fifth of the runs (RegMix: 3; with 0.01 steps and a dozen "
+        "held-out runs, a handful of rounds is within noise).",
+    )
+    top_k: int = Field(
+        128,
+        ge=1,
+        description="The final mixture is the mean of the predictor's best top_k fresh draws "
+        "(RegMix: 128 of 100k); 1 = the single best draw.",
+    )
+    noise_runs: int = Field(
+        3,
+        ge=0,
+        description="Proxy runs of the reference (natural) mixture under as many proxy seeds, "
+        "to measure the objective's seed-to-seed noise; 0 = none, else at least 2.",
+    )
+    constraints: dict[str, float] = Field(
+        default_factory=dict,
+        description="Retention constraints: perplexity task -> the largest relative increase of "
+        "the proxy's perplexity on it allowed against the reference (natural) mixture's proxy, "
+        "e.g. {'ppl:web_pool@validation': 0.02}. Every proxy run scores these tasks too; the "
+        "search proposes and picks mixtures predicted to satisfy every constraint.",
+    )
+
+    @field_validator("noise_runs")
+    @classmethod
+    def _two_runs_for_a_spread(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (none) or at least 2: one run has no spread")
+        return value
+
+    @field_validator("constraints")
+    @classmethod
+    def _increase_above_minus_one(cls, value: dict[str, float]) -> dict[str, float]:
+        for task, increase in value.items():
+            if increase <= -1:
+                raise ValueError(f"{task}: a relative increase must be above -1, got {increase}")
+        return value
 
 
 class MixConfig(Section):

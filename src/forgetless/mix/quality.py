@@ -1,9 +1,18 @@
 """Per-document quality scores; clusters are pruned on their mean score per scorer.
 
-* ``heuristic`` — the mean of four text statistics in [0, 1], in the spirit of the Gopher
-  rules: share of letters among non-space characters (0 at <= 50 %, 1 at >= 80 %), mean word
-  length within 3-10 characters, share of word 3-grams that are not repeats, and length
-  (0 at <= 5 words, 1 at >= 50). Higher is better.
+* ``rules`` (the default) — quality rules after Gopher (Rae et al., 2021), each a check in
+  [0, 1], multiplied, so failing any one fails the document: share of letters among
+  non-space characters (0 at <= 60 %, 1 at >= 70 %), share of word 3-grams that are not
+  repeats (0 at <= 30 %, 1 at >= 60 %) and, in a document of 20 words or more, distinct
+  English function words (Gopher's the, be, to, of, and, that, have, with, and a few more
+  such as a, in, is, for: one under 50 words, two from 50 on, as Gopher) and a mean word
+  length within 3-10 characters. A cluster's mean is then about the share of its
+  documents that pass. Higher is better.
+* ``heuristic`` — the mean of four text statistics in [0, 1]: share of letters among
+  non-space characters (0 at <= 50 %, 1 at >= 80 %), mean word length within 3-10
+  characters, share of word 3-grams that are not repeats, and length (0 at <= 5 words, 1 at
+  >= 50). Higher is better. Averaged, one failed statistic does not fail a document:
+  random characters, navigation boilerplate and repeated lines all score above 0.75.
 * ``perplexity`` — the reference LM's perplexity on the whole document (windows of
   ``mix.quality.perplexity.max_length`` tokens, as ``forgetless eval`` scores perplexity).
   Lower is better.
@@ -26,7 +35,12 @@ from forgetless.mix.config import (
 )
 
 # Scorer -> whether a higher score is better (kept if mean >= threshold, else <= threshold).
-HIGHER_IS_BETTER = {"heuristic": True, "perplexity": False, "fasttext": True}
+HIGHER_IS_BETTER = {"rules": True, "heuristic": True, "perplexity": False, "fasttext": True}
+# Gopher's stop words, and the commonest other English function words: prose uses some;
+# lists, menus, code and noise rarely do. Gopher's eight alone miss whole news sentences.
+STOP_WORDS = frozenset(
+    "the be to of and that have with a an in on for is it as at by was are this from or".split()
+)
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -49,6 +63,35 @@ def heuristic_score(text: str) -> float:
         _ramp(len(words), 5, 50),
     )
     return sum(checks) / len(checks)
+
+
+def rules_score(text: str) -> float:
+    words = text.split()
+    if not words:
+        return 0.0
+    visible = [char for char in text if not char.isspace()]
+    letters = sum(char.isalpha() for char in visible) / max(len(visible), 1)
+    alphabetic = [word.lower().strip(".,;:!?\"'()[]") for word in words if _has_letter(word)]
+    if not alphabetic:
+        return 0.0
+    mean_word = sum(len(word) for word in alphabetic) / len(alphabetic)
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+    # A headline or a tweet may do without function words and has too few words for a mean
+    # length; a paragraph needs one function word, a page (Gopher's 50 words) two.
+    short = len(alphabetic) < 20
+    needed = 1 if len(alphabetic) < 50 else 2
+    checks = (
+        _ramp(letters, 0.6, 0.7),
+        1.0 if short else min(1.0, len(STOP_WORDS.intersection(alphabetic)) / needed),
+        _ramp(unique, 0.3, 0.6),
+        1.0 if short or 3 <= mean_word <= 10 else 0.0,
+    )
+    return math.prod(checks)
+
+
+def _has_letter(word: str) -> bool:
+    return any(char.isalpha() for char in word)
 
 
 def perplexity_scores(
@@ -90,13 +133,14 @@ def fasttext_scores(texts: Sequence[str], scorer: FasttextScorerConfig) -> np.nd
 
 
 def check_scorers(quality: QualityConfig) -> list[str]:
-    """The scorers the thresholds name, in a fixed order; an unknown one is an error."""
-    unknown = set(quality.thresholds) - set(HIGHER_IS_BETTER)
+    """The scorers either thresholds name, in a fixed order; an unknown one is an error."""
+    named = set(quality.thresholds) | set(quality.document_thresholds)
+    unknown = named - set(HIGHER_IS_BETTER)
     if unknown:
         raise ForgetlessError(
             f"unknown quality scorer(s) {sorted(unknown)}; choose from {sorted(HIGHER_IS_BETTER)}"
         )
-    return sorted(quality.thresholds)
+    return sorted(named)
 
 
 def score_documents(
@@ -112,7 +156,9 @@ def score_documents(
     """One score array per scorer; a model-based scorer comes with its settings."""
     scores: dict[str, np.ndarray] = {}
     for name in scorers:
-        if name == "heuristic":
+        if name == "rules":
+            scores[name] = np.array([rules_score(text) for text in texts])
+        elif name == "heuristic":
             scores[name] = np.array([heuristic_score(text) for text in texts])
         elif name == "perplexity":
             scores[name] = perplexity_scores(texts, perplexity, dtype, device, progress)

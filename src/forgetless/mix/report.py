@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from forgetless.mix.cluster import Clustering
+from forgetless.mix.config import SearchConfig
 from forgetless.mix.corpus import Corpus
 
 EXAMPLES = 3
@@ -39,6 +40,8 @@ def build_cluster_report(
     clustering: Clustering,
     top_terms: int,
     thresholds: dict[str, float],
+    document_thresholds: dict[str, float],
+    k_rule: str,
 ) -> dict[str, Any]:
     groups = clustering.document_super
     count = clustering.super_count
@@ -63,14 +66,35 @@ def build_cluster_report(
             }
         )
     pruned_rows = np.flatnonzero(groups < 0)
+    pruned_clusters = []
+    for cluster in np.flatnonzero(~clustering.kept & (clustering.sizes > 0)).tolist():
+        rows = np.flatnonzero(clustering.assignment == cluster)
+        pruned_clusters.append(
+            {
+                "cluster": cluster,
+                "documents": len(rows),
+                "scores": {
+                    name: float(values[cluster])
+                    for name, values in clustering.cluster_scores.items()
+                },
+                "sources": dict(Counter(corpus.sources[i] for i in rows).most_common()),
+                "examples": [corpus.texts[i][:EXAMPLE_CHARS] for i in rows[:EXAMPLES]],
+            }
+        )
+    # Documents dropped on their own score from clusters that were kept.
+    dropped_rows = np.flatnonzero(clustering.dropped & clustering.kept[clustering.assignment])
     return {
         "documents": len(corpus),
         "fine_clusters": len(clustering.kept),
+        "k_rule": k_rule,
         "kept_clusters": int(clustering.kept.sum()),
         "pruned_documents": len(pruned_rows),
         "pruned_sources": dict(Counter(corpus.sources[i] for i in pruned_rows).most_common()),
-        "pruned_examples": [corpus.texts[i][:EXAMPLE_CHARS] for i in pruned_rows[:EXAMPLES]],
+        "pruned_clusters": pruned_clusters,
+        "dropped_documents": len(dropped_rows),
+        "dropped_examples": [corpus.texts[i][:EXAMPLE_CHARS] for i in dropped_rows[:EXAMPLES]],
         "thresholds": thresholds,
+        "document_thresholds": document_thresholds,
         "super_clusters": super_clusters,
     }
 
@@ -82,10 +106,12 @@ def render_cluster_report(report: dict[str, Any]) -> str:
     lines = [
         "# Cluster report",
         "",
-        f"{report['documents']} documents, {report['fine_clusters']} k-means clusters, "
-        f"{report['kept_clusters']} kept by the quality thresholds {report['thresholds']}, "
-        f"merged into {len(report['super_clusters'])} super-clusters. Pruned: "
-        f"{report['pruned_documents']} documents {report['pruned_sources']}.",
+        f"{report['documents']} documents, {report['fine_clusters']} k-means clusters "
+        f"({report['k_rule']}), {report['kept_clusters']} kept by the quality thresholds "
+        f"{report['thresholds']}, merged into {len(report['super_clusters'])} super-clusters. "
+        f"Pruned: {report['pruned_documents']} documents {report['pruned_sources']}, "
+        f"{report['dropped_documents']} of them on their own score "
+        f"{report['document_thresholds']} from kept clusters.",
         "",
         "| super-cluster | documents | words | clusters | sources | top terms | example |",
         "|---|---|---|---|---|---|---|",
@@ -98,7 +124,102 @@ def render_cluster_report(report: dict[str, Any]) -> str:
             f"{cluster['fine_clusters']} | {sources} | {', '.join(cluster['top_terms'])} | "
             f"{example} |"
         )
-    if report["pruned_examples"]:
-        lines += ["", "Pruned, for example:", ""]
-        lines += [f"- {clean(text)}" for text in report["pruned_examples"]]
+    if report["pruned_clusters"]:
+        lines += [
+            "",
+            "## Pruned clusters",
+            "",
+            "| cluster | documents | mean scores | sources | examples |",
+            "|---|---|---|---|---|",
+        ]
+        for cluster in report["pruned_clusters"]:
+            scores = ", ".join(f"{name} {value:.3g}" for name, value in cluster["scores"].items())
+            sources = ", ".join(f"{name} {n}" for name, n in cluster["sources"].items())
+            examples = " / ".join(clean(text) for text in cluster["examples"])
+            lines.append(
+                f"| {cluster['cluster']} | {cluster['documents']} | {scores} | {sources} | "
+                f"{examples} |"
+            )
+    if report["dropped_examples"]:
+        lines += ["", "Dropped from kept clusters, for example:", ""]
+        lines += [f"- {clean(text)}" for text in report["dropped_examples"]]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, form: str = ".4f") -> str:
+    return "–" if value is None else format(value, form)
+
+
+def render_search_report(outcome: dict[str, Any], search: SearchConfig) -> str:
+    """The search's rounds next to the proxies' seed noise, the constraints and the final
+    mixture."""
+    lines = [
+        "# Mixture search",
+        "",
+        f"Objective: {search.targets} (weighted mean token loss of the proxy; lower is better).",
+        "",
+    ]
+    reference = outcome.get("reference")
+    noise = reference["objective"]["std"] if reference else None
+    if reference:
+        lines += [
+            f"Seed noise: the reference (natural) mixture trained under {len(reference['runs'])} "
+            f"proxy seeds has objective {reference['objective']['mean']:.4f} ± "
+            f"{_number(noise)} (standard deviation). A round whose spread is not well above it "
+            "cannot be ranked by any predictor, and a cross-validated error near it is at the "
+            "noise floor.",
+            "",
+        ]
+    lines += [
+        "| round | proxy runs | best | mean | spread (std) | spread / noise "
+        "| Spearman on the round | Spearman cross-validated | RMSE cross-validated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in outcome["rounds"]:
+        spread = entry.get("std_objective")
+        ratio = None if spread is None or not noise else spread / noise
+        lines.append(
+            f"| {entry['round']} | {entry['runs']} | {entry['best_objective']:.4f} | "
+            f"{entry['mean_objective']:.4f} | {_number(spread)} | {_number(ratio, '.1f')} | "
+            f"{_number(entry.get('spearman_held_out'), '+.2f')} | "
+            f"{_number(entry.get('spearman_cross_validated'), '+.2f')} | "
+            f"{_number(entry.get('rmse_cross_validated'))} |"
+        )
+    constraints = outcome.get("constraints")
+    if constraints:
+        lines += [
+            "",
+            "## Retention constraints",
+            "",
+            "Each constrained task's proxy perplexity may rise at most the given share above "
+            "the reference mixture's (geometric mean over its seeds). The search ranks "
+            "mixtures predicted to keep every one first.",
+            "",
+            "| task | max increase | reference ppl | limit ppl | final, predicted ppl |",
+            "|---|---|---|---|---|",
+        ]
+        for task, row in constraints.items():
+            lines.append(
+                f"| {task} | {row['max_relative_increase']:+.1%} | "
+                f"{row['reference_perplexity']:.3f} | {row['limit_perplexity']:.3f} | "
+                f"{row['final_predicted_perplexity']:.3f} |"
+            )
+    final, best = outcome["final"], outcome["best_observed"]
+    low, high = final["top_k_predicted_objective"]
+    lines += [
+        "",
+        "## Final mixture",
+        "",
+        f"The mean of the predictor's best {final['top_k']} of {search.candidates} fresh "
+        f"draws (their predicted objectives {low:.4f} to {high:.4f}); predicted objective "
+        f"{final['predicted_objective']:.4f}. Best proxy run observed: {best['id']}, "
+        f"objective {best['objective']:.4f}.",
+    ]
+    if "feasible" in final:
+        lines.append(
+            f"Predicted to satisfy every constraint: {'yes' if final['feasible'] else 'no'} "
+            f"({final['feasible_candidates']} of the draws were)."
+        )
+    weights = ", ".join(f"{index}: {w:.3f}" for index, w in enumerate(final["weights"]))
+    lines += ["", f"Weights per super-cluster: {weights}."]
     return "\n".join(lines) + "\n"

@@ -148,6 +148,7 @@ class QualityStage(Stage):
 class ClusterSettings(StageSettings):
     cluster: ClusterConfig
     thresholds: dict[str, float]
+    document_thresholds: dict[str, float]
     seed: int
 
 
@@ -161,11 +162,14 @@ class ClusterStage(Stage):
     def settings(self) -> ClusterSettings:
         mix = self.mixture.mix
         return ClusterSettings(
-            cluster=mix.cluster, thresholds=mix.quality.thresholds, seed=mix.seed
+            cluster=mix.cluster,
+            thresholds=mix.quality.thresholds,
+            document_thresholds=mix.quality.document_thresholds,
+            seed=mix.seed,
         )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.mix.cluster import cluster_corpus
+        from forgetless.mix.cluster import cluster_corpus, describe_k
         from forgetless.mix.embed import load_embeddings
         from forgetless.mix.report import build_cluster_report, render_cluster_report
 
@@ -180,6 +184,7 @@ class ClusterStage(Stage):
             settings.thresholds,
             settings.seed,
             engine=self.mixture.mix.engine,
+            document_thresholds=settings.document_thresholds,
         )
         with atomic_file(workdir / CLUSTERING_FILE, "wb") as out:
             np.savez(
@@ -188,6 +193,7 @@ class ClusterStage(Stage):
                 assignment=clustering.assignment,
                 kept=clustering.kept,
                 super_of_cluster=clustering.super_of_cluster,
+                dropped=clustering.dropped,
                 **{f"score_{name}": values for name, values in clustering.cluster_scores.items()},
             )
         with atomic_file(workdir / ASSIGNMENTS_FILE) as handle:
@@ -203,13 +209,20 @@ class ClusterStage(Stage):
                     ]
                 )
         report = build_cluster_report(
-            corpus, embeddings, clustering, settings.cluster.top_terms, settings.thresholds
+            corpus,
+            embeddings,
+            clustering,
+            settings.cluster.top_terms,
+            settings.thresholds,
+            settings.document_thresholds,
+            describe_k(len(corpus), settings.cluster, len(clustering.kept)),
         )
         write_json_atomic(workdir / "report.json", report)
         write_text_atomic(workdir / "report.md", render_cluster_report(report))
         return {
             "documents": len(corpus),
             "clusters": len(clustering.kept),
+            "k_rule": report["k_rule"],
             "kept_clusters": int(clustering.kept.sum()),
             "super_clusters": clustering.super_count,
             "pruned_documents": report["pruned_documents"],
@@ -219,7 +232,9 @@ class ClusterStage(Stage):
 def load_groups(clusters_dir: Path) -> np.ndarray:
     """The super-cluster of every document of the pool (-1 where pruned)."""
     clustering = np.load(clusters_dir / CLUSTERING_FILE)
-    return clustering["super_of_cluster"][clustering["assignment"]]
+    return np.where(
+        clustering["dropped"], -1, clustering["super_of_cluster"][clustering["assignment"]]
+    )
 
 
 class SearchSettings(StageSettings):
@@ -254,16 +269,20 @@ def search_mixture(
         prior_from_tokens(cluster_tokens),
         directory,
         None if propose_only else proxy,
+        reference=cluster_tokens / cluster_tokens.sum(),  # the natural mixture
         progress=mixture.progress,
     )
     outcome["cluster_tokens"] = cluster_tokens.tolist()
     if outcome["status"] == "done":
+        from forgetless.mix.report import render_search_report
+
         report = json.loads((clusters.directory / "report.json").read_text())
         mixture_file = {
             "weights": outcome["final"]["weights"],
             "predicted_objective": outcome["final"]["predicted_objective"],
             "prior": outcome["prior"],
             "targets": mix.search.targets,
+            "constraints": outcome.get("constraints", {}),
             "super_clusters": [
                 {key: cluster[key] for key in ("id", "documents", "sources", "top_terms")}
                 for cluster in report["super_clusters"]
@@ -271,6 +290,7 @@ def search_mixture(
         }
         write_json_atomic(directory / MIXTURE_FILE, mixture_file)
         write_json_atomic(directory / "search.json", outcome)
+        write_text_atomic(directory / "report.md", render_search_report(outcome, mix.search))
     return outcome
 
 
@@ -289,11 +309,16 @@ class SearchStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         outcome = search_mixture(self.mixture, inputs["clusters"], workdir)
-        return {
+        summary = {
             "weights": outcome["final"]["weights"],
             "predicted_objective": outcome["final"]["predicted_objective"],
             "rounds": outcome["rounds"],
         }
+        if "reference" in outcome:
+            summary["noise_std"] = outcome["reference"]["objective"]["std"]
+        if "constraints" in outcome:
+            summary["constraints"] = outcome["constraints"]
+        return summary
 
 
 def sample_training_set(

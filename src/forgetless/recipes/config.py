@@ -80,7 +80,16 @@ class ContinualConfig(Section):
         "before the next; osft: OSFT with the SVD recomputed per task; sotu: each task "
         "fine-tuned from the base on its own, the experts so far merged with the merge section's "
         "settings (SoTU sparse masks by default) after each task; multitask: one run on "
-        "all tasks together (the usual upper bound).",
+        "all tasks together (the usual upper bound); replay: seqft plus replay_per_task "
+        "records of every earlier task; ewc: seqft with the EWC penalty (train.ewc); olora: "
+        "lora with O-LoRA's orthogonality penalty to the earlier tasks' LoRAs (train.olora).",
+    )
+    replay_per_task: int = Field(
+        16,
+        ge=1,
+        description="replay: training records kept of each earlier task (a seeded choice among "
+        "the records it trained on, the same for every later task) and added to the current "
+        "task's records.",
     )
     head: Literal["lm", "closed_form"] = Field(
         "lm",
@@ -92,6 +101,14 @@ class ContinualConfig(Section):
     )
     projection_dim: int = Field(
         2048, ge=1, description="closed_form head: width of the random projection."
+    )
+    head_statistics: Literal["accumulate", "recompute"] = Field(
+        "accumulate",
+        description="closed_form head: accumulate (SoTU's): each task's statistics are taken "
+        "from the model at its own stage and kept, no old samples needed; recompute: after "
+        "every stage the head is refitted from the training records of every task so far, "
+        "all through the current model (what the ridge solution assumes: one backbone), at "
+        "the cost of re-reading earlier tasks' data.",
     )
     train_limit: int | None = Field(
         None, ge=1, description="Use at most N training records per task (None = all)."

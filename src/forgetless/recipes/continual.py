@@ -3,9 +3,11 @@
 A run trains on the tasks of a benchmark order one after another (``seqft``: full
 fine-tuning, ``lora``: a LoRA per task merged before the next, ``osft``: OSFT with the SVD
 recomputed on the current weights for every task, ``sotu``: each task fine-tuned from the base
-on its own and the experts so far merged with sparse random masks) or on all of them at once
-(``multitask``, the usual upper bound), evaluates every task of the sequence after every
-stage, and reports the accuracy matrix with average accuracy, BWT, FWT and forgetting
+on its own and the experts so far merged with sparse random masks, ``replay``: seqft plus a
+buffer of every earlier task's records, ``ewc``: seqft with the online EWC penalty, ``olora``:
+lora with O-LoRA's orthogonality penalty) or on all of them at once (``multitask``, the usual
+upper bound), evaluates every task of the sequence after every stage, and reports the
+accuracy matrix with average accuracy, BWT, FWT and forgetting
 (:mod:`forgetless.report.continual`), plus a retention report on general tasks.
 
 Every step is a fingerprinted :class:`~forgetless.runs.Stage`, so a killed run resumes
@@ -18,6 +20,8 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
             [merge_01_<task>/model/]      starts from it; sotu: the merge of the experts so
             eval_01_<task>/tasks/*.json   far); every task's accuracy after task 1
             [cil_01_<task>/]              the same with continual.head = closed_form
+            [train_01_<task>/ewc_fisher.safetensors]       ewc: the Fishers summed so far
+            [train_01_<task>/olora_subspaces.safetensors]  olora: the LoRA A's so far
             ...
             retention_final/metrics.json
             report/continual.{json,md,png}            (closed_form: report_closed_form/)
@@ -25,7 +29,8 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
 Each ``train_*/model`` is a full checkpoint in the training dtype (float32 unless
 ``model.dtype`` says otherwise), so 4 bytes per parameter: about 0.54 GB for SmolLM2-135M,
 i.e. 2.2 GB for a fewshot sequence and 5.4 GB for an olora one. Training checkpoints are
-deleted once a stage finishes; only the final model stays.
+deleted once a stage finishes; only the final model stays. ewc adds a float32 Fisher (the size
+of a float32 checkpoint) per task.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from forgetless.evaluate.stages import EvaluateStage, load_stage_model
 from forgetless.io import write_json_atomic
 from forgetless.merge.stages import MergeExpertsStage
 from forgetless.model_config import ModelConfig
-from forgetless.recipes import strategies as _strategies  # noqa: F401  (registers them)
+from forgetless.recipes.strategies import ContinualStrategy
 from forgetless.registry import lookup
 from forgetless.report.continual import short_name
 from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings
@@ -85,7 +90,7 @@ def task_sequence(benchmark: str, order: int) -> list[str]:
     return [f"{benchmark}_{name}" for name in orders[order]]
 
 
-def sample_records(records: Sequence, limit: int | None, seed: int) -> list:
+def sample_records(records: Sequence, limit: int | None, seed: int | str) -> list:
     """A seeded random subset of ``limit`` records, in file order (all of them without limit).
 
     Not the first N: the few-shot files are sorted by label, so a prefix holds one class.
@@ -94,6 +99,16 @@ def sample_records(records: Sequence, limit: int | None, seed: int) -> list:
         return list(records)
     chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
     return [records[index] for index in chosen]
+
+
+def replay_buffer(data: TaskData, task: str, per_task: int, seed: int) -> list:
+    """The records of an earlier ``task`` that every later task replays: ``per_task`` of the
+    records it trained on (all of them if it has fewer), in file order.
+
+    Seeded by the task's name as well as the train seed, so the buffers of two tasks are
+    independent draws, and each later task (and a rerun) replays the same records.
+    """
+    return sample_records(data.train_records(task), per_task, seed=f"replay:{seed}:{task}")
 
 
 def in_training_format(tokenizer, record: MultipleChoiceRecord) -> MultipleChoiceRecord:
@@ -159,7 +174,10 @@ class ContinualTrainSettings(StageSettings):
     subset: str | None
     train_limit: int | None
     train: TrainConfig
-    calibration_tasks: tuple[str, ...]
+    # The tasks trained before: OSFT calibrates on them, replay draws its buffer from them.
+    earlier_tasks: tuple[str, ...]
+    replay_per_task: int | None  # None: no replay
+    penalty: str | None  # the strategy's penalty toward earlier tasks (ewc, olora), if any
     model: ModelConfig | None  # None: training continues the previous stage's model
 
 
@@ -174,11 +192,14 @@ class ContinualTrainStage(Stage):
         tasks: list[str],
         train: TrainConfig,
         previous: str | None,
-        calibration_tasks: list[str],
+        earlier_tasks: list[str],
+        strategy: ContinualStrategy,
     ):
         self.name, self.config, self.data = name, config, data
         self.tasks, self.train, self.previous = tasks, train, previous
-        self.calibration_tasks = calibration_tasks
+        self.earlier_tasks = earlier_tasks
+        self.replay_per_task = config.continual.replay_per_task if strategy.replay else None
+        self.penalty = strategy.penalty
         self.depends_on = (previous,) if previous else ()
 
     def settings(self) -> ContinualTrainSettings:
@@ -187,19 +208,39 @@ class ContinualTrainStage(Stage):
             subset=self.data.subset,
             train_limit=self.config.continual.train_limit,
             train=self.train,
-            calibration_tasks=tuple(self.calibration_tasks),
+            earlier_tasks=tuple(self.earlier_tasks),
+            replay_per_task=self.replay_per_task,
+            penalty=self.penalty,
             model=self.config.model if self.previous is None else None,
         )
+
+    def replayed(self) -> list:
+        """The earlier tasks' records this stage replays (none without replay)."""
+        if self.replay_per_task is None:
+            return []
+        return [
+            record
+            for task in self.earlier_tasks
+            for record in replay_buffer(self.data, task, self.replay_per_task, self.train.seed)
+        ]
+
+    def training_records(self) -> list:
+        """What this stage trains on: its tasks' records and any replayed ones, shuffled with
+        the train seed when they mix several tasks."""
+        records = [record for task in self.tasks for record in self.data.train_records(task)]
+        replayed = self.replayed()
+        if len(self.tasks) > 1 or replayed:
+            records += replayed
+            # One mixed stream rather than task blocks, whatever the sampler does.
+            random.Random(self.train.seed).shuffle(records)
+        return records
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.models import load_configured_model
         from forgetless.train.sft import CHECKPOINTS_DIR, train_model
 
         started = time.perf_counter()
-        records = [record for task in self.tasks for record in self.data.train_records(task)]
-        if len(self.tasks) > 1:
-            # Multitask: one mixed stream rather than task blocks, whatever the sampler does.
-            random.Random(self.train.seed).shuffle(records)
+        records = self.training_records()
         start_from = None
         if self.previous is not None:
             start_from = str(inputs[self.previous].directory / MODEL_DIR)
@@ -208,14 +249,17 @@ class ContinualTrainStage(Stage):
         if self.train.method == "osft":
             # The subspace to preserve is calibrated on what the model learnt so far; for the
             # first task train_model falls back to osft.calibration_data.
-            earlier = [self.data.train_records(task) for task in self.calibration_tasks]
+            earlier = [self.data.train_records(task) for task in self.earlier_tasks]
             calibration = [record for records in earlier for record in records] or None
-        _, result = train_model(
+        carried = self._carried(inputs, next(loaded.model.parameters()).device)
+        callbacks = self._penalty_callbacks(loaded.model, carried)
+        model, result = train_model(
             loaded.model,
             loaded.tokenizer,
             records,
             self.train,
             workdir,
+            callbacks=callbacks,
             calibration_records=calibration,
             data_dir=self.config.data_dir,
         )
@@ -226,9 +270,73 @@ class ContinualTrainStage(Stage):
             model_dir=MODEL_DIR,
             tasks=self.tasks,
             records=len(records),
-            seconds=time.perf_counter() - started,
         )
+        if self.replay_per_task is not None:
+            summary["replayed"] = len(self.replayed())
+        if self.penalty == "ewc":
+            summary.update(self._carry_fisher(model, loaded.tokenizer, carried, callbacks, workdir))
+        elif self.penalty == "olora":
+            summary.update(self._carry_subspaces(carried, workdir))
+        summary["seconds"] = time.perf_counter() - started
         return summary
+
+    def _carried(self, inputs: dict[str, StageResult], device) -> dict[str, Any]:
+        """What the previous task of a penalised sequence left for this one (empty for the
+        first task): the summed Fisher (ewc) or the stacked LoRA A's (olora)."""
+        from forgetless.train.penalties import FISHER_FILE, SUBSPACES_FILE, load_tensors
+
+        if self.penalty is None or self.previous is None:
+            return {}
+        folder = inputs[self.previous].directory
+        if self.penalty == "ewc":
+            return load_tensors(folder / FISHER_FILE, device)
+        return load_tensors(folder / SUBSPACES_FILE)
+
+    def _penalty_callbacks(self, model, carried: dict[str, Any]) -> list:
+        from forgetless.train.penalties import EwcCallback, OloraCallback
+
+        if not carried:
+            return []
+        if self.penalty == "ewc":
+            # Built before training: the anchor is the weights this task starts from.
+            return [EwcCallback(model, carried, self.train.ewc.lam)]
+        return [OloraCallback(carried, self.train.olora.lam)]
+
+    def _carry_fisher(self, model, tokenizer, carried, callbacks, workdir: Path) -> dict:
+        """Add this task's Fisher to the earlier ones' and store the sum for the next task."""
+        from forgetless.train.penalties import FISHER_FILE, empirical_fisher, save_tensors
+
+        samples = sample_records(
+            self.data.train_records(self.tasks[0]), self.train.ewc.fisher_samples, self.train.seed
+        )
+        fisher = empirical_fisher(model, tokenizer, samples, self.train.max_length)
+        for name, earlier in carried.items():
+            fisher[name].add_(earlier)
+        save_tensors(workdir / FISHER_FILE, fisher)
+        # The penalty the trained weights pay toward the earlier tasks (None for the first).
+        penalty = callbacks[0].penalty(model) if callbacks else None
+        return {"fisher_samples": len(samples), "ewc_penalty": penalty}
+
+    def _carry_subspaces(self, carried, workdir: Path) -> dict:
+        """Stack this task's LoRA A's under the earlier ones' for the next task."""
+        import torch
+
+        from forgetless.train.methods import ADAPTER_DIR
+        from forgetless.train.penalties import (
+            SUBSPACES_FILE,
+            adapter_subspaces,
+            overlap,
+            save_tensors,
+        )
+
+        current = adapter_subspaces(workdir / ADAPTER_DIR)
+        stacked = {
+            module: torch.cat([carried[module], value]) if module in carried else value
+            for module, value in current.items()
+        }
+        save_tensors(workdir / SUBSPACES_FILE, stacked)
+        # Σ ‖A_<t A_tᵀ‖²_F of the trained LoRA (None for the first task).
+        return {"olora_overlap": overlap(carried, current) if carried else None}
 
 
 class ContinualEvalSettings(StageSettings):
@@ -313,7 +421,8 @@ class ClosedFormEvalStage(Stage):
     items over all classes seen so far.
 
     The head keeps only Gram statistics, no old samples, so the statistics of earlier tasks
-    stay those of the model at their own stage.
+    stay those of the model at their own stage (``continual.head_statistics: accumulate``);
+    with ``recompute`` there is no previous head and ``fit_tasks`` are all the tasks so far.
     """
 
     def __init__(
@@ -529,7 +638,9 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
         # sotu experts all start from the base model; the others continue the previous stage.
         start_from = None if strategy.from_base else previous
         stages.append(
-            ContinualTrainStage(name, config, data, trained_on, train, start_from, earlier)
+            ContinualTrainStage(
+                name, config, data, trained_on, train, start_from, earlier, strategy
+            )
         )
         train_names.append(name)
         previous = name
@@ -541,9 +652,12 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
         if config.continual.head == "closed_form":
             # Own stage names, so both heads' results can sit beside the same trained models.
             evaluation = name.replace("train_", "cil_", 1)
-            head_from = eval_names[-1] if eval_names else None
+            if config.continual.head_statistics == "recompute":
+                fit_tasks, head_from = tasks[: index + len(trained_on)], None
+            else:
+                fit_tasks, head_from = trained_on, eval_names[-1] if eval_names else None
             closed_form = ClosedFormEvalStage(
-                evaluation, config, data, tasks, trained_on, previous, head_from
+                evaluation, config, data, tasks, fit_tasks, previous, head_from
             )
             stages.append(closed_form)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from forgetless.registry import Method, register
 
@@ -14,6 +15,12 @@ class ContinualStrategy:
     merge: bool = False  # the experts so far are merged after each task (merge section)
     joint: bool = False  # one run on all the tasks at once
     per_task_osft: bool = False  # the preserved ratio grows task by task (osft.final_trr)
+    # Each task after the first also trains on continual.replay_per_task records of every
+    # earlier task.
+    replay: bool = False
+    # A penalty toward the earlier tasks, carried from task to task in the run directory:
+    # ewc (train.ewc) or olora (train.olora).
+    penalty: Literal["ewc", "olora"] | None = None
 
 
 def _register(name: str, summary: str, strategy: ContinualStrategy, settings: str | None):
@@ -52,4 +59,26 @@ _register(
     "one run on all tasks together (the usual upper bound)",
     ContinualStrategy("full", joint=True),
     None,
+)
+_register(
+    "replay",
+    "experience replay: full fine-tuning on each task plus a seeded buffer of "
+    "continual.replay_per_task training records of every earlier task",
+    ContinualStrategy("full", replay=True),
+    "continual.replay_per_task",
+)
+_register(
+    "ewc",
+    "full fine-tuning with online Elastic Weight Consolidation: a quadratic penalty, weighted by "
+    "the earlier tasks' summed diagonal Fisher, toward the previous task's weights (Kirkpatrick "
+    "et al. 2017)",
+    ContinualStrategy("full", penalty="ewc"),
+    "train.ewc",
+)
+_register(
+    "olora",
+    "a LoRA per task, merged before the next, with its A matrices pushed orthogonal to the "
+    "earlier tasks' (O-LoRA, Wang et al. 2023)",
+    ContinualStrategy("lora", penalty="olora"),
+    "train.olora",
 )

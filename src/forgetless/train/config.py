@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from forgetless.errors import ForgetlessError
 from forgetless.schema import NOT_IDENTITY, Section
@@ -28,18 +28,61 @@ class OsftConfig(Section):
         description="Regex (re.search) over module names selecting the constrained weight "
         "matrices; default: attention q/k/v/o and MLP gate/up/down.",
     )
+    projection: Literal["two_sided", "top_block"] = Field(
+        "two_sided",
+        description="What is frozen: two_sided keeps updates out of both the top-k left and "
+        "right singular subspaces, (I - UUᵀ) ΔW (I - VVᵀ), leaving (m-k)(n-k) of m*n "
+        "directions trainable; top_block only keeps UᵀΔW V = 0 (the paper's equation), "
+        "leaving m*n - k².",
+    )
+    reproject_every: int = Field(
+        1,
+        ge=1,
+        description="Optimizer steps between projections of the weights' drift onto the "
+        "allowed subspace; the drift is also projected before every checkpoint, evaluation "
+        "and the end of training. 1 (default): the weights satisfy the constraint after every "
+        "step. More (with project_gradients: true) saves projection time but lets AdamW's "
+        "leak accumulate between projections, which on SmolLM2-135M more than doubled the "
+        "forgetting at 8 (docs/osft.md).",
+    )
+    project_gradients: bool = Field(
+        False,
+        description="Also project the gradient before every optimizer step, so AdamW's moments "
+        "live in the allowed subspace (two projections per step). false (default): only the "
+        "step is projected, one projection per step, and the moments also see the frozen "
+        "directions' gradients; on SmolLM2-135M this gained more on the domain and forgot "
+        "less (docs/osft.md). false needs reproject_every: 1.",
+    )
     rank_policy: Literal["adaptive", "fixed"] = Field(
         "adaptive",
-        description="adaptive: per-layer preserved rank from input/output cosine importance "
+        description="adaptive: per-matrix preserved rank from input/output cosine importance "
         "on calibration data (Sculpting Subspaces); fixed: preserve_ratio for every matrix.",
     )
     importance: Literal["block", "matrix"] = Field(
         "block",
-        description="Adaptive importance: mean cos(x, f(x)) over calibration tokens with f the "
-        "transformer block (residual stream) holding the matrix, or the matrix itself.",
+        description="Adaptive importance: mean cos(input, output) over calibration tokens of "
+        "the transformer block holding the matrix (residual stream), or of the matrix itself "
+        "(its output rotated back to the input's coordinates by W's polar factor).",
+    )
+    rank_mapping: Literal["quantile", "mean"] = Field(
+        "quantile",
+        description="Adaptive: importance -> preserved ratio. quantile: matrices ordered by "
+        "importance, ratios spaced evenly over trr ± min(trr - mrr, rank_spread * (1 - trr)); "
+        "mean: the paper's mrr + I/mean(I) * (trr - mrr), clamped to [1, min(m, n) - 1].",
+    )
+    rank_spread: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Adaptive, quantile: the most important matrix keeps (1 - rank_spread) of "
+        "the average trainable fraction (1 - trr), the least important (1 + rank_spread) of it.",
     )
     mrr: float = Field(
-        0.1, ge=0.0, le=1.0, description="Adaptive: preserved ratio of the least important layer."
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Adaptive: smallest preserved ratio (quantile: a floor; mean: the ratio of "
+        "a layer of zero importance).",
     )
     trr: float = Field(
         0.5,
@@ -81,6 +124,16 @@ class OsftConfig(Section):
         "OSF does; false trains them unconstrained.",
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> OsftConfig:
+        if self.rank_policy == "adaptive" and self.trr < self.mrr:
+            raise ValueError(f"trr ({self.trr:g}) must be at least mrr ({self.mrr:g})")
+        if not self.project_gradients and self.reproject_every != 1:
+            # Unprojected moments leave the subspace at every step; only projecting each
+            # step keeps the weights in it.
+            raise ValueError("project_gradients: false needs reproject_every: 1")
+        return self
+
     def for_task(self, index: int, count: int) -> OsftConfig:
         """Settings for task ``index`` (0-based) of ``count``: the preserved ratio grows linearly
         from ``trr`` to ``final_trr`` so each task leaves room for the next ones."""
@@ -88,6 +141,32 @@ class OsftConfig(Section):
             return self
         grown = self.trr + (self.final_trr - self.trr) * index / (count - 1)
         return self.model_copy(update={"trr": grown})
+
+
+class EwcConfig(Section):
+    lam: float = Field(
+        1e4,
+        ge=0.0,
+        description="λ of the EWC penalty (λ/2) Σ F (θ - θ*)², F the earlier tasks' summed "
+        "per-example Fishers, θ* the weights the task starts from. 1e4: on SmolLM2-135M the "
+        "penalty then rivals the task's gradient on the ~0.1 % most important weights after "
+        "one epoch of the packaged continual config (README). 0 turns it off.",
+    )
+    fisher_samples: int = Field(
+        32,
+        ge=1,
+        description="Training records of each task (a seeded choice) whose squared gradients, one "
+        "record per backward pass, are averaged into its diagonal empirical Fisher.",
+    )
+
+
+class OloraConfig(Section):
+    lam: float = Field(
+        0.5,
+        ge=0.0,
+        description="λ₁ of O-LoRA's orthogonality penalty λ₁ Σ ‖A_i A_tᵀ‖²_F between the new "
+        "LoRA's A matrices and every earlier task's (0.5: O-LoRA's scripts).",
+    )
 
 
 class TrainConfig(Section):
@@ -137,6 +216,12 @@ class TrainConfig(Section):
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     osft: OsftConfig = Field(default_factory=OsftConfig, description="OSFT settings.")
+    ewc: EwcConfig = Field(
+        default_factory=EwcConfig, description="EWC settings (continual method ewc)."
+    )
+    olora: OloraConfig = Field(
+        default_factory=OloraConfig, description="O-LoRA settings (continual method olora)."
+    )
 
     def check_trackers_installed(self) -> None:
         """Fail before any work when a tracker's package is missing (transformers would raise
