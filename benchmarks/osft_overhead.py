@@ -66,7 +66,13 @@ class Arm:
 
         self.method = method
         torch.manual_seed(0)
-        self.model = load_model(args.model, dtype="float32", device=args.device).model
+        dtype = getattr(args, "dtype", "float32")
+        self.model = load_model(args.model, dtype=dtype, device=args.device).model
+        if getattr(args, "gradient_checkpointing", False):
+            self.model.config.use_cache = False
+            # Non-reentrant: OSFT freezes the embeddings, so the checkpointed blocks' inputs
+            # need no gradient of their own.
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self.callback = None
         if method in OSFT_SETTINGS:
             config = OsftConfig(
@@ -89,6 +95,10 @@ class Arm:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=0.0)
         self.device = self.model.device
         self.vocab = self.model.config.vocab_size
+        # bf16 mixed precision as the Trainer's --bf16 applies it: fp32 weights, bf16 matmuls.
+        self.autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=getattr(args, "autocast", False)
+        )
 
     def step(self, batches) -> tuple[float, float]:
         """One optimizer step over ``batches``: (seconds, of which projecting)."""
@@ -97,7 +107,9 @@ class Arm:
         started = self._now()
         for batch in batches:
             batch = batch.to(self.device)
-            (self.model(input_ids=batch, labels=batch).loss / len(batches)).backward()
+            with self.autocast:
+                loss = self.model(input_ids=batch, labels=batch).loss
+            (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         projecting = 0.0
         if self.callback is not None and self.callback.config.project_gradients:
@@ -139,27 +151,37 @@ def token_batches(args: argparse.Namespace, vocab: int, tokens_per_step: int, se
     ]
 
 
-def measure_memory(args: argparse.Namespace) -> None:
-    """Child process: one step of ``args.memory_of``; print peak memory and trainable size."""
+def reset_peak_memory(device) -> None:
+    """Start the peak-memory count from what is held now."""
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+def peak_memory(device) -> int:
+    """Bytes: peak allocated CUDA memory, or the process's peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def measure_memory(args: argparse.Namespace) -> None:
+    """Child process: one step of ``args.memory_of``; print peak memory and trainable size."""
     arm = Arm(args.memory_of, args)
     # Loading the GGUF checkpoint de-quantises it through buffers far larger than training
     # needs, so the process's lifetime peak says nothing about a step: reset the peak once the
     # model, the bases and their SVD temporaries are in place.
-    if arm.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    reset_peak_memory(arm.device)
     batches = token_batches(args, arm.vocab, args.micro_batch * args.seq_len, seed=0)
     arm.step(batches)
     arm.step(batches)  # the second step holds AdamW's state as every later one does
-    if arm.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        status = Path("/proc/self/status").read_text()
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-    print(json.dumps({"peak_bytes": peak, "trainable": arm.trainable()}))
+    print(json.dumps({"peak_bytes": peak_memory(arm.device), "trainable": arm.trainable()}))
 
 
 def main() -> None:

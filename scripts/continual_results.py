@@ -1,17 +1,22 @@
-"""The continual-learning results table: methods x seed splits of one benchmark order.
+"""The continual-learning results table: methods x runs (benchmark order and seed split).
 
 Runs ``forgetless continual`` (cached and resumable, so an interrupted sweep picks up where it
-stopped) for every method on each seed split, then writes one table of mean ± std over the
-splits (average accuracy, BWT, FWT, forgetting, retention of the final model) to
-``<output>.md`` and everything per run to ``<output>.json``::
+stopped) for every method on each run, then writes, per order, one table of mean ± std over
+its seed splits (average accuracy, BWT, FWT, forgetting, retention of the final model), the
+paired differences of every method's final average accuracy against seqft and multitask on
+the same test items, to ``<output>.md``, and everything per run to ``<output>.json``::
 
     python scripts/continual_results.py --data-dir ../shared/data
-    python scripts/continual_results.py --methods seqft osft --subsets 0_42 \\
+    python scripts/continual_results.py --methods seqft osft --subsets 0_42 \
         --set continual.eval_limit=100 --output docs/results/continual_pilot
-    python scripts/continual_results.py --methods seqft sotu --set merge.keep=0.25 \\
-        --set continual.head=closed_form --output docs/results/continual_sotu_closed_form
+    python scripts/continual_results.py --config src/forgetless/configs/continual_benchmark.yaml \
+        --runs 1:0_42 2:0_42 3:0_42 1:1_142 1:2_242 --methods seqft lora olora replay ewc osft \
+        multitask --output docs/results/continual_benchmark
 
-Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``.
+``--runs ORDER:SPLIT ...`` lists the runs; without it, ``--order`` with every ``--subsets``.
+Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``. Runs go split by split and
+order by order, every method within each, so an interrupted sweep already compares all
+methods on the runs it finished.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
 from forgetless.recipes.continual import run_continual
+from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
 from forgetless.report.experiment import print_event, write_results
 
 SUBSETS = ("0_42", "1_142", "2_242")
@@ -52,24 +58,35 @@ def mean_std(values: list[float | None], scale: float = 100.0) -> str:
     return f"{statistics.mean(present):.1f} ± {statistics.stdev(present):.1f}"
 
 
+def sweep_runs(args: argparse.Namespace) -> list[tuple[int, str]]:
+    if not args.runs:
+        return [(args.order, subset) for subset in args.subsets]
+    runs = []
+    for run in args.runs:
+        order, _, subset = run.partition(":")
+        if not order.isdigit() or not subset:
+            raise SystemExit(f"error: --runs takes ORDER:SPLIT (e.g. 1:0_42), got {run!r}")
+        runs.append((int(order), subset))
+    return runs
+
+
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     reports = []
-    # Split by split, so an interrupted sweep already compares every method on the first ones.
-    for seed, subset in enumerate(args.subsets):
+    for order, subset in sweep_runs(args):
         for method in args.methods:
             overrides = dict(parse_assignment(item) for item in args.set or [])
             overrides.update(
                 {
                     "continual.method": method,
                     "continual.subset": subset,
-                    "continual.order": args.order,
-                    "train.seed": SUBSETS.index(subset) if subset in SUBSETS else seed,
+                    "continual.order": order,
+                    "train.seed": SUBSETS.index(subset) if subset in SUBSETS else 0,
                     "run_dir": args.run_dir,
                     "data_dir": args.data_dir,
                 }
             )
             config = load_config(args.config, overrides)
-            print(f"== {method} on split {subset}", flush=True)
+            print(f"== {method} on order {order}, split {subset}", flush=True)
             results = run_continual(config, on_event=print_event)
             report_file = results["report"].directory / "continual.json"
             report = json.loads(report_file.read_text())
@@ -77,26 +94,55 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     return reports
 
 
-def render(reports: list[dict], args: argparse.Namespace) -> str:
-    first = reports[0]
-    evaluation = first["evaluation"]
-    retention_tasks = [row["task"] for row in first["retention"]]
+def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
+    """Each method's final average accuracy against seqft and multitask, paired on the same
+    items of every run both finished, pooled over those runs."""
+    runs = {(r["order"], r["subset"], r["method"]): r for r in reports if r.get("final_items")}
+    references = [m for m in ("seqft", "multitask") if m in methods]
+    if not references or len(runs) < 2:  # e.g. the closed-form head keeps no outcomes
+        return []
     lines = [
-        f"# Continual learning: {first['benchmark']} order {first['order']}, {first['model']}",
+        "## Paired differences of final average accuracy (points, 95 % interval over items)",
         "",
-        HEAD_NOTES[first["head"]],
+        "Each cell: the method's final average accuracy minus the reference's, on the same "
+        "test items, pooled over the runs both have (their count in brackets).",
         "",
-        f"Seed splits: {', '.join(args.subsets)}; {evaluation['limit'] or 'all'} test items "
-        f"per task ({evaluation['split']}); tasks in order: {', '.join(first['tasks'])}.",
-        "Accuracy in %, mean ± std over the splits; BWT/FWT/forgetting in points.",
-        "",
+        "| method | " + " | ".join(f"vs {reference}" for reference in references) + " |",
+        "|---" * (1 + len(references)) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for reference in references:
+            pairs = [
+                paired_average_accuracy(r["final_items"], other["final_items"])
+                for (order, subset, name), r in runs.items()
+                if name == method
+                and (other := runs.get((order, subset, reference))) is not None
+                and r.get("final_items")
+                and other.get("final_items")
+            ]
+            if method == reference or not pairs:
+                cells.append("–")
+                continue
+            mean, low, high = pooled_interval(pairs)
+            cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] ({len(pairs)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def order_table(reports: list[dict], methods: list[str]) -> list[str]:
+    """Mean ± std over the seed splits of one order, one row per method."""
+    retention_tasks = [row["task"] for row in reports[0]["retention"]]
+    lines = [
         "| method | avg accuracy | BWT | FWT | forgetting | "
         + " | ".join(f"{task} (final)" for task in retention_tasks)
         + " | train s |",
         "|---" * (6 + len(retention_tasks)) + "|",
     ]
-    for method in args.methods:
+    for method in methods:
         runs = [report for report in reports if report["method"] == method]
+        if not runs:
+            continue
         metrics = [run["metrics"] for run in runs]
         cells = [
             mean_std([m["average_accuracy"] for m in metrics]),
@@ -112,13 +158,44 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {train_seconds:.0f} |")
     base_cells = []
     for task in retention_tasks:
-        row = next(row for row in first["retention"] if row["task"] == task)
+        row = next(row for row in reports[0]["retention"] if row["task"] == task)
         scale = 100.0 if row["metric"] == "accuracy" else 1.0
         base_cells.append(f"{task} {row['before'] * scale:.1f}")
-    lines += ["", "Base model (before any task): " + ", ".join(base_cells) + "."]
-    lines += ["", "## Accuracy matrices (rows: after training task i; columns: task j)", ""]
+    if base_cells:
+        lines += ["", "Base model (before any task): " + ", ".join(base_cells) + "."]
+    return lines
+
+
+def render(reports: list[dict], args: argparse.Namespace) -> str:
+    first = reports[0]
+    evaluation = first["evaluation"]
+    items = ", ".join(f"{short_name(t)} {n}" for t, n in evaluation["items"].items())
+    lines = [
+        f"# Continual learning: {first['benchmark']}, {first['model']}",
+        "",
+        HEAD_NOTES[first["head"]],
+        "",
+        f"Test items per task ({evaluation['split']}): {items}.",
+        "Accuracy in %, mean ± std over the seed splits of an order; BWT/FWT/forgetting in points.",
+        "",
+    ]
+    orders = list(dict.fromkeys(report["order"] for report in reports))
+    for order in orders:
+        of_order = [report for report in reports if report["order"] == order]
+        splits = ", ".join(dict.fromkeys(report["subset"] or "-" for report in of_order))
+        lines += [
+            f"## Order {order}: {', '.join(of_order[0]['tasks'])} (splits {splits})",
+            "",
+            *order_table(of_order, args.methods),
+            "",
+        ]
+    lines += paired_lines(reports, args.methods)
+    lines += ["## Accuracy matrices (rows: after training task i; columns: task j)", ""]
     for report in reports:
-        lines.append(f"**{report['method']}, split {report['subset']}** (base row first)")
+        lines.append(
+            f"**{report['method']}, order {report['order']}, split {report['subset']}** "
+            "(base row first)"
+        )
         lines.append("")
         lines.append("| after \\ on | " + " | ".join(report["tasks"]) + " |")
         lines.append("|---" * (len(report["tasks"]) + 1) + "|")
@@ -143,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--subsets", nargs="+", default=list(SUBSETS))
     parser.add_argument("--order", type=int, default=1)
+    parser.add_argument(
+        "--runs", nargs="+", help="ORDER:SPLIT pairs (e.g. 1:0_42 2:0_42); overrides --order."
+    )
     parser.add_argument("--run-dir", default="runs/continual")
     parser.add_argument("--data-dir")
     parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")

@@ -1,6 +1,7 @@
 """The continual-learning harness: metrics on hand-computed matrices, a tiny run end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,39 @@ def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, shared_
     # One run on the shuffled union, with as many steps as the four-task sequence gets.
     assert report["training"][0]["records"] == 16 and report["training"][0]["steps"] == 4
     assert [row["task"] for row in report["retention"]] == ["arc_easy"]
+
+
+def test_paired_average_accuracy_adds_the_tasks_variances():
+    from forgetless.report.continual import paired_average_accuracy, pooled_interval
+
+    a = {"t1": [1, 1, 0, 1], "t2": [1, 0, 0, 0, 1, 1]}
+    b = {"t1": [0, 1, 0, 0], "t2": [1, 1, 0, 0, 0, 1]}
+    difference, variance = paired_average_accuracy(a, b)
+    # t1: differences 1,0,0,1 (mean .5, var 1/3); t2: 0,-1,0,0,1,0 (mean 0, var .4)
+    assert difference == pytest.approx((0.5 + 0.0) / 2)
+    assert variance == pytest.approx((1 / 3 / 4 + 0.4 / 6) / 4)
+    mean, low, high = pooled_interval([(difference, variance), (0.05, variance)])
+    assert mean == pytest.approx(0.15)
+    assert high - mean == pytest.approx(1.959963984540054 * (2 * variance) ** 0.5 / 2)
+    with pytest.raises(ValueError, match="different tasks"):
+        paired_average_accuracy(a, {"t1": b["t1"]})
+
+
+def test_the_benchmark_lora_rank_matches_osft_trainable_directions():
+    from transformers import AutoModelForCausalLM
+
+    from forgetless.config import load_config
+    from forgetless.model_shapes import shape_config
+    from forgetless.train.osft import matched_lora_rank, target_modules
+
+    packaged = Path(__file__).resolve().parents[1] / "src/forgetless/configs"
+    config = load_config(packaged / "continual_benchmark.yaml")
+    with torch.device("meta"):  # SmolLM2-135M's shapes, no weights
+        model = AutoModelForCausalLM.from_config(shape_config("random:smollm2-135m"))
+    shapes = [
+        tuple(module.weight.shape)
+        for module in target_modules(model, config.train.osft.target_modules).values()
+    ]
+    assert config.model.name == "smollm2-135m" and len(shapes) == 7 * 30
+    assert config.train.lora.r == matched_lora_rank(shapes, config.train.osft, tasks=4)
+    assert config.train.lora.alpha == 2 * config.train.lora.r  # the default alpha / r

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 SCRIPT_NAME = "continual_results"
 
 TINY = {
@@ -28,9 +30,39 @@ def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, experiment
     ]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "Head: closed-form, class-incremental" in table
-    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    summary = table[: table.index("## Accuracy matrices")]
+    assert "## Paired differences" not in summary  # the closed-form head keeps no outcomes
+    rows = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line[:2] == "| "}
     for report in reports:
         metrics, row = report["metrics"], rows[report["method"]]
         assert f"| {100 * metrics['average_accuracy']:.1f} |" in row
         assert metrics["fwt"] is None and "| n/a |" in row
     assert table.count("| base (LM head) |") == 2
+
+
+def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
+    tmp_path, experiment_argv, script
+):
+    flags = ("--methods", "seqft", "osft", "--runs", "1:0_42", "2:0_42")
+    script.main(experiment_argv("orders", TINY, *flags))
+    reports = json.loads((tmp_path / "out" / "orders.json").read_text())
+    assert [(r["method"], r["order"]) for r in reports] == [
+        ("seqft", 1), ("osft", 1), ("seqft", 2), ("osft", 2)
+    ]  # fmt: skip
+    for report in reports:
+        items = report["final_items"]
+        assert set(items) == set(report["tasks"])
+        # The final row of the matrix is the mean of the kept outcomes.
+        finals = [sum(items[task]) / len(items[task]) for task in report["tasks"]]
+        assert finals == pytest.approx(report["matrix"][-1])
+    table = (tmp_path / "out" / "orders.md").read_text()
+    assert "## Order 1:" in table and "## Order 2:" in table
+    paired = table[table.index("## Paired differences") :].splitlines()
+    osft_row = next(line for line in paired if line.startswith("| osft |"))
+    assert osft_row.endswith("(2) |")  # pooled over both orders
+    assert next(line for line in paired if line.startswith("| seqft |")) == "| seqft | – |"
+
+
+def test_runs_must_name_order_and_split(experiment_argv, script):
+    with pytest.raises(SystemExit, match="ORDER:SPLIT"):
+        script.main(experiment_argv("bad", TINY, "--runs", "1"))

@@ -211,7 +211,10 @@ DataDirOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    _option("model.name", "Hub id, local checkpoint, or alias (smollm2-135m, tiny-llama)."),
+    _option(
+        "model.name",
+        "Hub id, local checkpoint, or alias (smollm2-135m, tiny-llama, random:<shape>).",
+    ),
 ]
 PushOpt = Annotated[
     str | None,

@@ -12,7 +12,9 @@ from forgetless.schema import Section
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m",
-        description="Hub id, local checkpoint directory, or alias (smollm2-135m, tiny-llama).",
+        description="Hub id, local checkpoint directory, or alias: smollm2-135m, tiny-llama, "
+        "or random:<shape> (randomly initialised, for speed and memory work; shapes in "
+        "forgetless.model_shapes).",
     )
     revision: str | None = Field(
         None,

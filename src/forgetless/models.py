@@ -8,6 +8,9 @@ aliases below:
   checkpoint is cached under the user cache so later loads take a fraction of a second.
 * ``tiny-llama`` — a seeded, randomly initialised two-layer Llama with a byte-level tokenizer,
   for fast tests; no file or network needed.
+* ``random:<shape>`` — a seeded, randomly initialised model of a published architecture
+  (``random:llama-3.2-1b`` …, :mod:`forgetless.model_shapes`) with the byte-level tokenizer,
+  for speed and memory measurements at real sizes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from transformers import (
 
 from forgetless.errors import ForgetlessError
 from forgetless.io import save_model
+from forgetless.model_shapes import is_random_shape, random_model
 from forgetless.paths import cache_dir
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -105,6 +109,8 @@ def load_model(
         model, tokenizer = _tiny_llama()
     elif name == SMOLLM2_ALIAS:
         model, tokenizer = _smollm2(torch_dtype)
+    elif is_random_shape(name):
+        model, tokenizer = random_model(name, torch_dtype, torch_device), tiny_tokenizer()
     else:
         model, tokenizer = _pretrained(name, torch_dtype, trust_remote_code, revision)
     model = model.to(device=torch_device, dtype=torch_dtype)
@@ -117,7 +123,7 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer of a model alias, local checkpoint or hub id, without its weights."""
     _check_revision(name, revision)
-    if name == TINY_LLAMA_ALIAS:
+    if name == TINY_LLAMA_ALIAS or is_random_shape(name):
         return tiny_tokenizer()
     path = smollm2_checkpoint_dir() if name == SMOLLM2_ALIAS else name
     try:
@@ -150,7 +156,7 @@ def load_configured_model(
 
 
 def _check_revision(name: str, revision: str | None) -> None:
-    if revision is not None and name in MODEL_ALIASES:
+    if revision is not None and (name in MODEL_ALIASES or is_random_shape(name)):
         raise ForgetlessError(
             f"model.revision pins a hub model; {name!r} is a packaged alias without revisions"
         )
@@ -235,13 +241,18 @@ def smollm2_checkpoint_dir() -> Path:
     return cached
 
 
-def tiny_llama_checkpoint_dir() -> Path:
-    """tiny-llama saved as a checkpoint (for tools that read files, such as merging)."""
-    model, tokenizer = _tiny_llama()
+def random_checkpoint_dir(name: str) -> Path:
+    """tiny-llama or a ``random:<shape>`` model saved as a checkpoint (for tools that read
+    files, such as merging)."""
+    if name == TINY_LLAMA_ALIAS:
+        model, tokenizer = _tiny_llama()
+    else:
+        model, tokenizer = random_model(name, torch.float32, torch.device("cpu")), tiny_tokenizer()
     # Keyed by the architecture and torch version, which together fix the seeded weights.
     identity = json.dumps([model.config.to_dict(), torch.__version__], sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"tiny-llama-{digest}"
+    label = name.replace(":", "-").replace(".", "_")
+    target = cache_dir() / "models" / f"{label}-{digest}"
     if not (target / "config.json").is_file():
         _quietly_save(model, tokenizer, target)
     return target

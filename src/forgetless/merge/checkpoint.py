@@ -157,18 +157,19 @@ def safetensors_file(path: Path):
 
 def resolve_checkpoint_dir(name: str) -> Path:
     """A local checkpoint directory for an alias, a path, or a hub id (downloaded if online)."""
+    from forgetless.model_shapes import is_random_shape
     from forgetless.models import (
         SMOLLM2_ALIAS,
         TINY_LLAMA_ALIAS,
         is_path_like,
+        random_checkpoint_dir,
         smollm2_checkpoint_dir,
-        tiny_llama_checkpoint_dir,
     )
 
     if name == SMOLLM2_ALIAS:
         return smollm2_checkpoint_dir()
-    if name == TINY_LLAMA_ALIAS:
-        return tiny_llama_checkpoint_dir()
+    if name == TINY_LLAMA_ALIAS or is_random_shape(name):
+        return random_checkpoint_dir(name)
     local = Path(name).expanduser()
     if local.is_dir():
         return local

@@ -390,6 +390,8 @@ class ContinualEvalStage(Stage):
                 scored = score_task(
                     loaded.model, loaded.tokenizer, spec, items, self.config.evaluate
                 )
+                # Per-item outcomes first: a task counts as done once its metrics exist.
+                write_json_atomic(items_path(workdir, task), scored.per_item)
                 write_json_atomic(path, scored.to_dict())
             results[task] = json.loads(path.read_text())
         return {
@@ -398,6 +400,11 @@ class ContinualEvalStage(Stage):
             # length would favour long labels whose later tokens are near-certain.
             "accuracy": {task: result["value"] for task, result in results.items()},
         }
+
+
+def items_path(workdir: Path, task: str) -> Path:
+    """Per-item outcomes (``correct`` 0/1, in item order) of ``task`` in an eval stage."""
+    return workdir / "tasks" / f"{task}.items.json"
 
 
 HEAD_STATE = "closed_form_head.pt"
@@ -560,6 +567,19 @@ class ContinualReportStage(Stage):
         def retention_metrics(stage: str) -> dict[str, Any]:
             return json.loads((inputs[stage].directory / "metrics.json").read_text())
 
+        def final_items() -> dict[str, list[int]] | None:
+            """The last stage's per-item outcomes, for paired comparisons between methods on
+            the same items (absent for the closed-form head and for stages evaluated before
+            outcomes were kept)."""
+            folder = inputs[self.eval_stages[-1]].directory
+            paths = {task: items_path(folder, task) for task in self.tasks}
+            if not all(path.is_file() for path in paths.values()):
+                return None
+            return {
+                task: [int(hit) for hit in json.loads(path.read_text())["correct"]]
+                for task, path in paths.items()
+            }
+
         base = task_results("eval_base")
         stages = [task_results(stage) for stage in self.eval_stages]
         base_row = [base[task]["value"] for task in self.tasks]
@@ -596,6 +616,7 @@ class ContinualReportStage(Stage):
             },
             "base": base_row,
             "matrix": matrix,
+            "final_items": final_items(),
             "metrics": metrics,
             "retention": rows,
             "retention_change_pct": change,

@@ -22,9 +22,14 @@ Outputs: ``continual.json`` (everything), ``continual.md`` (tables) and ``contin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from forgetless.evaluate.stats import Z_95
 
 Matrix = Sequence[Sequence[float]]
 
@@ -88,6 +93,39 @@ def continual_metrics(matrix: Matrix, base: Sequence[float]) -> dict[str, float 
             "forgetting": forgetting(matrix),
         }
     return {"average_accuracy": average_accuracy(matrix), **transfer}
+
+
+def paired_average_accuracy(
+    correct_a: Mapping[str, Sequence[int]], correct_b: Mapping[str, Sequence[int]]
+) -> tuple[float, float]:
+    """Average accuracy of model a minus model b, both scored on the same items of every
+    task, and the variance of that difference over the items.
+
+    The average accuracy is the mean over tasks, so the difference is the mean of the tasks'
+    paired differences; the tasks' items are independent samples, so their variances add
+    (each the paired variance of its items over their count).
+    """
+    if set(correct_a) != set(correct_b):
+        raise ValueError("the two models were scored on different tasks")
+    means, variances = [], []
+    for task, hits_a in correct_a.items():
+        a = np.asarray(hits_a, dtype=np.float64)
+        b = np.asarray(correct_b[task], dtype=np.float64)
+        if a.shape != b.shape or a.size < 2:
+            raise ValueError(f"{task}: need the same two or more items scored for both models")
+        differences = a - b
+        means.append(float(differences.mean()))
+        variances.append(float(differences.var(ddof=1)) / differences.size)
+    count = len(means)
+    return sum(means) / count, sum(variances) / count**2
+
+
+def pooled_interval(runs: Sequence[tuple[float, float]], z: float = Z_95):
+    """Mean of several runs' ``(difference, variance)`` (independent item samples or
+    seeds) and its 95 % interval over the items."""
+    mean = sum(difference for difference, _ in runs) / len(runs)
+    half_width = z * math.sqrt(sum(variance for _, variance in runs)) / len(runs)
+    return mean, mean - half_width, mean + half_width
 
 
 def short_name(task: str) -> str:

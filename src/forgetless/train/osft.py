@@ -80,6 +80,22 @@ def trainable_directions(shape: tuple[int, int], rank: int, projection: str) -> 
     return (m - rank) * (n - rank) if projection == "two_sided" else m * n - rank * rank
 
 
+def matched_lora_rank(shapes: Sequence[tuple[int, int]], config: OsftConfig, tasks: int) -> int:
+    """The LoRA rank whose trainable parameters, r·(m + n) per matrix, come nearest to the
+    directions OSFT leaves trainable in the same matrices, averaged over a sequence of
+    ``tasks`` (the preserved ratio grows from ``trr`` to ``final_trr``; the adaptive ranks
+    spread around each task's ratio, which keeps their mean)."""
+    per_rank = sum(m + n for m, n in shapes)
+    trainable = 0.0
+    for index in range(tasks):
+        ratio = config.for_task(index, tasks).trr
+        trainable += sum(
+            trainable_directions(shape, round(ratio * min(shape)), config.projection)
+            for shape in shapes
+        )
+    return max(1, round(trainable / tasks / per_rank))
+
+
 def projection_cost(
     shape: tuple[int, int], rank: int, projection: str, left_low: bool, right_low: bool
 ) -> int:
