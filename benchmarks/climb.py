@@ -22,18 +22,18 @@ def pool_texts(args) -> list[str]:
     from forgetless.mix.corpus import load_corpus
 
     config = load_config(None, {"data_dir": args.data_dir})
-    texts = load_corpus(config).texts
+    texts = load_corpus(config.mix.sources, config.mix.limit_per_source, config.data_dir).texts
     return (texts * (args.documents // len(texts) + 1))[: args.documents]
 
 
 def embedding_ratio(args) -> tuple[float, float]:
-    from forgetless.config import MixConfig
     from forgetless.embeddings import load_embedder
+    from forgetless.mix.config import EmbedConfig
     from forgetless.mix.corpus import Corpus
     from forgetless.mix.embed import embed_corpus
 
     texts = pool_texts(args)
-    config = MixConfig(embed_batch_size=args.batch_size, shard_size=args.shard_size)
+    config = EmbedConfig(batch_size=args.batch_size, shard_size=args.shard_size)
     embedder = load_embedder(config.embedder, device="cpu")
     embedder.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
     started = time.perf_counter()

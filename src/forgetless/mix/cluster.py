@@ -1,17 +1,24 @@
-"""Spherical k-means (faiss), quality pruning, and Ward merging into super-clusters."""
+"""Spherical k-means (faiss) trained on a sample, nearest-centroid assignment streamed in
+blocks with the per-cluster statistics, quality pruning, and Ward merging into super-clusters."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from forgetless.errors import ForgetlessError
 from forgetless.mix.config import ClusterConfig
-from forgetless.mix.quality import passes
+from forgetless.mix.engine import nearest_centroids, ray_assign
+from forgetless.mix.quality import passing
+from forgetless.shards import row_blocks
 
 logger = logging.getLogger(__name__)
+
+# Rows per block of a streamed pass: 25 MB of 384-dimensional float32 embeddings.
+ASSIGN_ROWS = 16384
 
 
 @dataclass
@@ -63,32 +70,112 @@ def describe_k(documents: int, config: ClusterConfig, k: int) -> str:
     return f"k = {k}: set"
 
 
-def spherical_kmeans(
-    vectors: np.ndarray, k: int, iterations: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unit centroids and the nearest centroid (by cosine) of every row."""
+def kmeans_sample(count: int, k: int, points_per_centroid: int, seed: int) -> np.ndarray:
+    """Rows k-means is trained on, ascending: a seeded sample of ``points_per_centroid * k``
+    rows, or every row of a smaller pool."""
+    size = points_per_centroid * k
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
+def gather_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``vectors[rows]`` (ascending rows) as float32, read block by block."""
+    gathered = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+    for start, block in row_blocks(vectors, ASSIGN_ROWS):
+        low, high = np.searchsorted(rows, [start, start + len(block)])
+        gathered[low:high] = block[rows[low:high] - start]
+    return gathered
+
+
+def train_centroids(
+    vectors: np.ndarray, k: int, iterations: int, seed: int, points_per_centroid: int
+) -> np.ndarray:
+    """Unit centroids of spherical k-means trained on a seeded sample of the rows."""
     import faiss
 
-    data = np.ascontiguousarray(vectors, dtype=np.float32)
-    if len(data) < k:
-        raise ForgetlessError(f"cannot make {k} clusters of {len(data)} documents")
+    if len(vectors) < k:
+        raise ForgetlessError(f"cannot make {k} clusters of {len(vectors)} documents")
+    data = gather_rows(vectors, kmeans_sample(len(vectors), k, points_per_centroid, seed))
     kmeans = faiss.Kmeans(
-        data.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False
+        data.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        # faiss would subsample again past 256 points per centroid; the sample is drawn above.
+        max_points_per_centroid=(len(data) + k - 1) // k,
     )
-    # faiss subsamples to 256 points per centroid by default; keep every point.
-    kmeans.max_points_per_centroid = max(256, (len(data) + k - 1) // k)
     kmeans.train(data)
-    _, nearest = kmeans.index.search(data, 1)
-    return kmeans.centroids.copy(), nearest[:, 0].astype(np.int64)
+    return kmeans.centroids.copy()
 
 
-def cluster_means(assignment: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Mean of finite ``values`` per cluster (NaN for a cluster with none)."""
-    finite = np.isfinite(values)
-    sums = np.bincount(assignment[finite], weights=values[finite], minlength=k)
-    counts = np.bincount(assignment[finite], minlength=k)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+def streamed_assignment(
+    vectors: np.ndarray, centroids: np.ndarray, engine: str = "local"
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, nearest centroid of each row)`` over ``vectors`` in row order, a block at
+    a time: on this process, or on Ray workers reading the rows from the matrix's file."""
+    if engine == "ray":
+        matrix_file = getattr(vectors, "filename", None)
+        if matrix_file is None:
+            raise ForgetlessError(
+                "the Ray engine reads the embeddings from their file; pass the memory-mapped "
+                "matrix (forgetless.mix.embed.load_embeddings)"
+            )
+        yield from ray_assign(matrix_file, len(vectors), centroids, ASSIGN_ROWS)
+        return
+    for start, block in row_blocks(vectors, ASSIGN_ROWS):
+        yield start, nearest_centroids(block, centroids)
+
+
+def spherical_kmeans(
+    vectors: np.ndarray, k: int, iterations: int, seed: int, points_per_centroid: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit centroids, trained on a seeded sample, and the nearest centroid of every row."""
+    centroids = train_centroids(vectors, k, iterations, seed, points_per_centroid)
+    assignment = np.empty(len(vectors), dtype=np.int64)
+    for start, clusters in streamed_assignment(vectors, centroids):
+        assignment[start : start + len(clusters)] = clusters
+    return centroids, assignment
+
+
+@dataclass
+class ClusterStatistics:
+    """Per-cluster sums gathered while the documents are assigned: all that pruning needs."""
+
+    sizes: np.ndarray  # (k,) documents
+    undropped: np.ndarray  # (k,) documents that passed every document threshold
+    score_sums: dict[str, np.ndarray]  # scorer -> (k,) sum of finite scores
+    score_counts: dict[str, np.ndarray]  # scorer -> (k,) finite scores
+
+    @classmethod
+    def empty(cls, k: int, scorers) -> ClusterStatistics:
+        return cls(
+            np.zeros(k, dtype=np.int64),
+            np.zeros(k, dtype=np.int64),
+            {name: np.zeros(k) for name in scorers},
+            {name: np.zeros(k, dtype=np.int64) for name in scorers},
+        )
+
+    def add(self, clusters: np.ndarray, scores: dict[str, np.ndarray], dropped: np.ndarray):
+        k = len(self.sizes)
+        self.sizes += np.bincount(clusters, minlength=k)
+        self.undropped += np.bincount(clusters[~dropped], minlength=k)
+        for name, values in scores.items():
+            finite = np.isfinite(values)
+            self.score_sums[name] += np.bincount(
+                clusters[finite], weights=values[finite], minlength=k
+            )
+            self.score_counts[name] += np.bincount(clusters[finite], minlength=k)
+
+    def means(self) -> dict[str, np.ndarray]:
+        """Scorer -> (k,) mean finite score per cluster (NaN for a cluster with none)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                name: np.where(counts > 0, self.score_sums[name] / np.maximum(counts, 1), np.nan)
+                for name, counts in self.score_counts.items()
+            }
 
 
 def ward_super_clusters(
@@ -111,6 +198,59 @@ def ward_super_clusters(
     return np.array([order.setdefault(label, len(order)) for label in labels], dtype=np.int64)
 
 
+def dropped_documents(
+    count: int, scores: dict[str, np.ndarray], document_thresholds: dict[str, float] | None
+) -> np.ndarray:
+    """(n,) bool: the document fails one of the thresholds applied to each document."""
+    dropped = np.zeros(count, dtype=bool)
+    for name, threshold in (document_thresholds or {}).items():
+        dropped |= ~passing(name, scores[name], threshold)
+    return dropped
+
+
+def assign_and_count(
+    embeddings: np.ndarray,
+    centroids: np.ndarray,
+    scores: dict[str, np.ndarray],
+    dropped: np.ndarray,
+    engine: str = "local",
+) -> tuple[np.ndarray, ClusterStatistics]:
+    """One streamed pass: the nearest centroid of every document, and the statistics of
+    every cluster."""
+    assignment = np.empty(len(embeddings), dtype=np.int64)
+    statistics = ClusterStatistics.empty(len(centroids), scores)
+    for start, clusters in streamed_assignment(embeddings, centroids, engine):
+        rows = slice(start, start + len(clusters))
+        assignment[rows] = clusters
+        statistics.add(clusters, {name: v[rows] for name, v in scores.items()}, dropped[rows])
+    return assignment, statistics
+
+
+def prune_and_merge(
+    centroids: np.ndarray,
+    statistics: ClusterStatistics,
+    config: ClusterConfig,
+    thresholds: dict[str, float],
+    document_thresholds: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, super_of_cluster)`` of every cluster, from its statistics and centroid only."""
+    cluster_scores = statistics.means()
+    # A cluster all of whose documents were dropped has nothing left to weigh.
+    kept = statistics.undropped > 0
+    for name, threshold in thresholds.items():
+        kept &= passing(name, cluster_scores[name], threshold)
+    if not kept.any():
+        raise ForgetlessError(
+            f"every cluster was pruned; loosen mix.quality.thresholds ({thresholds}) or "
+            f"document_thresholds ({document_thresholds or {}})"
+        )
+    super_of_cluster = np.full(len(centroids), -1, dtype=np.int64)
+    super_of_cluster[kept] = ward_super_clusters(
+        centroids[kept], config.merge_distance, config.super_clusters
+    )
+    return kept, super_of_cluster
+
+
 def cluster_corpus(
     embeddings: np.ndarray,
     scores: dict[str, np.ndarray],
@@ -120,27 +260,16 @@ def cluster_corpus(
     engine: str = "local",
     document_thresholds: dict[str, float] | None = None,
 ) -> Clustering:
+    """k-means on a sample, then one streamed pass that assigns every document and gathers
+    the cluster statistics; pruning and Ward merging use the statistics and centroids only.
+    ``embeddings`` may be memory-mapped: it is read a block at a time."""
     k = effective_k(len(embeddings), config)
-    centroids, assignment = spherical_kmeans(embeddings, k, config.kmeans_iterations, seed)
-    if engine == "ray":
-        from forgetless.mix.engine import ray_assign
-
-        assignment = ray_assign(embeddings, centroids)
-    cluster_scores = {name: cluster_means(assignment, values, k) for name, values in scores.items()}
-    dropped = np.zeros(len(assignment), dtype=bool)
-    for name, threshold in (document_thresholds or {}).items():
-        dropped |= ~np.array([passes(name, value, threshold) for value in scores[name]])
-    # A cluster all of whose documents were dropped has nothing left to weigh.
-    kept = np.bincount(assignment[~dropped], minlength=k) > 0
-    for name, threshold in thresholds.items():
-        kept &= np.array([passes(name, value, threshold) for value in cluster_scores[name]])
-    if not kept.any():
-        raise ForgetlessError(
-            f"every cluster was pruned; loosen mix.quality.thresholds ({thresholds}) or "
-            f"document_thresholds ({document_thresholds or {}})"
-        )
-    super_of_cluster = np.full(k, -1, dtype=np.int64)
-    super_of_cluster[kept] = ward_super_clusters(
-        centroids[kept], config.merge_distance, config.super_clusters
+    centroids = train_centroids(
+        embeddings, k, config.kmeans_iterations, seed, config.kmeans_points_per_centroid
     )
-    return Clustering(centroids, assignment, cluster_scores, kept, super_of_cluster, dropped)
+    dropped = dropped_documents(len(embeddings), scores, document_thresholds)
+    assignment, statistics = assign_and_count(embeddings, centroids, scores, dropped, engine)
+    kept, super_of_cluster = prune_and_merge(
+        centroids, statistics, config, thresholds, document_thresholds
+    )
+    return Clustering(centroids, assignment, statistics.means(), kept, super_of_cluster, dropped)

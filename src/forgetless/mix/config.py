@@ -74,6 +74,14 @@ class ClusterConfig(Section):
         description="Documents per cluster at least, on average, when lowering a numeric k.",
     )
     kmeans_iterations: int = Field(25, ge=1, description="Spherical k-means iterations.")
+    kmeans_points_per_centroid: int = Field(
+        256,
+        ge=1,
+        description="k-means is trained on a seeded sample of at most this many documents "
+        "per centroid (faiss's own default), then every document is assigned to its nearest "
+        "centroid in streamed batches; a pool with fewer is trained on every document. Bounds "
+        "the memory and time of training on a million-document pool.",
+    )
     merge_distance: float = Field(
         1.5,
         gt=0,

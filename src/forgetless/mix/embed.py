@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 
 from forgetless.mix.config import EmbedConfig
 from forgetless.mix.corpus import Corpus
-from forgetless.shards import ShardedRows, load_sharded_rows
+from forgetless.shards import ShardedRows, load_sharded_matrix
 
 
 def embed_corpus(
@@ -22,28 +23,52 @@ def embed_corpus(
     progress=True,
 ) -> np.ndarray:
     """L2-normalised embeddings of every document (memory-mapped float32 rows)."""
+    return embed_documents(
+        corpus.texts,
+        corpus.ids,
+        config,
+        directory,
+        engine=engine,
+        device=device,
+        progress=progress,
+    )
+
+
+def embed_documents(
+    texts: Sequence[str],
+    ids: Sequence[str] | int,
+    config: EmbedConfig,
+    directory: str | Path,
+    *,
+    engine: str = "local",
+    device=None,
+    progress=True,
+) -> np.ndarray:
+    """L2-normalised embeddings of ``texts`` (memory-mapped float32 rows). ``texts`` is read
+    one shard at a time (a list, or a ``TextFile`` streamed from disk); ``ids`` are the
+    documents' ids, or their count when rows are identified by number."""
     from forgetless.embeddings import embed_texts, embedding_dimension, load_embedder
 
     embedder = load_embedder(config.embedder, device=device)
     store = ShardedRows(
         directory,
-        corpus.ids,
+        ids,
         identity={"embedder": config.embedder},
         shard_size=config.shard_size,
         width=embedding_dimension(embedder),
         dtype=np.float32,
         columns={},
     )
-    bar = tqdm(total=len(corpus), desc="embeddings", unit="doc", disable=not progress)
+    bar = tqdm(total=len(texts), desc="embeddings", unit="doc", disable=not progress)
     bar.update(store.done)
     pending = store.pending()
     if engine == "ray":
         if pending:
-            _embed_with_ray(corpus, config, store, pending, device, bar)
+            _embed_with_ray(texts, config, store, pending, device, bar)
     else:
         for shard, start, stop in pending:
             store.matrix[start:stop] = embed_texts(
-                embedder, corpus.texts[start:stop], config.batch_size, progress=False
+                embedder, texts[start:stop], config.batch_size, progress=False
             )
             store.commit(shard)
             bar.update(stop - start)
@@ -53,10 +78,10 @@ def embed_corpus(
 
 
 def load_embeddings(directory: str | Path) -> np.ndarray:
-    return load_sharded_rows(directory)[1]
+    return load_sharded_matrix(directory)
 
 
-def _embed_with_ray(corpus, config, store, pending, device, bar) -> None:
+def _embed_with_ray(texts, config, store, pending, device, bar) -> None:
     """One Ray pass over every pending row; each shard is committed once all its rows are in,
     so an interrupted run still resumes at a shard boundary."""
     from forgetless.mix.engine import ray_embed_batches
@@ -65,9 +90,8 @@ def _embed_with_ray(corpus, config, store, pending, device, bar) -> None:
     shards = iter(pending)
     shard, start, stop = next(shards)
     filled = first
-    batches = ray_embed_batches(corpus.texts[first:], config.embedder, config.batch_size, device)
-    for offset, vectors in batches:
-        row = first + offset
+    batches = ray_embed_batches(texts, first, config.embedder, config.batch_size, device)
+    for row, vectors in batches:
         store.matrix[row : row + len(vectors)] = vectors
         filled = row + len(vectors)
         bar.update(len(vectors))

@@ -153,13 +153,15 @@ def score_documents(
     device: str = "auto",
     progress=True,
 ) -> dict[str, np.ndarray]:
-    """One score array per scorer; a model-based scorer comes with its settings."""
+    """One score array per scorer; a model-based scorer comes with its settings. ``texts`` is
+    a list or a ``TextFile``; the perplexity scorer reads it whole."""
     scores: dict[str, np.ndarray] = {}
     for name in scorers:
+        # The rule-based scorers stream: iterating a TextFile reads one line at a time.
         if name == "rules":
-            scores[name] = np.array([rules_score(text) for text in texts])
+            scores[name] = np.fromiter(map(rules_score, texts), np.float64, len(texts))
         elif name == "heuristic":
-            scores[name] = np.array([heuristic_score(text) for text in texts])
+            scores[name] = np.fromiter(map(heuristic_score, texts), np.float64, len(texts))
         elif name == "perplexity":
             scores[name] = perplexity_scores(texts, perplexity, dtype, device, progress)
         else:
@@ -167,7 +169,7 @@ def score_documents(
     return scores
 
 
-def passes(name: str, mean_score: float, threshold: float) -> bool:
-    if math.isnan(mean_score):
-        return False
-    return mean_score >= threshold if HIGHER_IS_BETTER[name] else mean_score <= threshold
+def passing(name: str, values: np.ndarray, threshold: float) -> np.ndarray:
+    """Which scores (of documents, or cluster means) pass the threshold; NaN never does."""
+    values = np.asarray(values, dtype=np.float64)
+    return values >= threshold if HIGHER_IS_BETTER[name] else values <= threshold

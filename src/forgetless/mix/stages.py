@@ -175,7 +175,8 @@ class ClusterStage(Stage):
 
         settings = self.settings()
         corpus = self.mixture.corpus()
-        embeddings = np.asarray(load_embeddings(inputs["embeddings"].directory))
+        # Memory-mapped: clustering reads it a block at a time, Ray workers from its file.
+        embeddings = load_embeddings(inputs["embeddings"].directory)
         scores = dict(np.load(inputs["quality"].directory / "scores.npz").items())
         clustering = cluster_corpus(
             embeddings,
