@@ -133,7 +133,9 @@ def test_seqft_run_builds_the_matrix_and_reuses_finished_stages(tmp_path, shared
     second = json.loads((sequence / "train_02_amazon" / "stage.json").read_text())
     assert second["inputs"] == {"train_01_dbpedia": results["train_01_dbpedia"].fingerprint}
     assert not (sequence / "train_01_dbpedia" / "checkpoints").exists()
-    assert len(list((sequence / "eval_04_agnews" / "tasks").glob("*.json"))) == 4
+    tasks = sequence / "eval_04_agnews" / "tasks"
+    assert len(list(tasks.glob("*.items.json"))) == 4  # the final stage's per-item outcomes
+    assert len(list(tasks.glob("*.json"))) == 8
     assert not list(tmp_path.rglob("*.partial-*"))
 
     seen, record = _events()

@@ -4,7 +4,9 @@
 * :mod:`forgetless.select.methods` — the registered methods and how each ranks the pool;
 * :mod:`forgetless.select.gradients` — batched, projected per-sample gradient features;
 * :mod:`forgetless.select.metrics` — anchor subspace, orthogonality, conflict, utility;
-* :mod:`forgetless.select.navigator` — the Navigator and its constrained-RL training.
+* :mod:`forgetless.select.navigator` — the Navigator and its constrained-RL training;
+* :mod:`forgetless.select.criterion` — whether a cost predicts forgetting: arms matched on
+  utility and tokens, and what a subset is predicted to cost.
 """
 
 from forgetless.select.report import SELECTED_FILE

@@ -265,7 +265,7 @@ class NavigatorInputsStage(Stage):
         }
 
 
-def _scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage: str):
+def pool_scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage: str):
     """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor."""
     from forgetless.select.gradients import load_gradient_features
     from forgetless.select.metrics import anchor_from_gradients, domain_direction, score_samples
@@ -333,7 +333,7 @@ class NavigatorStage(Stage):
         started = time.perf_counter()
         select = self.selection.select
         data = self.selection.data(inputs)
-        scores, valid, _ = _scores(select, inputs, self.pool_stage)
+        scores, valid, _ = pool_scores(select, inputs, self.pool_stage)
         pool_inputs = np.load(inputs["navigator_inputs"].directory / "inputs.npy")
         featured = np.asarray(data.featured)[valid]
         cost = scores.cost(select.cost)[valid]
@@ -423,7 +423,7 @@ class SelectionStage(Stage):
         )
         scores = valid = None
         if method.gradients:
-            scores, valid, anchor = _scores(select, inputs, self.pool_stage)
+            scores, valid, anchor = pool_scores(select, inputs, self.pool_stage)
             cost = scores.cost(select.cost)
             ranking_inputs.utility, ranking_inputs.cost, ranking_inputs.valid = (
                 scores.utility,
@@ -469,6 +469,15 @@ def selection_stages(selection: Selection) -> list[Stage]:
     return stages
 
 
+def gradient_stages(selection: Selection) -> list[Stage]:
+    """The warm-up and the anchor, validation and whole-pool gradient stages, choosing
+    nothing: what an analysis of the pool's gradient geometry reads
+    (``scripts/ogs_criterion.py``). They are the stages of ``less`` and ``orthogonal``, so a
+    run directory shares them with those selections."""
+    warmup = [WarmupStage(selection)] if selection.select.gradient.parameters == "lora" else []
+    return [*warmup, *(GradientStage(selection, role) for role in ("anchor", "validation", "pool"))]
+
+
 def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_event=None):
     """Run (or resume) the selection of ``config.select`` over ``config.data`` into
     ``output_dir``; the selected records are in ``<output_dir>/selection_<method>/selected.jsonl``.
@@ -487,4 +496,11 @@ def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_e
     return runs.run_all(selection_stages(selection))
 
 
-__all__ = ["SELECTED_FILE", "Selection", "run_selection", "selection_stages"]
+__all__ = [
+    "SELECTED_FILE",
+    "Selection",
+    "gradient_stages",
+    "pool_scores",
+    "run_selection",
+    "selection_stages",
+]

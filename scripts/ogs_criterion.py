@@ -1,0 +1,599 @@
+"""Does the OGS criterion predict forgetting? The test of issue 20, before anything else.
+
+On a sample of a domain pool large enough that no arm repeats a record (medical_pool, 3000
+records), this computes every record's gradient features with ``forgetless select``'s stages
+(LoRA warm-up; the default anchor, 256 GSM8K training problems; utility towards the pool's
+validation split) and from them its cost under ``select.cost`` and its utility. Then it
+trains the model in full, every run on the same number of tokens in at most one pass, on
+
+* low, high, random: the lowest-cost, the highest-cost and a random tenth of the pool, each
+  taking the same number of records from every utility stratum (matched on utility), three
+  training seeds each;
+* ten random subsets of the same size, one seed each;
+
+and measures the change of the anchor's held-out loss (GSM8K test) and of general retention
+(C4, ARC-easy, PIQA, BoolQ) against the base. Writes ``<output>.md`` and ``<output>.json``:
+each arm's mean and sd over seeds, paired 95 % intervals of low vs high and of each vs random,
+and the regression of the random subsets' anchor-loss change on their predicted cost::
+
+    python scripts/ogs_criterion.py --data-dir ../shared/data
+    python scripts/ogs_criterion.py --quick    # tiny-llama, tiny sizes: the whole pipeline
+
+The experiment is the packaged config ``src/forgetless/configs/ogs_criterion.yaml``; this
+script adds the arms, whose records it writes under ``<run-dir>/subsets/`` (named by their
+content). Every stage is cached in the run directory, so an interrupted run resumes. Default
+run directory and output: runs/ogs_criterion and docs/results/ogs_criterion, or
+runs/ogs_criterion_quick and runs/ogs_criterion_quick/ogs_criterion with --quick.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetless.config import load_raw, set_dotted, validate_config
+from forgetless.data.config import DataConfig
+from forgetless.data.records import Record, record_row
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.seeded import LOSS_UNIT, TaskItems, perplexity_percent, seeded_changes
+from forgetless.evaluate.stats import read_evaluation
+from forgetless.io import write_text_atomic
+from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
+from forgetless.recipes.compare import compare, expand_arms
+from forgetless.report.experiment import (
+    experiment_parser,
+    parse_experiment_args,
+    print_event,
+    shared_overrides,
+    write_results,
+)
+from forgetless.runs import RunDirectory
+from forgetless.select.criterion import (
+    ARMS,
+    fit_line,
+    matched_arms,
+    packed_tokens,
+    predict,
+    random_subsets,
+    sample_criterion,
+    utility_strata,
+)
+from forgetless.select.metrics import Anchor
+
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/ogs_criterion.yaml"
+RUN_DIR, OUTPUT = "runs/ogs_criterion", "docs/results/ogs_criterion"
+QUICK_RUN_DIR = "runs/ogs_criterion_quick"
+CONTRASTS = (("low", "high"), ("low", "random"), ("high", "random"))
+PRIMARY = "mean_cost"  # the prediction the verdict rests on: what OGS's constraint bounds
+DESCRIPTIONS = {
+    "low": "the lowest-cost {share} of every utility stratum's tokens",
+    "high": "the highest-cost {share} of every utility stratum's tokens",
+    "random": "a random {share} of every utility stratum's tokens",
+}
+# Flags as the experiment runs them, and as --quick does: tiny-llama on a few records of the
+# financial pool (whose files load in a second), only to exercise every step (the test runs it).
+DEFAULTS = {"fraction": 0.1, "strata": 20, "seeds": [0, 1, 2], "subsets": 10}
+QUICK_FLAGS = {"fraction": 0.2, "strata": 4, "seeds": [0, 1], "subsets": 3}
+QUICK_SETTINGS = {
+    "model.name": "tiny-llama",
+    "data.source": "financial_pool",
+    "data.limit": 80,
+    "train.batch_size": 4,
+    "train.max_length": 128,
+    "train.warmup_steps": 0,
+    "select.anchor.samples": 8,
+    "select.validation.source": "financial_pool",
+    "select.validation.samples": 6,
+    "select.gradient.projection_dim": 16,
+    "select.gradient.warmup_steps": 1,
+    "select.gradient.max_length": 400,
+    "evaluate.domain_tasks": ["ppl:financial_pool@test"],
+    "evaluate.limit": 4,
+    "evaluate.task_limits": {},
+    "compare.x_task": "ppl:financial_pool@test",
+}
+
+
+@dataclass
+class ScoredPool:
+    """The candidates and what the arms are built from, per candidate."""
+
+    records: list[Record]
+    usable: np.ndarray  # candidates with a gradient (something to learn)
+    gradients: np.ndarray  # projected per-sample gradients, (candidates, d)
+    anchor: Anchor
+    utility: np.ndarray
+    criterion: np.ndarray  # the per-sample cost under test
+    tokens: np.ndarray  # tokens each record adds to the packed training stream
+    gradient_seconds: float  # the warm-up and gradient stages' compute, when they ran
+
+
+def parse_args(argv: list[str] | None):
+    parser = experiment_parser(__doc__, PACKAGED_CONFIG, None, None)
+    parser.add_argument(
+        "--fraction", type=float, help=f"Each arm's share of the pool ({DEFAULTS['fraction']})."
+    )
+    parser.add_argument(
+        "--strata",
+        type=int,
+        help=f"Utility strata the arms are matched over ({DEFAULTS['strata']}).",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help=f"Training seeds of each arm ({DEFAULTS['seeds']})."
+    )
+    parser.add_argument(
+        "--subsets",
+        type=int,
+        help=f"Random subsets for the regression ({DEFAULTS['subsets']}).",
+    )
+    parser.add_argument(
+        "--items",
+        action="append",
+        metavar="TASK=N",
+        help="Evaluate N items of TASK (repeatable); the packaged config sets each task's count.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
+    )
+    args = parse_experiment_args(parser, argv)
+    flags = QUICK_FLAGS if args.quick else DEFAULTS
+    for name, default in flags.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.run_dir = args.run_dir or (QUICK_RUN_DIR if args.quick else RUN_DIR)
+    args.output = args.output or (f"{QUICK_RUN_DIR}/ogs_criterion" if args.quick else OUTPUT)
+    if args.subsets < 3:
+        raise SystemExit(
+            "error: --subsets must be at least 3: a line through fewer has no interval"
+        )
+    return args
+
+
+def experiment_raw(args) -> dict[str, Any]:
+    """The packaged config with --quick's settings, then --set, --run-dir, --data-dir and
+    --items applied."""
+    overrides = {**(QUICK_SETTINGS if args.quick else {}), **shared_overrides(args)}
+    raw = load_raw(args.config, overrides)
+    for item in args.items or []:
+        task, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise ForgetlessError(f"--items {item}: give TASK=N with N a positive number")
+        raw.setdefault("evaluate", {}).setdefault("task_limits", {})[task] = int(count)
+    return raw
+
+
+def anchor_task(config) -> str:
+    """The anchor's held-out loss: the perplexity of its data set's test split."""
+    task = f"ppl:{config.select.anchor.source}@test"
+    if task not in config.evaluate.general_tasks:
+        raise ForgetlessError(
+            f"the anchor's held-out loss {task!r} must be among evaluate.general_tasks"
+        )
+    return task
+
+
+def pool_geometry(config, run_dir: Path) -> ScoredPool:
+    """Every candidate's gradient features (cached stages of ``forgetless select``), and its
+    utility, cost and packed tokens."""
+    from forgetless.models import load_tokenizer
+    from forgetless.select.gradients import load_gradient_features
+    from forgetless.select.stages import Selection, gradient_stages, pool_scores
+
+    selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
+    results = RunDirectory(run_dir, on_event=print_event).run_all(gradient_stages(selection))
+    scores, valid, anchor = pool_scores(config.select, results, "gradients_pool")
+    gradients = load_gradient_features(results["gradients_pool"].directory).dense()
+    records = selection.data({}).candidates
+    model = config.model
+    tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
+    return ScoredPool(
+        records=records,
+        usable=np.flatnonzero(valid),
+        gradients=gradients,
+        anchor=anchor,
+        utility=scores.utility,
+        criterion=sample_criterion(gradients, anchor, config.select.cost),
+        tokens=packed_tokens(tokenizer, [record.text for record in records]),
+        gradient_seconds=sum(result.seconds or 0.0 for result in results.values()),
+    )
+
+
+def build_subsets(pool: ScoredPool, args, seed: int) -> dict[str, np.ndarray]:
+    """The three matched arms and the random subsets (candidate indices), each holding
+    ``args.fraction`` of the usable pool's tokens."""
+    usable = pool.usable
+    tokens = pool.tokens[usable]
+    arms = matched_arms(
+        pool.criterion[usable],
+        utility_strata(pool.utility[usable], args.strata),
+        tokens,
+        args.fraction,
+        np.random.default_rng([seed, 0]),
+    )
+    chosen = {name: usable[indices] for name, indices in arms.items()}
+    draws = random_subsets(
+        tokens, args.fraction * tokens.sum(), args.subsets, np.random.default_rng([seed, 1])
+    )
+    chosen.update({f"subset{i:02d}": usable[indices] for i, indices in enumerate(draws)})
+    return chosen
+
+
+def write_subset(folder: Path, name: str, records: list[Record]) -> Path:
+    """The records as a data file named by its content, so that a changed subset can never
+    reuse another's cached training."""
+    text = "".join(json.dumps(record_row(record), ensure_ascii=False) + "\n" for record in records)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = (folder / f"{name}-{digest}.jsonl").resolve()
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return path
+
+
+def arm_labels(seeds: list[int]) -> dict[str, list[str]]:
+    return {name: [f"{name}-s{seed}" for seed in seeds] for name in ARMS}
+
+
+def with_arms(
+    raw: dict, files: dict[str, Path], seeds: list[int], steps: int, fraction: float
+) -> dict:
+    """The comparison: every subset trained with the shared settings, on its file and seed."""
+    raw = copy.deepcopy(raw)
+    set_dotted(raw, "train.max_steps", steps)
+
+    def arm(name: str, seed: int, description: str) -> dict:
+        # The whole data section is replaced: the pool's split and limit mean nothing here.
+        data = {field: None for field in DataConfig.model_fields}
+        data.update(source=str(files[name]), kind="text")
+        return {"data": data, "train": {"seed": seed}, "description": description}
+
+    arms = {}
+    for name, labels in arm_labels(seeds).items():
+        for seed, label in zip(seeds, labels, strict=True):
+            description = DESCRIPTIONS[name].format(share=f"{fraction:.0%}")
+            arms[label] = arm(name, seed, f"{description}, seed {seed}")
+    for name in files:
+        if name not in ARMS:
+            arms[name] = arm(name, seeds[0], f"a random {fraction:.0%} of the pool's tokens")
+    raw.setdefault("compare", {})["arms"] = arms
+    return raw
+
+
+def describe_subset(pool: ScoredPool, indices: np.ndarray, file: Path) -> dict[str, Any]:
+    """What a trained subset is: its records file, size, make-up and predicted cost."""
+    # A record's source is its id less the record number (a pool's member, e.g. medquad).
+    sources = Counter(pool.records[i].id.rpartition("/")[0] for i in indices.tolist())
+    return {
+        "file": str(file),
+        "records": len(indices),
+        "tokens": int(pool.tokens[indices].sum()),
+        "mean_utility": float(pool.utility[indices].mean()),
+        # What training sees: each record weighted by its tokens (the arms are matched so).
+        "token_mean_utility": float(
+            np.average(pool.utility[indices], weights=pool.tokens[indices])
+        ),
+        "sources": dict(sorted(sources.items())),
+        "predicted": asdict(predict(pool.gradients, pool.anchor, pool.criterion, indices)),
+    }
+
+
+def matching(pool: ScoredPool, subsets: dict[str, dict]) -> dict[str, Any]:
+    """How well the arms are matched: the largest difference between two arms' token-weighted
+    mean utilities in pool standard deviations (a standardised mean difference; below 0.1 is
+    the usual bar), and the spread of the subsets' token counts."""
+    spread = float(pool.utility[pool.usable].std())
+    means = [subsets[name]["token_mean_utility"] for name in ARMS]
+    tokens = [subset["tokens"] for subset in subsets.values()]
+    return {
+        "utility_smd_max": (max(means) - min(means)) / spread if spread > 0 else 0.0,
+        "tokens_min": min(tokens),
+        "tokens_max": max(tokens),
+    }
+
+
+def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
+    anchor = anchor_task(config)
+    evaluate = config.evaluate
+    tasks = list(dict.fromkeys([*evaluate.domain_tasks, *evaluate.general_tasks]))
+    base = read_evaluation(run.of(arms[0].label)[1][BASE_EVAL].directory)
+    evaluations = {
+        arm.label: read_evaluation(run.of(arm.label)[1][ADAPTED_EVAL].directory) for arm in arms
+    }
+    random_names = [name for name in subsets if name not in ARMS]
+    changes, subset_changes = {}, {}
+    for task in tasks:
+        items = TaskItems.read(task, base, evaluations)
+        changes[task] = seeded_changes(
+            items, arm_labels(args.seeds), CONTRASTS, seed=config.select.seed
+        )
+        subset_changes[task] = {name: items.change(name) for name in random_names}
+    regression = {
+        task: {
+            predictor: fit_line(
+                [subsets[name]["predicted"][predictor] for name in random_names],
+                [subset_changes[task][name] for name in random_names],
+                seed=config.select.seed,
+            )
+            for predictor in subsets[random_names[0]]["predicted"]
+        }
+        for task in tasks
+    }
+    points = {point["label"]: point for point in run.frontier["arms"]}
+    models = {
+        arm.label: {
+            "paired_vs_base": points[arm.label]["changes"],
+            "training": {
+                key: run.of(arm.label)[1]["train"].summary[key]
+                for key in ("steps", "input_tokens_seen", "epochs", "train_loss", "seconds")
+            },
+        }
+        for arm in arms
+    }
+    arms_change, slope = changes[anchor]["contrasts"]["low-high"], regression[anchor][PRIMARY]
+    verdict = {
+        "low_forgets_less_than_high": arms_change["ci95"][1] < 0,
+        "slope_above_zero": slope["slope_ci95"] is not None and slope["slope_ci95"][0] > 0,
+    }
+    verdict["cost_predicts_forgetting"] = all(verdict.values())
+    return {
+        "model": config.model.name,
+        "pool": {
+            **config.data.model_dump(mode="json"),
+            "candidates": len(pool.records),
+            "usable": len(pool.usable),
+            "tokens": int(pool.tokens.sum()),
+            "mean_utility": float(pool.utility[pool.usable].mean()),
+            "mean_cost": float(pool.criterion[pool.usable].mean()),
+        },
+        "cost": config.select.cost,
+        "anchor": config.select.anchor.model_dump(mode="json"),
+        "anchor_task": anchor,
+        "fraction": args.fraction,
+        "strata": args.strata,
+        "seeds": args.seeds,
+        "train": config.train.model_dump(mode="json"),
+        "select": config.select.model_dump(mode="json"),
+        "evaluate": evaluate.model_dump(mode="json"),
+        "subsets": subsets,
+        "matching": matching(pool, subsets),
+        "changes": changes,
+        "subset_changes": subset_changes,
+        "regression": regression,
+        "verdict": verdict,
+        "models": models,
+        "compute_seconds": {
+            "gradients": pool.gradient_seconds,
+            "training": sum(model["training"]["seconds"] for model in models.values()),
+        },
+        "frontier": str(run.directory / "frontier.html"),
+    }
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def _display(value: float, unit: str) -> float:
+    return perplexity_percent(value) if unit == LOSS_UNIT else value
+
+
+def _with_interval(value: float, interval, unit: str, digits: int = 1) -> str:
+    low, high = (_signed(_display(bound, unit), digits) for bound in interval)
+    return f"{_signed(_display(value, unit), digits)} [{low}, {high}]"
+
+
+def _interval_text(interval, digits: int) -> str:
+    if interval is None:
+        return "–"
+    return f"[{_signed(interval[0], digits)}, {_signed(interval[1], digits)}]"
+
+
+def render(summary: dict, args) -> str:
+    train, pool, anchor = summary["train"], summary["pool"], summary["anchor_task"]
+    tasks = list(summary["changes"])
+    subsets, matched = summary["subsets"], summary["matching"]
+    random_names = [name for name in subsets if name not in ARMS]
+    training = next(iter(summary["models"].values()))["training"]
+    steps, trained = training["steps"], training["input_tokens_seen"]
+    lines = [
+        f"# Does the selection cost predict forgetting? {summary['model']}, cost "
+        f"`{summary['cost']}`",
+        "",
+        f"Pool: {pool['candidates']} records of {pool['source']} ({pool['split']}), "
+        f"{pool['tokens']:,} tokens. Anchor: {summary['anchor']['samples']} "
+        f"{summary['anchor']['source']} {summary['anchor']['split']} problems; its held-out "
+        f"loss is `{anchor}`. Arms: from each of {summary['strata']} utility strata, "
+        f"{100 * summary['fraction']:.0f} % of its tokens: the lowest-cost records (low), the "
+        "highest-cost (high), records in a random order (random). Random subsets: "
+        f"{100 * summary['fraction']:.0f} % of the pool's tokens in a random order. Every "
+        f"subset trained in full for {steps} steps of {train['batch_size']} x "
+        f"{train['max_length']} tokens ({trained:,} tokens, at most one pass), lr "
+        f"{train['learning_rate']:g} ({train['lr_scheduler']}, {train['warmup_steps']} "
+        "warm-up steps). Changes against the base: perplexity in %, accuracy in points; arm "
+        "intervals resample the items (paired) and the seeds.",
+        "",
+        "## The trained subsets",
+        "",
+        "| subset | records | tokens | mean utility (per token) | mean cost | first-order | "
+        "anchor-subspace energy | sources |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, subset in subsets.items():
+        predicted = subset["predicted"]
+        sources = ", ".join(
+            f"{source.rpartition('/')[2]} {n}" for source, n in subset["sources"].items()
+        )
+        lines.append(
+            f"| {name} | {subset['records']} | {subset['tokens']:,} | "
+            f"{subset['mean_utility']:.3f} ({subset['token_mean_utility']:.3f}) | "
+            f"{predicted['mean_cost']:+.4f} | "
+            f"{predicted['first_order']:+.3g} | {predicted['subset_energy']:.4f} | {sources} |"
+        )
+    lines += [
+        "",
+        f"Matching: the arms' token-weighted mean utilities differ by at most "
+        f"{matched['utility_smd_max']:.3f} pool standard deviations; every subset holds "
+        f"{matched['tokens_min']:,}–{matched['tokens_max']:,} tokens and trains on "
+        f"{trained:,} of them.",
+        "",
+        "## Arms: mean ± sd over seeds [95 % interval]",
+        "",
+        "| arm | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for name in ARMS:
+        cells = [_arm_cell(summary["changes"][task], name) for task in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Contrasts [95 % interval]", "", "| contrast | " + " | ".join(tasks) + " |"]
+    lines.append("|---" * (len(tasks) + 1) + "|")
+    for first, second in CONTRASTS:
+        key = f"{first}-{second}"
+        cells = [
+            _with_interval(
+                summary["changes"][task]["contrasts"][key]["difference"],
+                summary["changes"][task]["contrasts"][key]["ci95"],
+                summary["changes"][task]["unit"],
+            )
+            for task in tasks
+        ]
+        lines.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Perplexity contrasts are the first arm's perplexity against the second's, in %.",
+        "",
+        f"## Regression over {len(random_names)} random subsets: anchor-loss change "
+        "(nats/token) on the predicted cost",
+        "",
+        "| prediction | slope [95 %] | Pearson r | Spearman [95 %] |",
+        "|---|---|---|---|",
+    ]
+    for predictor, fit in summary["regression"][anchor].items():
+        slope = "–" if fit["slope"] is None else f"{fit['slope']:+.3g}"
+        interval = (
+            "–" if fit["slope_ci95"] is None
+            else f"[{fit['slope_ci95'][0]:+.3g}, {fit['slope_ci95'][1]:+.3g}]"
+        )  # fmt: skip
+        r = "–" if fit["pearson_r"] is None else f"{fit['pearson_r']:+.2f}"
+        rho = "–" if fit["spearman"] is None else f"{fit['spearman']:+.2f}"
+        lines.append(
+            f"| {predictor} | {slope} {interval} | {r} | "
+            f"{rho} {_interval_text(fit['spearman_ci95'], 2)} |"
+        )
+    lines += [
+        "",
+        "| random subset | mean cost | anchor loss change (nats/token) | "
+        + " | ".join(f"{task} vs base [95 %]" for task in tasks)
+        + " |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
+    for name in random_names:
+        paired = summary["models"][name]["paired_vs_base"]
+        cells = [
+            f"{paired[task]['change']:+.1f} {_interval_text(paired[task]['ci95'], 1)}"
+            for task in tasks
+        ]
+        lines.append(
+            f"| {name} | {subsets[name]['predicted'][PRIMARY]:+.4f} | "
+            f"{summary['subset_changes'][anchor][name]:+.4f} | " + " | ".join(cells) + " |"
+        )
+    costs = [subsets[name]["predicted"][PRIMARY] for name in random_names]
+    lines += [
+        "",
+        f"The random subsets' mean cost spans {min(costs):+.4f} to {max(costs):+.4f}; the "
+        f"low and high arms sit at {subsets['low']['predicted'][PRIMARY]:+.4f} and "
+        f"{subsets['high']['predicted'][PRIMARY]:+.4f}. Spearman of the mean cost with each "
+        "task's change over the random subsets: "
+        + "; ".join(f"{task} {_rho(summary['regression'][task][PRIMARY])}" for task in tasks)
+        + ".",
+        "",
+        "## Verdict",
+        "",
+    ]
+    verdict = summary["verdict"]
+    lines += [
+        f"- Low-cost arm forgets the anchor less than the high-cost arm (interval below 0): "
+        f"{_yes(verdict['low_forgets_less_than_high'])}.",
+        f"- Over random subsets the anchor-loss change rises with the mean cost (slope interval "
+        f"above 0): {_yes(verdict['slope_above_zero'])}.",
+        f"- The cost (`{summary['cost']}`) predicts forgetting on this run: "
+        f"**{_yes(verdict['cost_predicts_forgetting'])}**.",
+        "",
+        f"Compute: gradients {summary['compute_seconds']['gradients'] / 60:.0f} min, training "
+        f"{summary['compute_seconds']['training'] / 60:.0f} min in all.",
+        "",
+        f"Command: `python scripts/ogs_criterion.py {' '.join(args.argv)}`",
+    ]
+    return "\n".join(lines)
+
+
+def _arm_cell(result: dict, name: str) -> str:
+    arm, unit = result["arms"][name], result["unit"]
+    shown = [_display(value, unit) for value in arm["per_seed"]]
+    spread = f" ± {np.std(shown, ddof=1):.1f}" if len(shown) > 1 else ""
+    low, high = (_signed(_display(bound, unit), 1) for bound in arm["ci95"])
+    return f"{_signed(np.mean(shown), 1)}{spread} [{low}, {high}]"
+
+
+def _rho(fit: dict) -> str:
+    if fit["spearman"] is None:
+        return "–"
+    return f"{fit['spearman']:+.2f} {_interval_text(fit['spearman_ci95'], 2)}"
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        raw = experiment_raw(args)
+        config = validate_config(raw, args.config)
+        if config.data.kind != "text":
+            raise ForgetlessError(
+                "the criterion test matches the arms on packed text tokens: set data.kind=text"
+            )
+        anchor_task(config)
+        # Every data and task-name mistake before the gradients' hours are spent.
+        check_inputs(config)
+        run_dir = Path(config.run_dir)
+        pool = pool_geometry(config, run_dir)
+        chosen = build_subsets(pool, args, config.select.seed)
+        # Every subset trains the same steps, as many as the smallest one fills: at most one
+        # pass over any of them, and the same tokens for all.
+        smallest = int(min(pool.tokens[indices].sum() for indices in chosen.values()))
+        train = config.train
+        steps = smallest // (
+            train.batch_size * train.max_length * train.gradient_accumulation_steps
+        )
+        if steps < 1:
+            raise ForgetlessError(
+                f"the smallest subset holds {smallest} tokens, less than one training step; "
+                "raise data.limit or --fraction"
+            )
+        files = {
+            name: write_subset(run_dir / "subsets", name, [pool.records[i] for i in indices])
+            for name, indices in chosen.items()
+        }
+        arms = expand_arms(with_arms(raw, files, args.seeds, steps, args.fraction), args.config)
+        run = compare(
+            arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"
+        )
+        subsets = {
+            name: describe_subset(pool, indices, files[name]) for name, indices in chosen.items()
+        }
+        summary = summarise(config, args, pool, subsets, run, arms)
+    except ForgetlessError as error:
+        sys.exit(f"error: {error}")
+    write_results(args.output, summary, render(summary, args))
+
+
+if __name__ == "__main__":
+    main()

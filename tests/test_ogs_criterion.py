@@ -1,0 +1,163 @@
+"""The criterion test of the selection cost (scripts/ogs_criterion.py): arms matched on utility
+and tokens, intervals over items and seeds, the regression, and the script end to end on the
+tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from forgetless.config import load_raw, validate_config
+from forgetless.errors import ForgetlessError
+from forgetless.evaluate.seeded import TaskItems, perplexity_percent, seeded_changes
+from forgetless.select.criterion import fit_line, matched_arms, random_subsets, utility_strata
+
+SCRIPT_NAME = "ogs_criterion"
+
+
+def _hard_pool(count=3000, seed=0):
+    """Utility, a criterion that goes with utility, and lengths that go with the criterion:
+    what makes naive deciles differ in utility and tokens."""
+    rng = np.random.default_rng(seed)
+    utility = rng.normal(size=count)
+    criterion = 0.7 * utility + rng.normal(size=count)
+    tokens = np.maximum(8, rng.lognormal(5 + 0.3 * criterion, 0.6)).astype(np.int64)
+    return utility, criterion, tokens
+
+
+def test_arms_are_matched_on_utility_and_tokens():
+    utility, criterion, tokens = _hard_pool()
+    strata = utility_strata(utility, 20)
+    arms = matched_arms(criterion, strata, tokens, 0.1, np.random.default_rng(0))
+    weighted = {name: np.average(utility[arm], weights=tokens[arm]) for name, arm in arms.items()}
+    spread = max(weighted.values()) - min(weighted.values())
+    assert spread / utility.std() < 0.1
+    # Every arm holds a tenth of each stratum's tokens, passing it by less than one record.
+    for arm in arms.values():
+        for label in range(20):
+            share = 0.1 * tokens[strata == label].sum()
+            held = tokens[arm[strata[arm] == label]]
+            assert share <= held.sum() < share + held.max()
+    # The criterion separates the arms, and the low and high arms share no sample.
+    assert criterion[arms["low"]].mean() < criterion[arms["random"]].mean()
+    assert criterion[arms["random"]].mean() < criterion[arms["high"]].mean()
+    assert not np.intersect1d(arms["low"], arms["high"]).size
+    # Naive deciles of the criterion would differ by far more in utility.
+    order = np.argsort(criterion)
+    assert abs(utility[order[:300]].mean() - utility[order[-300:]].mean()) > 1.0
+    again = matched_arms(criterion, strata, tokens, 0.1, np.random.default_rng(0))
+    assert all(np.array_equal(arms[name], again[name]) for name in arms)
+
+
+def test_random_subsets_hold_the_token_share():
+    _, _, tokens = _hard_pool(500)
+    budget = 0.1 * tokens.sum()
+    for subset in random_subsets(tokens, budget, 5, np.random.default_rng(1)):
+        assert budget <= tokens[subset].sum() < budget + tokens.max()
+
+
+def test_arms_refuse_overlapping_or_impossible_shares():
+    utility, criterion, tokens = _hard_pool(100)
+    with pytest.raises(ForgetlessError, match="fraction"):
+        matched_arms(criterion, utility_strata(utility, 4), tokens, 0.6, np.random.default_rng(0))
+    with pytest.raises(ForgetlessError, match="fewer strata"):
+        matched_arms(criterion, utility_strata(utility, 50), tokens, 0.5, np.random.default_rng(0))
+
+
+def test_fit_line_recovers_a_slope_and_declines_without_one():
+    x = np.linspace(0.0, 1.0, 12)
+    y = 2.0 * x + np.random.default_rng(0).normal(scale=0.05, size=12)
+    fit = fit_line(x, y)
+    assert fit["slope_ci95"][0] < 2.0 < fit["slope_ci95"][1]
+    assert fit["spearman"] > 0.9 and fit["spearman_ci95"][0] > 0.5
+    assert fit_line(x, np.ones(12))["slope"] is None
+    assert fit_line(x[:2], y[:2])["slope"] is None
+
+
+def _evaluation(nll, correct):
+    metrics = {"ppl": {"metric": "perplexity"}, "mc": {"metric": "accuracy"}}
+    items = {
+        "ppl": {"document_nll": nll, "document_tokens": [10, 10, 10, 10]},
+        "mc": {"correct": correct},
+    }
+    return metrics, items
+
+
+def test_seeded_changes_average_seeds_and_pair_items():
+    base = _evaluation([20.0, 20.0, 20.0, 20.0], [1, 0, 1, 0])
+    models = {
+        "a-s0": _evaluation([21.0, 21.0, 21.0, 21.0], [1, 1, 1, 0]),
+        "a-s1": _evaluation([23.0, 23.0, 23.0, 23.0], [1, 1, 1, 1]),
+        "b-s0": _evaluation([20.0, 20.0, 20.0, 20.0], [1, 0, 1, 0]),
+        "b-s1": _evaluation([20.0, 20.0, 20.0, 20.0], [0, 0, 1, 0]),
+    }
+    arms = {"a": ["a-s0", "a-s1"], "b": ["b-s0", "b-s1"]}
+    loss = seeded_changes(TaskItems.read("ppl", base, models), arms, [("a", "b")])
+    assert loss["unit"] == "nats/token"
+    assert loss["arms"]["a"]["per_seed"] == pytest.approx([0.1, 0.3])
+    assert loss["arms"]["a"]["mean"] == pytest.approx(0.2)
+    assert loss["contrasts"]["a-b"]["difference"] == pytest.approx(0.2)
+    # Every document moved alike: only the seeds make the interval.
+    low, high = loss["contrasts"]["a-b"]["ci95"]
+    assert 0.1 - 1e-9 <= low <= 0.2 <= high <= 0.3 + 1e-9
+    accuracy = seeded_changes(TaskItems.read("mc", base, models), arms, [("a", "b")])
+    assert accuracy["arms"]["a"]["per_seed"] == pytest.approx([25.0, 50.0])
+    assert accuracy["arms"]["b"]["mean"] == pytest.approx(-12.5)
+    assert perplexity_percent(0.0) == 0.0
+
+
+def test_the_packaged_config_is_valid(script):
+    config = validate_config(load_raw(script.PACKAGED_CONFIG), script.PACKAGED_CONFIG)
+    assert script.anchor_task(config) == "ppl:gsm8k@test"
+    assert config.data.kind == "text" and config.recipe.steps == ["train"]
+    evaluate = config.evaluate
+    assert set(evaluate.task_limits) == {*evaluate.domain_tasks, *evaluate.general_tasks}
+
+
+def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, script, capsys):
+    argv = experiment_argv("criterion", {}, "--quick")
+    script.main(argv)
+    output = tmp_path / "out" / "criterion.json"
+    summary = json.loads(output.read_text())
+    subsets = summary["subsets"]
+    assert list(subsets)[:3] == ["low", "high", "random"]
+    assert [name for name in subsets if name.startswith("subset")] == [
+        "subset00",
+        "subset01",
+        "subset02",
+    ]
+    # Matched on tokens: every model trains the same tokens, within one pass of its subset.
+    training = [model["training"] for model in summary["models"].values()]
+    assert len(training) == 3 * 2 + 3
+    trained = training[0]["input_tokens_seen"]
+    assert all(run["input_tokens_seen"] == trained for run in training)
+    assert all(0 < run["epochs"] <= 1.0 for run in training)
+    assert summary["matching"]["tokens_min"] >= trained
+    # Matched on utility, as far as 80 records in 4 strata allow.
+    assert summary["matching"]["utility_smd_max"] < 0.5
+    low, high = (subsets[name]["predicted"]["mean_cost"] for name in ("low", "high"))
+    assert low < subsets["random"]["predicted"]["mean_cost"] < high
+    # The anchor's held-out loss, with seeds and contrasts.
+    anchor = summary["changes"]["ppl:gsm8k@test"]
+    assert anchor["unit"] == "nats/token"
+    assert len(anchor["arms"]["low"]["per_seed"]) == 2
+    assert set(anchor["contrasts"]) == {"low-high", "low-random", "high-random"}
+    for task in ("c4", "arc_easy", "piqa", "boolq"):
+        assert set(summary["changes"][task]["arms"]) == {"low", "high", "random"}
+    # The regression of the subsets' anchor-loss change on their predicted cost.
+    fit = summary["regression"]["ppl:gsm8k@test"]["mean_cost"]
+    assert fit["points"] == 3
+    assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
+    assert set(summary["verdict"]) == {
+        "low_forgets_less_than_high",
+        "slope_above_zero",
+        "cost_predicts_forgetting",
+    }
+    table = (tmp_path / "out" / "criterion.md").read_text()
+    assert "| low − high |" in table and "## Regression over 3 random subsets" in table
+    assert "| mean_cost |" in table and "## Verdict" in table
+    # A rerun reuses every stage and writes the same results.
+    capsys.readouterr()
+    script.main(argv)
+    assert "start:" not in capsys.readouterr().out
+    assert json.loads(output.read_text()) == summary
