@@ -14,6 +14,8 @@ the same test items, to ``<output>.md``, and everything per run to ``<output>.js
         multitask --output docs/results/continual_benchmark
 
 ``--runs ORDER:SPLIT ...`` lists the runs; without it, ``--order`` with every ``--subsets``.
+``--method-set METHOD:section.key=value`` sets something for one method only (LoRA's own
+learning rate).
 Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``. Runs go split by split and
 order by order, every method within each, so an interrupted sweep already compares all
 methods on the runs it finished.
@@ -70,11 +72,24 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[int, str]]:
     return runs
 
 
+def method_settings(items: list[str], method: str) -> dict:
+    """The ``METHOD:section.key=value`` settings of ``method`` (e.g. its own learning rate)."""
+    settings = {}
+    for item in items:
+        name, separator, assignment = item.partition(":")
+        if not separator or "=" not in assignment:
+            raise SystemExit(f"error: --method-set takes METHOD:section.key=value, got {item!r}")
+        if name == method:
+            settings.update([parse_assignment(assignment)])
+    return settings
+
+
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     reports = []
     for order, subset in sweep_runs(args):
         for method in args.methods:
             overrides = dict(parse_assignment(item) for item in args.set or [])
+            overrides.update(method_settings(args.method_set or [], method))
             overrides.update(
                 {
                     "continual.method": method,
@@ -226,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", default="runs/continual")
     parser.add_argument("--data-dir")
     parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
+    parser.add_argument(
+        "--method-set", action="append",
+        help="METHOD:section.key=value, for one method only (e.g. lora:train.learning_rate=3e-4)",
+    )  # fmt: skip
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
     args = parser.parse_args(argv)
     reports = run_sweep(args)

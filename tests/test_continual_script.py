@@ -1,6 +1,7 @@
 """scripts/continual_results.py on the tiny model: the sweep, the table and its head note."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,12 +45,16 @@ def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
     tmp_path, experiment_argv, script
 ):
     flags = ("--methods", "seqft", "osft", "--runs", "1:0_42", "2:0_42")
+    flags += ("--method-set", "osft:train.learning_rate=0.002")
     script.main(experiment_argv("orders", TINY, *flags))
     reports = json.loads((tmp_path / "out" / "orders.json").read_text())
     assert [(r["method"], r["order"]) for r in reports] == [
         ("seqft", 1), ("osft", 1), ("seqft", 2), ("osft", 2)
     ]  # fmt: skip
     for report in reports:
+        records = [Path(entry["directory"]) / "stage.json" for entry in report["training"]]
+        rates = {json.loads(r.read_text())["settings"]["train"]["learning_rate"] for r in records}
+        assert rates == {0.002 if report["method"] == "osft" else 1e-4}
         items = report["final_items"]
         assert set(items) == set(report["tasks"])
         # The final row of the matrix is the mean of the kept outcomes.
@@ -63,6 +68,8 @@ def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
     assert next(line for line in paired if line.startswith("| seqft |")) == "| seqft | – |"
 
 
-def test_runs_must_name_order_and_split(experiment_argv, script):
+def test_runs_and_method_settings_are_checked(experiment_argv, script):
     with pytest.raises(SystemExit, match="ORDER:SPLIT"):
         script.main(experiment_argv("bad", TINY, "--runs", "1"))
+    with pytest.raises(SystemExit, match="METHOD:section.key=value"):
+        script.main(experiment_argv("bad", TINY, "--method-set", "train.learning_rate=1"))
