@@ -7,7 +7,7 @@ validation split) and from them its cost under ``select.cost`` and its utility. 
 trains the model in full, every run on the same number of tokens in at most one pass, on
 
 * low, high, random: the lowest-cost, the highest-cost and a random tenth of the pool, each
-  taking the same number of records from every utility stratum (matched on utility), three
+  taking a tenth of the tokens of every utility stratum (matched on utility), three
   training seeds each;
 * ten random subsets of the same size, one seed each;
 
