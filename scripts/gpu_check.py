@@ -19,6 +19,9 @@ overrun leaves the others' results:
    → ``merge`` (SoTU) → ``eval`` on tiny-llama and generated JSONL files, on the device; checks
    that every perplexity is finite, that training lowered the domain's, and that OSFT's update
    left the preserved subspace alone.
+5. ``fsdp2_trainer`` (GPU only): ``accelerate launch`` with FSDP2 (one process) of
+   ``forgetless train --method osft`` on tiny-llama, with the same subspace check: the
+   Trainer + accelerate path that a CPU cannot run.
 
 It needs no model download and no data directory. ``summary.json`` and ``summary.md`` in
 ``--out`` hold every part's status, seconds and figures; the exit status is 1 if any part
@@ -45,14 +48,14 @@ FULL = {
                   "--steps", "3"],
     "grad_args": ["--model", "random:smollm2-135m", "--samples", "256", "--batch-size", "16",
                   "--max-length", "512"],
-    "limits": {"osft_sizes": 300, "grad_features": 90, "end_to_end": 120},
+    "limits": {"osft_sizes": 300, "grad_features": 60, "end_to_end": 90, "fsdp2_trainer": 60},
 }  # fmt: skip
 QUICK = {
     "sizes": ["tiny-llama"],
     "size_args": ["--quick", "--methods", "plain", "osft"],
     "grad_args": ["--model", "tiny-llama", "--samples", "8", "--batch-size", "4",
                   "--max-length", "32", "--projection-dim", "64", "--pool", "1000"],
-    "limits": {"osft_sizes": 240, "grad_features": 120, "end_to_end": 300},
+    "limits": {"osft_sizes": 240, "grad_features": 120, "end_to_end": 300, "fsdp2_trainer": 0},
 }  # fmt: skip
 
 
@@ -169,6 +172,48 @@ def end_to_end(args) -> dict:
     }
 
 
+# FSDP2 through accelerate and the Trainer, on one GPU: accelerate turns FSDP on only for
+# accelerator processes, so this path cannot run on a CPU (docs/osft.md, Distributed training).
+FSDP2_ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 1
+machine_rank: 0
+mixed_precision: bf16
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+def fsdp2_trainer(args) -> dict:
+    """``accelerate launch`` (FSDP2, one process) of ``forgetless train --method osft``: the
+    Trainer shards the model after the callback is built; the update must still stay out of
+    the preserved subspace."""
+    work = Path(args.out) / "fsdp2_trainer"
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "accelerate_fsdp2.yaml"
+    config.write_text(FSDP2_ACCELERATE_CONFIG)
+    data = work / "domain.jsonl"
+    _write_texts(data, "the patient was given {} mg of the drug and recovered on day {}")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "-m", "forgetless.cli", "train", "--model", "tiny-llama", "--data", str(data),
+               "--method", "osft", "--max-steps", "4", "--batch-size", "4", "--max-length", "48",
+               "--learning-rate", "1e-3", "--output-dir", str(work / "osft"),
+               "--set", "train.osft.rank_policy=fixed",
+               "--set", "train.osft.preserve_ratio=0.5"]  # fmt: skip
+    _run(command, work / "train.log")
+    leak = osft_subspace_leak(work / "osft" / "model", args.device)
+    if leak["worst_relative_leak"] > 1e-3:
+        raise RuntimeError(f"under FSDP2 OSFT's update reached the preserved subspace: {leak}")
+    return {"osft_update": leak}
+
+
 def osft_subspace_leak(trained_dir: Path, device: str) -> dict:
     """Largest share of a targeted matrix's update that lies in its preserved (top) subspace,
     with the ranks of ``osft.rank_policy=fixed, preserve_ratio=0.5``."""
@@ -216,7 +261,7 @@ def _run(command: list[str], log: Path) -> str:
     done = subprocess.run(command, capture_output=True, text=True, env=_environment())
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        name = Path(command[1]).name
+        name = command[2] if command[1] == "-m" else Path(command[1]).name
         raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-800:]}")
     return done.stdout
 
@@ -279,6 +324,7 @@ def main() -> None:
             "osft_sizes": lambda: osft_sizes(args, mode),
             "grad_features": lambda: grad_features(args, mode),
             "end_to_end": lambda: end_to_end(args),
+            "fsdp2_trainer": lambda: fsdp2_trainer(args),
         }
         print(json.dumps(parts[args.part]()))
         return
@@ -292,11 +338,14 @@ def main() -> None:
     started = time.perf_counter()
     parts = {"environment": {"status": "ok", "seconds": 0.0, **environment(args)}}
     for name in mode["limits"]:
+        if name == "fsdp2_trainer" and not args.device.startswith("cuda"):
+            parts[name] = {"status": "skipped", "seconds": 0.0, "why": "needs a GPU"}
+            continue
         parts[name] = run_part(name, args, mode)
         print(f"{name}: {parts[name]['status']} in {parts[name]['seconds']:.0f} s", flush=True)
     write_summary(Path(args.out), parts, args)
     print(f"all parts in {time.perf_counter() - started:.0f} s; see {args.out}/summary.md")
-    if any(part["status"] != "ok" for part in parts.values()):
+    if any(part["status"] not in ("ok", "skipped") for part in parts.values()):
         sys.exit(1)
 
 

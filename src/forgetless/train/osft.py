@@ -467,8 +467,9 @@ def _is_main_process() -> bool:
 # How `accelerate launch` asks for sharded training: TrainingArguments' own fields stay empty.
 SHARDING_ENVIRONMENT = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 DEEPSPEED_REFUSAL = (
-    "OSFT does not support DeepSpeed ZeRO (requested by {}): its gradients live in DeepSpeed's "
-    "own flattened buffers, where the callback cannot see them to project; use FSDP2 "
+    "OSFT does not support DeepSpeed ZeRO (requested by {}): DeepSpeed's optimizer steps its "
+    "own flattened, partitioned master weights and gradients and copies them over the model's, "
+    "so a projection of the model's weights is lost at the next step; use FSDP2 "
     "(fsdp_version: 2) or DDP"
 )
 FSDP1_REFUSAL = (
@@ -486,8 +487,11 @@ def refuse_sharded_launch(args=None) -> None:
     """Refuse DeepSpeed and FSDP1 before any step, however they were requested (FSDP2 and DDP
     are supported).
 
-    DeepSpeed ZeRO (any stage) keeps the gradients in its own partitioned buffers and steps the
-    optimizer inside its engine, out of reach of the Trainer's ``on_pre_optimizer_step``.
+    DeepSpeed ZeRO (any stage, ZeRO-1 and 2 included, where every process holds the whole
+    model) steps fp32 master weights of its own, flattened and partitioned across processes,
+    with gradients in its own buffers, then copies them over the model's parameters: the
+    projected step written into the parameters would be overwritten by the next one, and the
+    gradients are out of reach of the Trainer's ``on_pre_optimizer_step``.
     FSDP1 is recognised from accelerate's environment (``FSDP_VERSION`` unset or 1) and from an
     explicit ``fsdp_config["version"] = 1``; whatever the launch, the callback checks the wrapped
     model and its parameters again when training begins.
