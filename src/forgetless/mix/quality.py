@@ -47,12 +47,17 @@ def _ramp(value: float, low: float, high: float) -> float:
     return min(1.0, max(0.0, (value - low) / (high - low)))
 
 
+def _letter_share(text: str) -> float:
+    """Letters among the non-space characters."""
+    visible = [char for char in text if not char.isspace()]
+    return sum(char.isalpha() for char in visible) / max(len(visible), 1)
+
+
 def heuristic_score(text: str) -> float:
     words = text.split()
     if not words:
         return 0.0
-    visible = [char for char in text if not char.isspace()]
-    letters = sum(char.isalpha() for char in visible) / max(len(visible), 1)
+    letters = _letter_share(text)
     mean_word = sum(len(word) for word in words) / len(words)
     trigrams = list(zip(words, words[1:], words[2:], strict=False))
     unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
@@ -69,8 +74,7 @@ def rules_score(text: str) -> float:
     words = text.split()
     if not words:
         return 0.0
-    visible = [char for char in text if not char.isspace()]
-    letters = sum(char.isalpha() for char in visible) / max(len(visible), 1)
+    letters = _letter_share(text)
     alphabetic = [word.lower().strip(".,;:!?\"'()[]") for word in words if _has_letter(word)]
     if not alphabetic:
         return 0.0
