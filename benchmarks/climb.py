@@ -1,6 +1,6 @@
 """Speed of the CLIMB clustering stage: embedding and k-means.
 
-* Embedding throughput of forgetless' path (``forgetless.mix.embed.embed_corpus``: sharded,
+* Embedding throughput of forgetless' path (``forgetless.mix.embed.embed_documents``: sharded,
   cached, resumable) against a raw ``SentenceTransformer.encode`` of the same texts with the
   same batch size, in one run. Target: >= 0.9x raw.
 * Spherical k-means (faiss) of 100k x 384 points into 1000 clusters. Target: <= 30 s on 2
@@ -29,8 +29,7 @@ def pool_texts(args) -> list[str]:
 def embedding_ratio(args) -> tuple[float, float]:
     from forgetless.embeddings import load_embedder
     from forgetless.mix.config import EmbedConfig
-    from forgetless.mix.corpus import Corpus
-    from forgetless.mix.embed import embed_corpus
+    from forgetless.mix.embed import embed_documents
 
     texts = pool_texts(args)
     config = EmbedConfig(batch_size=args.batch_size, shard_size=args.shard_size)
@@ -41,10 +40,10 @@ def embedding_ratio(args) -> tuple[float, float]:
         texts, batch_size=args.batch_size, normalize_embeddings=True, show_progress_bar=False
     )
     raw = time.perf_counter() - started
-    corpus = Corpus([str(i) for i in range(len(texts))], texts, ["pool"] * len(texts))
+    ids = [str(i) for i in range(len(texts))]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        embed_corpus(corpus, config, folder, device="cpu", progress=False)
+        embed_documents(texts, ids, config, folder, device="cpu", progress=False)
         ours = time.perf_counter() - started
     return len(texts) / raw, len(texts) / ours
 
@@ -79,7 +78,7 @@ def main() -> None:
     print(f"{args.documents} pool documents, batch {args.batch_size}, {threads} threads")
     print(f"raw SentenceTransformer.encode: {raw:8.1f} docs/s")
     ratio = ours / raw
-    print(f"forgetless embed_corpus:        {ours:8.1f} docs/s  ({ratio:.2f}x raw; target >= 0.9x)")
+    print(f"forgetless embed_documents:     {ours:8.1f} docs/s  ({ratio:.2f}x raw; target >= 0.9x)")
     seconds = kmeans_seconds(args.points, 384, args.clusters)
     print(
         f"spherical k-means, {args.points:,} x 384 into {args.clusters} clusters, 25 iterations: "

@@ -9,29 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forgetless.mix.config import EmbedConfig
-from forgetless.mix.corpus import Corpus
 from forgetless.shards import ShardedRows, load_sharded_matrix
-
-
-def embed_corpus(
-    corpus: Corpus,
-    config: EmbedConfig,
-    directory: str | Path,
-    *,
-    engine: str = "local",
-    device=None,
-    progress=True,
-) -> np.ndarray:
-    """L2-normalised embeddings of every document (memory-mapped float32 rows)."""
-    return embed_documents(
-        corpus.texts,
-        corpus.ids,
-        config,
-        directory,
-        engine=engine,
-        device=device,
-        progress=progress,
-    )
 
 
 def embed_documents(

@@ -82,11 +82,12 @@ class EmbedStage(Stage):
         return EmbedSettings(pool=self.mixture.pool, embed=self.mixture.mix.embed)
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.mix.embed import embed_corpus
+        from forgetless.mix.embed import embed_documents
 
         corpus = self.mixture.corpus()
-        vectors = embed_corpus(
-            corpus,
+        vectors = embed_documents(
+            corpus.texts,
+            corpus.ids,
             self.mixture.mix.embed,
             workdir,
             engine=self.mixture.mix.engine,
