@@ -215,22 +215,21 @@ def render(summary: dict, args) -> str:
             )
         target = domain["ogs_target"]
         if target:
-            held = target["navigator"].get("held_out", {})
+            folds = target["navigator"].get("cross_validation", {})
             lines += [
                 "",
                 f"OGS target — gain share met: {target['gain_share_ok']}; drop share met: "
                 f"{target['drop_share_ok']}; not dominated by random or LESS: "
                 f"{target['not_dominated_by_random_or_less']}.",
             ]
-            if held:
+            if folds:
                 lines.append(
-                    f"Navigator on {held['samples']} held-out featured samples: Spearman "
-                    f"{held['spearman_vs_lagrangian']:.2f} with the exact Lagrangian score; its "
-                    f"top pick has utility {held['navigator_top']['utility']:.3f} and cost "
-                    f"{held['navigator_top']['cost']:.3f} (exact choice "
-                    f"{held['exact_top']['utility']:.3f} / {held['exact_top']['cost']:.3f}, "
-                    f"held-out mean {held['pool_mean']['utility']:.3f} / "
-                    f"{held['pool_mean']['cost']:.3f})."
+                    f"Navigator, {folds['folds']}-fold cross-validated on {folds['samples']} "
+                    f"featured samples: Spearman {folds['spearman_vs_exact']:.2f} with the exact "
+                    f"score (ridge on the same inputs {folds['ridge_spearman_vs_exact']:.2f}); "
+                    f"its top pick has utility {folds['navigator_top']['utility']:.3f} and cost "
+                    f"{folds['navigator_top']['cost']:.3f} (exact choice "
+                    f"{folds['exact_top']['utility']:.3f} / {folds['exact_top']['cost']:.3f})."
                 )
     lines += ["", f"Command: `python scripts/select_results.py {' '.join(args.argv)}`"]
     return "\n".join(lines)

@@ -70,11 +70,19 @@ class GradientConfig(Section):
 
 
 class NavigatorInputsConfig(Section):
-    features: list[Literal["embedding", "length", "loss"]] = Field(
-        default_factory=lambda: ["embedding", "length", "loss"],
+    features: list[Literal["embedding", "length", "loss", "head_gradient"]] = Field(
+        default_factory=lambda: ["embedding", "length", "loss", "head_gradient"],
         min_length=1,
-        description="Per-sample inputs of the Navigator, none of which needs a gradient: "
-        "sentence embedding, log token count, and the base model's loss.",
+        description="Per-sample inputs of the Navigator, none of which needs a backward pass: "
+        "sentence embedding, log token count, the base model's loss, and head_gradient: the "
+        "sample's utility, anchor energy and anchor alignment computed from a forward-only "
+        "sketch of its output-layer gradient (forgetless.select.head_sketch).",
+    )
+    head_sketch_rows: int = Field(
+        64, ge=1, description="head_gradient: sketch dimension on the vocabulary side."
+    )
+    head_sketch_columns: int = Field(
+        32, ge=1, description="head_gradient: sketch dimension on the hidden-state side."
     )
     embedder: str = Field(
         "all-MiniLM-L6-v2",
@@ -101,12 +109,13 @@ class NavigatorConfig(Section):
     entropy_weight: float = Field(
         1e-3, ge=0, description="Bonus on the policy's entropy, against early collapse."
     )
-    holdout: float = Field(
-        0.2,
-        ge=0.0,
-        lt=1.0,
-        description="Share of the gradient-featured samples kept out of training to report "
-        "how well the Navigator ranks samples it never saw.",
+    folds: int = Field(
+        5,
+        ge=0,
+        description="Cross-validation folds over the gradient-featured samples: a Navigator "
+        "trained on the other folds scores each fold, which reports how well it ranks samples "
+        "it never saw (Spearman against the exact score) and calibrates its logits to the "
+        "exact score's scale; 0 or 1 skips it (the logits are then calibrated in-sample).",
     )
 
 
@@ -130,10 +139,12 @@ class SelectConfig(Section):
         description="ogs: pool samples given gradient features to train the Navigator on "
         "(the other methods featurise the whole pool).",
     )
-    cost: Literal["energy", "conflict"] = Field(
+    cost: Literal["energy", "conflict", "abs_cosine", "norm_conflict"] = Field(
         "energy",
         description="Per-sample cost: energy = share of the gradient inside the anchor "
-        "subspace (1 - orthogonality); conflict = max(0, -cos(g, g_ref)).",
+        "subspace (1 - orthogonality); conflict = max(0, -cos(g, g_ref)); abs_cosine = "
+        "|cos(g, g_ref)| (the paper's, one minus its orthogonality score); norm_conflict = "
+        "max(0, -<g, g_ref>/|g_ref|), the conflict scaled by the gradient's length.",
     )
     cost_limit: float = Field(
         0.5,

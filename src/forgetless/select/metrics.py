@@ -5,7 +5,8 @@ to a small relative error, which is what makes the d-dimensional features usable
 
 * orthogonality o_i = 1 - |P_A g_i|^2 / |g_i|^2, with P_A the projector onto the anchor
   subspace (top right singular vectors of the anchor gradients);
-* conflict c_i = max(0, -cos(g_i, g_ref)), with g_ref the mean anchor gradient;
+* conflict c_i = max(0, -cos(g_i, g_ref)), with g_ref the mean anchor gradient (and the
+  paper's |cos(g_i, g_ref)| and the norm-aware max(0, -<g_i, g_ref>/|g_ref|) beside it);
 * utility u_i = cos(g_i, g_V), with g_V the mean unit validation gradient (as in LESS).
 """
 
@@ -76,28 +77,44 @@ def conflict(vectors: np.ndarray, anchor: Anchor) -> np.ndarray:
     return np.maximum(0.0, -cosine(vectors, anchor.mean))
 
 
+COSTS = ("energy", "conflict", "abs_cosine", "norm_conflict")
+
+
 @dataclass(frozen=True)
 class SampleScores:
     utility: np.ndarray
     orthogonality: np.ndarray
-    conflict: np.ndarray
+    alignment: np.ndarray  # cos(g_i, g_ref), signed
+    anchor_component: np.ndarray  # <g_i, g_ref / |g_ref|>: the length of g_i along g_ref
+
+    @property
+    def conflict(self) -> np.ndarray:
+        return np.maximum(0.0, -self.alignment)
 
     def cost(self, kind: str) -> np.ndarray:
+        """The per-sample cost a selection bounds (see ``select.cost``)."""
         if kind == "energy":
             return 1.0 - self.orthogonality
         if kind == "conflict":
             return self.conflict
-        raise ForgetlessError(f"unknown cost {kind!r}; choose energy or conflict")
-
-    def subset(self, index: np.ndarray) -> SampleScores:
-        return SampleScores(self.utility[index], self.orthogonality[index], self.conflict[index])
+        if kind == "abs_cosine":
+            # The paper's orthogonality score is 1 - |cos(g_i, g_anchor)|.
+            return np.abs(self.alignment)
+        if kind == "norm_conflict":
+            # First-order anchor-loss increase of a unit-rate step on the sample: a long
+            # gradient pointing against the anchor costs more than a short one.
+            return np.maximum(0.0, -self.anchor_component)
+        raise ForgetlessError(f"unknown cost {kind!r}; choose one of {', '.join(COSTS)}")
 
 
 def score_samples(vectors: np.ndarray, anchor: Anchor, target: np.ndarray) -> SampleScores:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    reference = anchor.mean / max(np.linalg.norm(anchor.mean), EPS)
     return SampleScores(
         utility=cosine(vectors, target),
         orthogonality=orthogonality(vectors, anchor),
-        conflict=conflict(vectors, anchor),
+        alignment=cosine(vectors, anchor.mean),
+        anchor_component=vectors @ reference,
     )
 
 

@@ -225,10 +225,14 @@ class NavigatorInputsSettings(StageSettings):
     pool: PoolSettings
     inputs: NavigatorInputsConfig
     max_length: int  # of the base model's per-sample loss (the gradient features' length)
+    # The head_gradient geometry's anchor subspace (None when that input is off).
+    anchor: AnchorConfig | None
+    anchor_rank: int | None
 
 
 class NavigatorInputsStage(Stage):
-    """Gradient-free features of every candidate: embedding, log length, base-model loss."""
+    """Forward-only features of every candidate: embedding, log length, base-model loss and
+    the output-layer gradient sketch's geometry."""
 
     name = "navigator_inputs"
 
@@ -238,21 +242,28 @@ class NavigatorInputsStage(Stage):
 
     def settings(self) -> NavigatorInputsSettings:
         select = self.selection.select
+        head = "head_gradient" in select.navigator.inputs.features
         return NavigatorInputsSettings(
             pool=self.selection.pool,
             inputs=select.navigator.inputs,
             max_length=select.gradient.max_length,
+            anchor=select.anchor if head else None,
+            anchor_rank=select.anchor_rank if head else None,
         )
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.select.inputs import navigator_inputs
 
         started = time.perf_counter()
+        select = self.selection.select
         data = self.selection.data(inputs)
+        head = "head_gradient" in select.navigator.inputs.features
         matrix, columns = navigator_inputs(
             data.candidates,
             self.selection.model,
-            self.selection.select,
+            select,
+            anchor=load_anchor(select.anchor, self.selection.data_dir) if head else (),
+            validation=data.validation,
             progress=self.selection.progress,
         )
         with atomic_file(workdir / "inputs.npy", "wb") as out:
@@ -283,31 +294,25 @@ def pool_scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage
     return score_samples(pool.dense(), anchor, target), pool.valid, anchor
 
 
-def supervised_reference_spearman(
-    train_inputs: np.ndarray, train_target: np.ndarray, test_inputs: np.ndarray, test_target
-) -> float:
-    """Held-out Spearman of a ridge regression fitted directly to the Lagrangian score.
-
-    A reference for the Navigator: if even a supervised fit of the same inputs does not rank
-    unseen samples, the inputs carry no signal about the gradient geometry, and no policy
-    training would help.
-    """
-    from scipy.stats import spearmanr
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
-    model.fit(train_inputs, train_target)
-    return float(spearmanr(model.predict(test_inputs), test_target).statistic)
-
-
 class SelectionSettings(StageSettings):
     pool: PoolSettings
     select: SelectConfig
 
 
+NAVIGATOR_SCORES = "scores.npy"
+
+
 class NavigatorStage(Stage):
+    """Train the Navigator and score the pool.
+
+    The exact score of a gradient-featured sample is its Lagrangian u - lam * c at the
+    multiplier of the exact constrained choice (the ``orthogonal`` method's) on the featured
+    samples. Cross-validation reports how well the Navigator ranks samples it did not train
+    on, and maps its logits onto the exact score's scale (least squares on the out-of-fold
+    logits). The pool's scores (``scores.npy``) are the exact scores where they were computed
+    and the mapped logits elsewhere, so gradients are never thrown away.
+    """
+
     name = "navigator"
 
     def __init__(self, selection: Selection, pool_stage: str):
@@ -325,10 +330,14 @@ class NavigatorStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         import torch
-        from scipy.stats import spearmanr
 
         from forgetless.select.metrics import constrained_top_k
-        from forgetless.select.navigator import log_as_dicts, top_k_quality, train_navigator
+        from forgetless.select.navigator import (
+            cross_validate,
+            log_as_dicts,
+            top_k_quality,
+            train_navigator,
+        )
 
         started = time.perf_counter()
         select = self.selection.select
@@ -338,60 +347,57 @@ class NavigatorStage(Stage):
         featured = np.asarray(data.featured)[valid]
         cost = scores.cost(select.cost)[valid]
         utility = scores.utility[valid]
+        features = pool_inputs[featured]
         limit = select.cost_limit * float(cost.mean())
-        rng = np.random.default_rng(select.seed + 1)
-        order = rng.permutation(len(featured))
-        held = max(0, min(len(featured) - 2, round(select.navigator.holdout * len(featured))))
-        held_out, trained = np.sort(order[:held]), np.sort(order[held:])
+        _, lam = constrained_top_k(utility, cost, math.ceil(select.budget * len(featured)), limit)
+        exact = utility - lam * cost
+
+        summary: dict[str, Any] = {"cost_limit": limit, "exact_multiplier": lam}
+        folds = min(select.navigator.folds, len(featured) // 2)
         navigator, log = train_navigator(
-            pool_inputs[featured[trained]],
-            utility[trained],
-            cost[trained],
+            features,
+            utility,
+            cost,
             select.navigator,
             budget=select.budget,
             cost_limit=limit,
             seed=select.seed,
             progress=self.selection.progress,
         )
+        if folds >= 2:
+            summary["cross_validation"], calibration_logits = cross_validate(
+                features,
+                utility,
+                cost,
+                exact,
+                select.navigator,
+                budget=select.budget,
+                cost_limit=limit,
+                folds=folds,
+                seed=select.seed,
+                progress=self.selection.progress,
+            )
+        else:
+            calibration_logits = navigator.score(features)
+        slope, intercept = np.polyfit(calibration_logits.astype(np.float64), exact, 1)
+        pool_score = slope * navigator.score(pool_inputs).astype(np.float64) + intercept
+        pool_score[featured] = exact
+        # Featured samples with nothing to learn (no gradient) rank last.
+        pool_score[np.asarray(data.featured)[~valid]] = pool_score.min() - 1.0
         with atomic_file(workdir / "navigator.pt", "wb") as out:
             torch.save(navigator.state_dict(), out)
+        with atomic_file(workdir / NAVIGATOR_SCORES, "wb") as out:
+            np.save(out, pool_score)
         write_json_atomic(workdir / "log.json", log_as_dicts(log))
-        summary: dict[str, Any] = {
-            "cost_limit": limit,
-            "trained_on": int(len(trained)),
-            "final": log_as_dicts(log[-1:])[0],
-        }
-        summary["seconds"] = time.perf_counter() - started
-        if held:
-            # How the Navigator ranks samples it never saw, against the exact (gradient)
-            # Lagrangian choice at its final multiplier and against a random pick.
-            logits = navigator.score(pool_inputs[featured[held_out]])
-            lam = log[-1].lam
-            oracle = utility[held_out] - lam * cost[held_out]
-            exact, _ = constrained_top_k(
-                utility[held_out], cost[held_out], math.ceil(select.budget * held), limit
-            )
-            summary["held_out"] = {
-                "samples": held,
-                "spearman_vs_lagrangian": float(spearmanr(logits, oracle).statistic),
-                "supervised_spearman_vs_lagrangian": supervised_reference_spearman(
-                    pool_inputs[featured[trained]],
-                    utility[trained] - lam * cost[trained],
-                    pool_inputs[featured[held_out]],
-                    oracle,
-                ),
-                "navigator_top": top_k_quality(
-                    logits, utility[held_out], cost[held_out], select.budget
-                ),
-                "exact_top": {
-                    "utility": float(utility[held_out][exact].mean()),
-                    "cost": float(cost[held_out][exact].mean()),
-                },
-                "pool_mean": {
-                    "utility": float(utility[held_out].mean()),
-                    "cost": float(cost[held_out].mean()),
-                },
-            }
+        logits = navigator.score(features)
+        summary.update(
+            trained_on=int(len(featured)),
+            final=log_as_dicts(log[-1:])[0],
+            calibration={"slope": float(slope), "intercept": float(intercept)},
+            navigator_top_in_sample=top_k_quality(logits, utility, cost, select.budget),
+            pool_mean={"utility": float(utility.mean()), "cost": float(cost.mean())},
+            seconds=time.perf_counter() - started,
+        )
         return summary
 
 
@@ -442,15 +448,7 @@ class SelectionStage(Stage):
         )
 
     def _navigator_logits(self, inputs: dict[str, StageResult]) -> np.ndarray:
-        import torch
-
-        from forgetless.select.navigator import Navigator
-
-        pool_inputs = np.load(inputs["navigator_inputs"].directory / "inputs.npy")
-        navigator = Navigator(pool_inputs.shape[1], self.selection.select.navigator.hidden_size)
-        state = torch.load(inputs["navigator"].directory / "navigator.pt", weights_only=True)
-        navigator.load_state_dict(state)
-        return navigator.score(pool_inputs)
+        return np.load(inputs["navigator"].directory / NAVIGATOR_SCORES)
 
 
 def selection_stages(selection: Selection) -> list[Stage]:

@@ -1,0 +1,256 @@
+"""Can a Navigator carry the signal? Issue 20's measurement of the OGS Navigator's inputs.
+
+On a pool sample whose every record is gradient-featured (the stages of ``forgetless select
+--method ogs``; packaged config ``src/forgetless/configs/navigator_signal.yaml``) this
+measures:
+
+* the reliability ceiling: the exact per-sample scores (utility, each cost, and the
+  Lagrangian u - lam * c at the exact constrained multiplier) under two warm-up/projection
+  seeds, and their test-retest Spearman. No predictor of the score can be expected to rank
+  beyond the agreement of the score with itself;
+* the Navigator's k-fold cross-validated Spearman against the first seed's exact score, and
+  a ridge regression's on the same inputs, for each set of inputs: the gradient-free ones
+  (embedding, length, loss), the forward-only output-layer gradient sketch's geometry
+  (``head_gradient``), and all of them;
+* how each sketch-geometry input ranks like its exact counterpart (Spearman).
+
+Writes ``<output>.md`` and ``<output>.json``. Every stage is cached in the run directory::
+
+    python scripts/navigator_signal.py --data-dir ../shared/data
+    python scripts/navigator_signal.py --quick    # tiny-llama, a few records: every step
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from forgetless.config import load_raw, validate_config
+from forgetless.errors import ForgetlessError
+from forgetless.report.experiment import (
+    experiment_parser,
+    parse_experiment_args,
+    print_event,
+    shared_overrides,
+    write_results,
+)
+from forgetless.runs import RunDirectory
+from forgetless.select.inputs import HEAD_COLUMNS
+from forgetless.select.metrics import COSTS, constrained_top_k
+from forgetless.select.navigator import cross_validate
+
+PACKAGED_CONFIG = (
+    Path(__file__).resolve().parents[1] / "src/forgetless/configs/navigator_signal.yaml"
+)
+RUN_DIR, OUTPUT = "runs/navigator_signal", "docs/results/navigator_signal"
+QUICK_RUN_DIR = "runs/navigator_signal_quick"
+QUICK_SETTINGS = {
+    "model.name": "tiny-llama",
+    "data.source": "financial_pool",
+    "data.limit": 40,
+    "select.featured_samples": 40,
+    "select.anchor.samples": 8,
+    "select.validation.source": "financial_pool",
+    "select.validation.samples": 6,
+    "select.gradient.projection_dim": 16,
+    "select.gradient.warmup_steps": 1,
+    "select.gradient.max_length": 128,
+    "select.navigator.iterations": 10,
+    "select.navigator.candidates": 12,
+    "select.navigator.inputs.head_sketch_rows": 8,
+    "select.navigator.inputs.head_sketch_columns": 4,
+}
+INPUT_SETS = {
+    "gradient-free (embedding, length, loss)": lambda column: column not in HEAD_COLUMNS,
+    "head-gradient sketch geometry": lambda column: column in HEAD_COLUMNS,
+    "all": lambda column: True,
+}
+# Each sketch input and the exact score it estimates.
+COUNTERPARTS = {
+    "head_utility": "utility",
+    "head_energy": "energy",
+    "head_alignment": "alignment",
+}
+
+
+def parse_args(argv: list[str] | None):
+    parser = experiment_parser(__doc__, PACKAGED_CONFIG, None, None)
+    parser.add_argument(
+        "--seeds", type=int, nargs=2, default=[0, 1], help="The two warm-up/projection seeds."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
+    )
+    args = parse_experiment_args(parser, argv)
+    args.run_dir = args.run_dir or (QUICK_RUN_DIR if args.quick else RUN_DIR)
+    args.output = args.output or (f"{QUICK_RUN_DIR}/navigator_signal" if args.quick else OUTPUT)
+    if args.seeds[0] == args.seeds[1]:
+        raise SystemExit("error: --seeds must be two different seeds")
+    return args
+
+
+def exact_scores(select, results) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every exact per-sample score of one seed's gradients, and which samples have one."""
+    from forgetless.select.stages import pool_scores
+
+    scores, valid, _ = pool_scores(select, results, "gradients_pool")
+    exact = {"utility": scores.utility, "alignment": scores.alignment}
+    for kind in COSTS:
+        exact[kind] = scores.cost(kind)
+    cost = scores.cost(select.cost)
+    limit = select.cost_limit * float(cost[valid].mean())
+    k = int(np.ceil(select.budget * valid.sum()))
+    _, lam = constrained_top_k(scores.utility[valid], cost[valid], k, limit)
+    exact["lagrangian"] = scores.utility - lam * cost
+    return exact, valid
+
+
+def measure(args) -> dict[str, Any]:
+    from forgetless.select.stages import Selection, gradient_stages, selection_stages
+
+    overrides = {**(QUICK_SETTINGS if args.quick else {}), **shared_overrides(args)}
+    raw = load_raw(args.config, overrides)
+    config = validate_config(raw, args.config)
+    if config.select.method != "ogs" or config.select.featured_samples < (config.data.limit or 0):
+        raise ForgetlessError(
+            "the measurement needs select.method=ogs with every record featured "
+            "(select.featured_samples >= data.limit)"
+        )
+    run_dir = Path(config.run_dir)
+    per_seed, valid = {}, None
+    for position, seed in enumerate(args.seeds):
+        select = config.select.model_copy(update={"seed": seed})
+        selection = Selection(config.model, config.data, select, data_dir=config.data_dir)
+        # The first seed runs the whole ogs selection (its Navigator inputs included); the
+        # second only what its exact scores need.
+        stages = selection_stages(selection) if position == 0 else gradient_stages(selection)
+        results = RunDirectory(run_dir / f"seed_{seed}", on_event=print_event).run_all(stages)
+        if position == 0:
+            first_results = results
+        per_seed[seed], seed_valid = exact_scores(select, results)
+        valid = seed_valid if valid is None else valid & seed_valid
+    first, second = (per_seed[seed] for seed in args.seeds)
+    reliability = {
+        name: float(spearmanr(first[name][valid], second[name][valid]).statistic) for name in first
+    }
+    inputs = np.load(first_results["navigator_inputs"].directory / "inputs.npy")[valid]
+    columns = _columns(first_results)
+    select = config.select.model_copy(update={"seed": args.seeds[0]})
+    cost = first[select.cost][valid]
+    utility = first["utility"][valid]
+    limit = select.cost_limit * float(cost.mean())
+    folds = max(2, select.navigator.folds)
+    navigator = {}
+    for label, wanted in INPUT_SETS.items():
+        chosen = [index for index, column in enumerate(columns) if wanted(column)]
+        if not chosen:
+            continue
+        navigator[label], _ = cross_validate(
+            inputs[:, chosen],
+            utility,
+            cost,
+            first["lagrangian"][valid],
+            select.navigator,
+            budget=select.budget,
+            cost_limit=limit,
+            folds=folds,
+            seed=select.seed,
+            progress=False,
+        )
+        navigator[label]["columns"] = len(chosen)
+    sketch = {
+        column: float(spearmanr(inputs[:, columns.index(column)], first[target][valid]).statistic)
+        for column, target in COUNTERPARTS.items()
+        if column in columns
+    }
+    return {
+        "model": config.model.name,
+        "pool": config.data.source,
+        "samples": int(valid.sum()),
+        "seeds": args.seeds,
+        "cost": select.cost,
+        "budget": select.budget,
+        "gradient": select.gradient.model_dump(mode="json"),
+        "reliability": reliability,
+        "navigator": navigator,
+        "sketch_vs_exact": sketch,
+        "stage_seconds": {
+            name: result.summary.get("seconds")
+            for name, result in first_results.items()
+            if isinstance(result.summary, dict)
+        },
+    }
+
+
+def _columns(results) -> list[str]:
+    import json
+
+    return json.loads((results["navigator_inputs"].directory / "columns.json").read_text())
+
+
+def render(summary: dict[str, Any], args) -> str:
+    reliability = summary["reliability"]
+    lines = [
+        f"# Can a Navigator carry the signal? ({summary['model']}, {summary['samples']} "
+        f"{summary['pool']} records)",
+        "",
+        f"Exact scores from {summary['gradient']['parameters']} gradients "
+        f"(d = {summary['gradient']['projection_dim']}, ≤ {summary['gradient']['max_length']} "
+        f"tokens); the Lagrangian uses cost `{summary['cost']}` at budget "
+        f"{summary['budget']:.0%}.",
+        "",
+        "## Reliability ceiling: the exact score against itself",
+        "",
+        f"Spearman between warm-up/projection seeds {summary['seeds'][0]} and "
+        f"{summary['seeds'][1]}, same records:",
+        "",
+        "| score | test-retest Spearman |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {value:+.2f} |" for name, value in reliability.items()]
+    lines += [
+        "",
+        "## The Navigator against the exact score (cross-validated)",
+        "",
+        "| inputs | columns | Navigator Spearman | ridge Spearman | Navigator top: utility / "
+        "cost | exact top: utility / cost |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, entry in summary["navigator"].items():
+        top, exact = entry["navigator_top"], entry["exact_top"]
+        lines.append(
+            f"| {label} | {entry['columns']} | {entry['spearman_vs_exact']:+.2f} | "
+            f"{entry['ridge_spearman_vs_exact']:+.2f} | {top['utility']:.3f} / "
+            f"{top['cost']:.3f} | {exact['utility']:.3f} / {exact['cost']:.3f} |"
+        )
+    if summary["sketch_vs_exact"]:
+        lines += [
+            "",
+            "## Each sketch input against its exact counterpart",
+            "",
+            "| sketch input | exact score | Spearman |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {column} | {COUNTERPARTS[column]} | {value:+.2f} |"
+            for column, value in summary["sketch_vs_exact"].items()
+        ]
+    lines += ["", f"Command: `python scripts/navigator_signal.py {' '.join(args.argv)}`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        summary = measure(args)
+    except ForgetlessError as error:
+        sys.exit(f"error: {error}")
+    write_results(args.output, summary, render(summary, args))
+
+
+if __name__ == "__main__":
+    main()

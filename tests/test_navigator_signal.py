@@ -1,0 +1,49 @@
+"""The Navigator-signal measurement (scripts/navigator_signal.py) end to end on the tiny model:
+both seeds' exact scores, the reliability ceiling, the cross-validated Navigator per input
+set, and a rerun that changes nothing."""
+
+import json
+
+import pytest
+
+from forgetless.config import load_raw, validate_config
+
+SCRIPT_NAME = "navigator_signal"
+
+
+def test_the_packaged_config_features_every_record(script):
+    config = validate_config(load_raw(script.PACKAGED_CONFIG), script.PACKAGED_CONFIG)
+    assert config.select.method == "ogs"
+    assert config.select.featured_samples >= config.data.limit
+    assert config.select.validation.source is not None  # same candidates under every seed
+
+
+def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, capsys):
+    argv = experiment_argv("signal", {}, "--quick")
+    script.main(argv)
+    output = tmp_path / "out" / "signal.json"
+    summary = json.loads(output.read_text())
+    assert summary["samples"] == 40 and summary["seeds"] == [0, 1]
+    assert set(summary["reliability"]) == {
+        "utility", "alignment", "energy", "conflict", "abs_cosine", "norm_conflict", "lagrangian",
+    }  # fmt: skip
+    assert all(-1 <= value <= 1 for value in summary["reliability"].values())
+    # Different seeds give different gradients: the score does not agree with itself exactly.
+    assert summary["reliability"]["lagrangian"] < 0.999
+    navigator = summary["navigator"]
+    assert [entry["columns"] for entry in navigator.values()] == [386, 3, 389]
+    for entry in navigator.values():
+        assert entry["folds"] == 5 and entry["samples"] == 40
+        assert -1 <= entry["spearman_vs_exact"] <= 1
+    assert set(summary["sketch_vs_exact"]) == {"head_utility", "head_energy", "head_alignment"}
+    table = (tmp_path / "out" / "signal.md").read_text()
+    assert "## Reliability ceiling" in table and "| lagrangian |" in table
+    capsys.readouterr()
+    script.main(argv)
+    assert "start:" not in capsys.readouterr().out
+    assert json.loads(output.read_text()) == summary
+
+
+def test_the_two_seeds_must_differ(script):
+    with pytest.raises(SystemExit, match="two different seeds"):
+        script.parse_args(["--quick", "--seeds", "3", "3"])
