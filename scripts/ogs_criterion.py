@@ -41,6 +41,7 @@ import numpy as np
 
 from forgetless.config import load_raw, set_dotted, validate_config
 from forgetless.data.config import DataConfig
+from forgetless.data.features import training_tokens
 from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import LOSS_UNIT, TaskItems, perplexity_percent, seeded_changes
@@ -60,7 +61,6 @@ from forgetless.select.criterion import (
     ARMS,
     fit_line,
     matched_arms,
-    packed_tokens,
     predict,
     random_subsets,
     sample_criterion,
@@ -201,7 +201,7 @@ def pool_geometry(config, run_dir: Path) -> ScoredPool:
         anchor=anchor,
         utility=scores.utility,
         criterion=sample_criterion(gradients, anchor, config.select.cost),
-        tokens=packed_tokens(tokenizer, [record.text for record in records]),
+        tokens=training_tokens(tokenizer, records, config.train.max_length),
         gradient_seconds=sum(result.seconds or 0.0 for result in results.values()),
     )
 

@@ -330,3 +330,44 @@ def test_head_sketch_is_the_projected_output_layer_gradient(tiny):
         )
         assert sketches.tokens[index] == count.item()
         assert sketches.loss[index] == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["random", "less"])
+def test_a_token_budget_keeps_the_ranking_head_that_reaches_it(method, tmp_path, shared_data_dir):
+    from forgetless.data.features import training_tokens
+    from forgetless.select import run_selection
+
+    config = _select_config(method, tmp_path)
+    config.select.budget_tokens = 3000
+    fraction = run_selection(
+        _select_config(method, tmp_path), tmp_path / "fraction", progress=False
+    )
+    results = run_selection(config, tmp_path / "tokens", progress=False)
+    summary = results[f"selection_{method}"].summary
+    rows = [
+        json.loads(line)
+        for line in (results[f"selection_{method}"].directory / "selected.jsonl").open()
+    ]
+    records = {record.id: record for record in _pool_records(config)}
+    tokens = training_tokens(
+        load_model("tiny-llama").tokenizer, [records[row["id"]] for row in rows], 400
+    )
+    assert summary["budget_tokens"] == 3000 and summary["tokens"] == tokens.sum()
+    assert tokens[:-1].sum() < 3000 <= tokens.sum()
+    # The same ranking as the fraction budget: one is a prefix of the other.
+    other = [
+        json.loads(line)["id"]
+        for line in (fraction[f"selection_{method}"].directory / "selected.jsonl").open()
+    ]
+    shorter = min(len(other), len(rows))
+    assert other[:shorter] == [row["id"] for row in rows][:shorter]
+
+
+def _pool_records(config):
+    from forgetless.select.data import PoolSettings, SelectionData
+
+    settings = PoolSettings(
+        model=config.model, data=config.data, validation=config.select.validation,
+        seed=config.select.seed,
+    )  # fmt: skip
+    return SelectionData.load(settings, data_dir=config.data_dir).candidates

@@ -856,6 +856,10 @@ def select(
     budget: Annotated[
         float | None, _option("select.budget", "Fraction of the pool to select.")
     ] = None,
+    budget_tokens: Annotated[
+        int | None,
+        _option("select.budget_tokens", "Select up to this many training tokens instead."),
+    ] = None,
     data: Annotated[
         str | None, _option("data.source", "Pool: data set name, file, or hub data set id.")
     ] = None,
@@ -886,6 +890,7 @@ def select(
         {
             "select.method": method,
             "select.budget": budget,
+            "select.budget_tokens": budget_tokens,
             "select.anchor.source": anchor,
             "select.seed": seed,
             "data.source": data,

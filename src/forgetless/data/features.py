@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -228,3 +229,16 @@ def sample_example(
         ids = (ids + [tokenizer.eos_token_id])[:max_length]
         return (ids, list(ids)) if len(ids) >= 2 else None
     return training_example(tokenizer, record, max_length)
+
+
+def training_tokens(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_length: int
+) -> np.ndarray:
+    """Tokens each record adds to training, as ``build_training_features`` builds it: a text
+    its tokens and the EOS after it in the packed stream; any other kind its conversation,
+    cut at ``max_length`` (0 when nothing learned fits)."""
+    if records and isinstance(records[0], TextRecord):
+        ids = tokenizer([record.text for record in records], add_special_tokens=False)
+        return np.asarray([len(row) + 1 for row in ids["input_ids"]], dtype=np.int64)
+    examples = (training_example(tokenizer, record, max_length) for record in records)
+    return np.asarray([0 if ex is None else len(ex[0]) for ex in examples], dtype=np.int64)

@@ -130,6 +130,14 @@ class SelectConfig(Section):
         "pool without gradients.",
     )
     budget: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of the pool to select.")
+    budget_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Select by training tokens instead: the ranking's head up to the record "
+        "that reaches this many tokens (a text's tokens and EOS as packed for training; other "
+        "kinds cut at select.gradient.max_length). `budget` then only sets the Navigator's "
+        "and the exact constrained choice's share.",
+    )
     anchor_rank: int = Field(
         16, ge=1, description="Rank r of the anchor subspace (top right singular vectors)."
     )

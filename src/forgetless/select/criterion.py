@@ -35,13 +35,6 @@ def sample_criterion(gradients: np.ndarray, anchor: Anchor, cost: str) -> np.nda
     raise ForgetlessError(f"unknown cost {cost!r}; choose energy or conflict")
 
 
-def packed_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """Tokens each text adds to the packed training stream: its tokens and the EOS after it
-    (as ``forgetless.data.features.pack_text`` counts them)."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return np.asarray([len(row) + 1 for row in ids], dtype=np.int64)
-
-
 def utility_strata(utility: np.ndarray, strata: int) -> np.ndarray:
     """Each sample's utility stratum: ``strata`` quantile bins of (nearly) equal size, 0 the
     lowest utility."""

@@ -1,7 +1,8 @@
 """The selection methods: how each ranks the pool, and which features it needs.
 
 A method is a :class:`SelectionMethod` registered under the ``select`` family; the selection
-stage gives it the scores it asked for and keeps the top ``budget`` of its ranking.
+stage gives it the scores it asked for, and keeps the head of its ranking that the budget
+allows (a share of the pool's records, or of its training tokens).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class RankingInputs:
     """What a method ranks with; gradient fields are None for methods without gradients."""
 
     count: int  # candidates in the pool
-    k: int  # how many to keep
+    k: int  # how many the budget is expected to keep (fixes orthogonal's multiplier)
     seed: int
     utility: np.ndarray | None = None  # per candidate with gradient features
     cost: np.ndarray | None = None
@@ -35,9 +36,10 @@ Ranker = Callable[[RankingInputs], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class SelectionMethod:
-    rank: Ranker  # -> (the chosen candidates best first, their scores)
+    rank: Ranker  # -> (every candidate it would keep, best first; their scores)
     gradients: bool  # needs per-sample gradient features (and the anchor and validation)
     navigator: bool  # scores the whole pool with the Navigator trained on a featured part
+    budgeted: bool = True  # False: the ranking is the selection, whatever the budget
 
 
 def _all(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -45,32 +47,33 @@ def _all(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _random(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
-    ranking = np.random.default_rng(inputs.seed).permutation(inputs.count)[: inputs.k]
+    ranking = np.random.default_rng(inputs.seed).permutation(inputs.count)
     return ranking, np.zeros(len(ranking))
 
 
 def _less(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
-    # Samples with nothing to learn have no gradient: rank them last.
-    utility = np.where(inputs.valid, inputs.utility, -np.inf)
-    ranking = np.argsort(-utility, kind="stable")[: inputs.k]
-    return ranking, utility[ranking]
+    # Samples with nothing to learn have no gradient and are never chosen.
+    usable = np.flatnonzero(inputs.valid)
+    ranking = usable[np.argsort(-inputs.utility[usable], kind="stable")]
+    return ranking, inputs.utility[ranking]
 
 
 def _orthogonal(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
     from forgetless.select.metrics import constrained_top_k
 
     usable = np.flatnonzero(inputs.valid)
-    chosen, lam = constrained_top_k(
-        inputs.utility[usable], inputs.cost[usable], inputs.k, inputs.cost_limit
-    )
-    ranking = usable[chosen]
+    utility, cost = inputs.utility[usable], inputs.cost[usable]
+    _, lam = constrained_top_k(utility, cost, inputs.k, inputs.cost_limit)
     inputs.extra["lagrange_multiplier"] = lam
+    # The constrained choice of k is the head of this order; a token budget may keep more
+    # or fewer.
+    ranking = usable[np.argsort(-(utility - lam * cost), kind="stable")]
     return ranking, inputs.utility[ranking] - lam * inputs.cost[ranking]
 
 
 def _navigator(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
     logits = inputs.navigator_logits()
-    ranking = np.argsort(-logits, kind="stable")[: inputs.k]
+    ranking = np.argsort(-logits, kind="stable")
     return ranking, logits[ranking]
 
 
@@ -92,7 +95,7 @@ _register(
     "all",
     "every candidate in pool order, whatever the budget: the no-selection baseline trained on "
     "exactly the pool the other methods choose from",
-    SelectionMethod(_all, gradients=False, navigator=False),
+    SelectionMethod(_all, gradients=False, navigator=False, budgeted=False),
     None,
 )
 _register(

@@ -41,6 +41,7 @@ def write_selection(
     summary: dict[str, Any] = {
         "method": select.method,
         "budget": select.budget,
+        "budget_tokens": select.budget_tokens,
         "pool": len(data.candidates),
         "validation": len(data.validation),
         "selected": len(ranking),

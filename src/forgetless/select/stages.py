@@ -419,14 +419,17 @@ class SelectionStage(Stage):
         return SelectionSettings(pool=self.selection.pool, select=self.selection.select)
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.select.criterion import fill
         from forgetless.select.methods import RankingInputs
 
         select = self.selection.select
         method = self.selection.method
         data = self.selection.data(inputs)
-        ranking_inputs = RankingInputs(
-            count=len(data.candidates), k=data.budget_count(select.budget), seed=select.seed
-        )
+        tokens = self._training_tokens(data.candidates)
+        k = data.budget_count(select.budget)
+        if select.budget_tokens is not None:
+            k = max(1, min(len(tokens), round(select.budget_tokens / float(tokens.mean()))))
+        ranking_inputs = RankingInputs(count=len(data.candidates), k=k, seed=select.seed)
         scores = valid = None
         if method.gradients:
             scores, valid, anchor = pool_scores(select, inputs, self.pool_stage)
@@ -443,9 +446,24 @@ class SelectionStage(Stage):
         if method.navigator:
             ranking_inputs.navigator_logits = lambda: self._navigator_logits(inputs)
         ranking, ranked_scores = method.rank(ranking_inputs)
+        if method.budgeted:
+            if select.budget_tokens is None:
+                kept = k
+            else:
+                kept = len(fill(ranking, tokens, select.budget_tokens))
+            ranking, ranked_scores = ranking[:kept], ranked_scores[:kept]
+        ranking_inputs.extra["tokens"] = int(tokens[ranking].sum())
         return write_selection(
             workdir, select, data, ranking, ranked_scores, scores, valid, ranking_inputs.extra
         )
+
+    def _training_tokens(self, records: list[Record]) -> np.ndarray:
+        from forgetless.data.features import training_tokens
+        from forgetless.models import load_tokenizer
+
+        model = self.selection.model
+        tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
+        return training_tokens(tokenizer, records, self.selection.select.gradient.max_length)
 
     def _navigator_logits(self, inputs: dict[str, StageResult]) -> np.ndarray:
         return np.load(inputs["navigator"].directory / NAVIGATOR_SCORES)
