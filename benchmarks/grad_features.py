@@ -13,6 +13,8 @@ Targets: batched >= 5x batch1 and >= 0.7x plain. Then the Navigator scores a syn
 of 386-dimensional inputs (embedding + length + loss); target >= 1000 samples/s::
 
     python benchmarks/grad_features.py                       # SmolLM2-135M, LoRA r=8 q/v
+    python benchmarks/grad_features.py --parameters blocks --projector kronecker \
+        --projection-dim 8192                                 # every matrix, LoGra sketch
     python benchmarks/grad_features.py --model tiny-llama --samples 64
 """
 
@@ -78,6 +80,7 @@ def time_batch1(model, tokenizer, records, settings):
     import torch
 
     from forgetless.select.gradients import (
+        KroneckerSketch,
         RandomProjector,
         gradient_modules,
         pad_batch,
@@ -86,9 +89,21 @@ def time_batch1(model, tokenizer, records, settings):
 
     modules = gradient_modules(model, settings.parameters, settings.last_blocks)
     weights = [module.weight for module in modules.values()]
-    projector = RandomProjector(settings.projection_dim, settings.projector, 0, "cpu")
     device = next(model.parameters()).device
-    projector.device = device
+    if settings.projector == "kronecker":
+        sketch = KroneckerSketch(modules, settings.projection_dim, 0, device)
+
+        def project(name, grad):
+            out_factor, in_factor = sketch.factors[name]
+            return out_factor.T @ grad @ in_factor
+
+    else:
+        projector = RandomProjector(settings.projection_dim, settings.projector, 0, "cpu")
+        projector.device = device
+
+        def project(name, grad):
+            return projector.project(name, grad.reshape(1, -1))
+
     for weight in weights:
         weight.requires_grad_(True)
     started = time.perf_counter()
@@ -98,7 +113,7 @@ def time_batch1(model, tokenizer, records, settings):
             loss, _ = per_sample_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
             grads = torch.autograd.grad(loss.sum(), weights)
             for name, grad in zip(modules, grads, strict=True):
-                projector.project(name, grad.reshape(1, -1))
+                project(name, grad)
     return _finished(model) - started
 
 
@@ -152,6 +167,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--projection-dim", type=int, default=1024)
+    parser.add_argument(
+        "--projector", default="rademacher", choices=["rademacher", "gaussian", "kronecker"]
+    )
     parser.add_argument("--pool", type=int, default=100_000, help="Navigator scoring pool.")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -168,6 +186,7 @@ def main() -> None:
     settings = GradientConfig(
         parameters=args.parameters,
         projection_dim=args.projection_dim,
+        projector=args.projector,
         batch_size=args.batch_size,
         max_length=args.max_length,
         shard_size=max(args.samples, 1),
@@ -182,7 +201,8 @@ def main() -> None:
     count = len(records)
     print(
         f"model {args.model}, parameters {args.parameters}, {count} samples of <= "
-        f"{args.max_length} tokens, batch {args.batch_size}, d = {args.projection_dim}, "
+        f"{args.max_length} tokens, batch {args.batch_size}, d = {args.projection_dim} "
+        f"({args.projector}), "
         f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads"
     )
     print(f"{'way':<10}{'samples/s':>12}{'batched speed vs this':>24}")

@@ -14,6 +14,7 @@ from forgetless.config import load_config
 from forgetless.data.features import sample_example
 from forgetless.data.records import InstructionRecord
 from forgetless.errors import ForgetlessError
+from forgetless.io import load_tensors
 from forgetless.models import load_model
 from forgetless.recipes import continual
 from forgetless.train.config import TrainConfig
@@ -24,7 +25,6 @@ from forgetless.train.penalties import (
     OloraCallback,
     adapter_subspaces,
     empirical_fisher,
-    load_tensors,
     orthogonality_gradient,
     orthogonality_penalty,
     overlap,

@@ -11,6 +11,7 @@ from forgetless.config import load_config
 from forgetless.data.features import sample_example
 from forgetless.data.records import TextRecord
 from forgetless.errors import ForgetlessError
+from forgetless.io import load_tensors
 from forgetless.models import load_model
 from forgetless.select import gradients as gradient_module
 from forgetless.select.config import GradientConfig, NavigatorConfig
@@ -82,6 +83,91 @@ def test_batched_features_equal_per_sample_autograd(tiny, tmp_path, parameters):
         np.testing.assert_allclose(features.vectors[row], expected.numpy(), atol=2e-3, rtol=2e-3)
         assert features.norm[row] == pytest.approx(norm, rel=1e-4)
         assert features.loss[row] == pytest.approx(loss, rel=1e-5)
+
+
+def test_adam_preconditioned_features_are_the_projected_adam_update(tiny, tmp_path):
+    """LESS's training-gradient features: m' / sqrt(v' + eps) of each sample's gradient from
+    the warm-up's moments, then the same projection."""
+    from peft import LoraConfig, get_peft_model
+
+    from forgetless.select.gradients import AdamPreconditioner
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    generator = torch.Generator().manual_seed(2)
+    moments = {"betas": torch.tensor([0.9, 0.999], dtype=torch.float64)}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            moments[f"{name}:exp_avg"] = torch.randn(param.shape, generator=generator) * 1e-3
+            moments[f"{name}:exp_avg_sq"] = torch.rand(param.shape, generator=generator) * 1e-6
+    settings = GradientConfig(projection_dim=32, batch_size=3, max_length=48)
+    records = _records(4)
+    features = extract_gradient_features(
+        model, tokenizer := tiny.tokenizer, records, settings, tmp_path, progress=False,
+        adam_moments=moments,
+    )  # fmt: skip
+    modules = gradient_modules(model, "lora")
+    projector = RandomProjector(32, "rademacher", 0, "cpu")
+    for row, record in enumerate(records):
+        ids, labels = sample_example(tokenizer, record, 48)
+        loss, _ = per_sample_losses(
+            model(input_ids=torch.tensor([ids])).logits, torch.tensor([labels])
+        )
+        grads = torch.autograd.grad(loss.sum(), [module.weight for module in modules.values()])
+        expected = 0
+        for name, grad in zip(modules, grads, strict=True):
+            key = f"{name}.weight"
+            first = 0.9 * moments[f"{key}:exp_avg"] + 0.1 * grad
+            second = 0.999 * moments[f"{key}:exp_avg_sq"] + 0.001 * grad.pow(2)
+            update = first / torch.sqrt(second + AdamPreconditioner.EPS)
+            expected = expected + projector.project(name, update.reshape(1, -1))[0]
+        np.testing.assert_allclose(
+            features.vectors[row], expected.detach().numpy(), atol=5e-3, rtol=5e-3
+        )
+
+
+def test_a_kronecker_sketch_of_lora_cannot_be_preconditioned():
+    with pytest.raises(ValueError, match="cannot be Adam-preconditioned"):
+        GradientConfig(parameters="lora", projector="kronecker")
+    GradientConfig(parameters="lora", projector="kronecker", preconditioner="none")
+
+
+def test_kronecker_features_are_each_layers_sketched_gradient(tiny, tmp_path):
+    """Every layer's slice is P_out G P_in^T of that layer's autograd gradient, and a bias
+    column sits beside the weight's."""
+    from forgetless.select.gradients import KroneckerSketch
+
+    model, tokenizer = tiny.model, tiny.tokenizer
+    biased = model.model.layers[0].self_attn.q_proj
+    biased.bias = torch.nn.Parameter(torch.randn(biased.out_features) * 0.1)
+    settings = GradientConfig(
+        parameters="blocks", projector="kronecker", projection_dim=14 * 9, batch_size=3,
+        max_length=48,
+    )  # fmt: skip
+    records = _records(5)
+    features = extract_gradient_features(
+        model, tokenizer, records, settings, tmp_path, progress=False
+    )
+    modules = gradient_modules(model, "blocks")
+    sketch = KroneckerSketch(modules, 14 * 9, 0, "cpu")
+    assert sketch.side == 3 and features.vectors.shape == (5, 14 * 9)
+    for row, record in enumerate(records):
+        ids, labels = sample_example(tokenizer, record, 48)
+        loss, _ = per_sample_losses(
+            model(input_ids=torch.tensor([ids])).logits, torch.tensor([labels])
+        )
+        expected = []
+        for name, module in modules.items():
+            weights = [module.weight] + ([module.bias] if module.bias is not None else [])
+            grads = torch.autograd.grad(loss.sum(), weights, retain_graph=True)
+            gradient = torch.cat([grads[0], grads[1][:, None]], 1) if len(grads) == 2 else grads[0]
+            out_factor, in_factor = sketch.factors[name]
+            expected.append((out_factor.T @ gradient @ in_factor).reshape(-1))
+        expected = torch.cat(expected).detach().numpy()
+        np.testing.assert_allclose(features.vectors[row], expected, atol=2e-3, rtol=2e-3)
+        assert features.norm[row] == pytest.approx(float(np.linalg.norm(expected)), rel=1e-3)
 
 
 def test_projection_is_seeded_and_preserves_inner_products():
@@ -231,6 +317,11 @@ def test_selection_runs_end_to_end_and_is_reproducible(method, tmp_path, shared_
     records = load_records(str(selection.directory / "selected.jsonl"))
     assert [record.id for record in records] == [row["id"] for row in rows]
     if method != "random":
+        # The warm-up kept its Adam moments, which precondition the pool's gradients.
+        moments = load_tensors(results["warmup"].directory / "adam_moments.safetensors")
+        assert "betas" in moments and any(
+            key.endswith("lora_A.default.weight:exp_avg_sq") for key in moments
+        )
         metrics = summary["gradient_metrics"]
         assert set(metrics) >= {"orthogonality", "conflict", "utility"}
         assert (selection.directory / "histograms.png").stat().st_size > 0

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,3 +95,20 @@ def save_model(model, tokenizer, target: str | Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Any]) -> None:
+    """Named torch tensors as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    with atomic_file(path, "wb") as out:
+        out.write(
+            save({name: value.detach().cpu().contiguous() for name, value in tensors.items()})
+        )
+
+
+def load_tensors(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
+    """The tensors of a safetensors file (no code is run, unlike a pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device))

@@ -283,7 +283,8 @@ class ContinualTrainStage(Stage):
     def _carried(self, inputs: dict[str, StageResult], device) -> dict[str, Any]:
         """What the previous task of a penalised sequence left for this one (empty for the
         first task): the summed Fisher (ewc) or the stacked LoRA A's (olora)."""
-        from forgetless.train.penalties import FISHER_FILE, SUBSPACES_FILE, load_tensors
+        from forgetless.io import load_tensors
+        from forgetless.train.penalties import FISHER_FILE, SUBSPACES_FILE
 
         if self.penalty is None or self.previous is None:
             return {}
@@ -304,7 +305,8 @@ class ContinualTrainStage(Stage):
 
     def _carry_fisher(self, model, tokenizer, carried, callbacks, workdir: Path) -> dict:
         """Add this task's Fisher to the earlier ones' and store the sum for the next task."""
-        from forgetless.train.penalties import FISHER_FILE, empirical_fisher, save_tensors
+        from forgetless.io import save_tensors
+        from forgetless.train.penalties import FISHER_FILE, empirical_fisher
 
         samples = sample_records(
             self.data.train_records(self.tasks[0]), self.train.ewc.fisher_samples, self.train.seed
@@ -321,13 +323,9 @@ class ContinualTrainStage(Stage):
         """Stack this task's LoRA A's under the earlier ones' for the next task."""
         import torch
 
+        from forgetless.io import save_tensors
         from forgetless.train.methods import ADAPTER_DIR
-        from forgetless.train.penalties import (
-            SUBSPACES_FILE,
-            adapter_subspaces,
-            overlap,
-            save_tensors,
-        )
+        from forgetless.train.penalties import SUBSPACES_FILE, adapter_subspaces, overlap
 
         current = adapter_subspaces(workdir / ADAPTER_DIR)
         stacked = {

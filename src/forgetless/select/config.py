@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from forgetless.schema import Section
 
@@ -50,11 +50,23 @@ class GradientConfig(Section):
         "B = 0, so A gets no gradient until it has trained a little.",
     )
     warmup_learning_rate: float = Field(5e-4, gt=0, description="Warm-up learning rate.")
+    preconditioner: Literal["adam", "none"] = Field(
+        "adam",
+        description="parameters=lora: adam turns each pool sample's gradient into the Adam "
+        "update it would make from the warm-up's optimizer state, as LESS does for training "
+        "gradients (the validation and anchor gradients stay plain, as in LESS); none keeps "
+        "plain gradients. Other parameter sets have no warm-up and always use plain ones.",
+    )
     projection_dim: int = Field(
         1024, ge=1, description="Dimension d of the random projection of each gradient."
     )
-    projector: Literal["rademacher", "gaussian"] = Field(
-        "rademacher", description="Entries of the projection matrix (scaled by 1/sqrt(d))."
+    projector: Literal["rademacher", "gaussian", "kronecker"] = Field(
+        "rademacher",
+        description="rademacher or gaussian: one dense d-column projection of each sample's "
+        "whole gradient (scaled by 1/sqrt(d)); kronecker: each layer's gradient G sketched as "
+        "P_out G P_in^T from projected activations and output gradients, never forming G "
+        "(LoGra), d shared evenly by the layers: how every matrix (parameters=blocks) is "
+        "featurised at the cost of a backward pass.",
     )
     batch_size: int = Field(8, ge=1, description="Samples per forward/backward pass.")
     max_length: int = Field(256, ge=8, description="Tokens per sample (longer ones are cut).")
@@ -67,6 +79,16 @@ class GradientConfig(Section):
         description="Memory for keeping projection blocks between batches; blocks beyond it "
         "are regenerated from their seed each batch (same values, more time).",
     )
+
+    @model_validator(mode="after")
+    def _preconditioning_needs_the_gradient(self) -> GradientConfig:
+        if self.parameters == "lora" and self.projector == "kronecker":
+            if self.preconditioner == "adam":
+                raise ValueError(
+                    "a kronecker sketch never forms the per-sample gradient, so it cannot be "
+                    "Adam-preconditioned: set preconditioner to none"
+                )
+        return self
 
 
 class NavigatorInputsConfig(Section):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from forgetless.data.features import IGNORE_INDEX, sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
+from forgetless.io import save_tensors
 from forgetless.select.config import GradientConfig
 from forgetless.shards import ShardedRows, load_sharded_rows
 
@@ -127,12 +130,141 @@ class RandomProjector:
             total += flat[:, start:stop].float() @ block.float()
         return total / self.dim**0.5
 
+    def add_into(
+        self, total: torch.Tensor, name: str, x, grad, has_bias: bool, precondition=None
+    ) -> torch.Tensor:
+        """Add the layer's projected per-sample gradients to ``total`` (batch, d); return
+        their exact squared norms. x: (batch, T, in), grad: (batch, T, out). ``precondition``
+        (name, per-sample gradients) -> features, applied before the projection."""
+        per_sample = torch.einsum("bto,bti->boi", grad, x).reshape(grad.shape[0], -1)
+        if has_bias:
+            per_sample = torch.cat([per_sample, grad.sum(1)], dim=1)
+        if precondition is not None:
+            per_sample = precondition(name, per_sample)
+        total += self.project(name, per_sample)
+        return per_sample.pow(2).sum(1)
+
+
+class KroneckerSketch:
+    """Per-layer Kronecker-factored projections of per-sample weight gradients.
+
+    A linear layer's per-sample gradient is G = sum_t dy_t x_t^T; its sketch
+    P_out G P_in^T = sum_t (P_out dy_t)(P_in x_t)^T is formed from projected activations and
+    output gradients, never from G itself (the LoGra projection of Choe et al., 2024, "What is
+    your data worth to GPT?"). It is the random projection (P_out (x) P_in) vec(G), so inner
+    products are preserved in expectation, at a cost per token of (out + in) x side instead of
+    out x in x d. Each layer fills its own side x side slice of the feature vector; the
+    ``projection_dim`` is shared evenly by the layers. A bias is the weight of a constant-1
+    input column. The stored norm is the sketch's, an unbiased estimate of the squared norm.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], dim: int, seed: int, device: torch.device):
+        if not modules:
+            raise ForgetlessError("no layers to featurise")
+        self.side = max(1, math.isqrt(dim // len(modules)))
+        self.dim = self.side**2 * len(modules)
+        self.offsets = {name: index * self.side**2 for index, name in enumerate(modules)}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, module in modules.items():
+            inputs = module.in_features + (module.bias is not None)
+            self.factors[name] = (
+                self._signs(seed, name, "out", module.out_features).to(device),
+                self._signs(seed, name, "in", inputs).to(device),
+            )
+
+    def _signs(self, seed: int, name: str, side_name: str, rows: int) -> torch.Tensor:
+        digest = hashlib.sha256(f"kronecker/{seed}/{name}/{side_name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        signs = torch.randint(0, 2, (rows, self.side), generator=generator, dtype=torch.int8)
+        return (signs.float() * 2 - 1) / self.side**0.5
+
+    def add_into(
+        self, total: torch.Tensor, name: str, x, grad, has_bias: bool, precondition=None
+    ) -> torch.Tensor:
+        if precondition is not None:
+            raise ForgetlessError(
+                "a kronecker sketch never forms the per-sample gradient, so it cannot be "
+                "Adam-preconditioned: set select.gradient.preconditioner=none"
+            )
+        out_factor, in_factor = self.factors[name]
+        if has_bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=-1)
+        sketch = torch.einsum("bta,btc->bac", grad @ out_factor, x @ in_factor)
+        sketch = sketch.reshape(grad.shape[0], -1)
+        start = self.offsets[name]
+        total[:, start : start + sketch.shape[1]] += sketch
+        return sketch.pow(2).sum(1)
+
+
+MOMENTS_FILE = "adam_moments.safetensors"
+
+
+class AdamMomentsCallback(TrainerCallback):
+    """Keeps the warm-up's Adam moments by parameter name when training ends, for LESS's
+    preconditioned gradient features."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        names = {id(param): name for name, param in model.named_parameters()}
+        tensors = {}
+        for group in inner.param_groups:
+            for param in group["params"]:
+                moments = inner.state.get(param, {})
+                if "exp_avg" in moments:
+                    name = names[id(param)]
+                    tensors[f"{name}:exp_avg"] = moments["exp_avg"]
+                    tensors[f"{name}:exp_avg_sq"] = moments["exp_avg_sq"]
+        tensors["betas"] = torch.tensor(inner.param_groups[0]["betas"], dtype=torch.float64)
+        save_tensors(self.path, tensors)
+
+
+class AdamPreconditioner:
+    """A sample's gradient g turned into the Adam update it would make from the warm-up's
+    state, m' / sqrt(v' + eps) with m' = b1 m + (1 - b1) g and v' = b2 v + (1 - b2) g^2: the
+    training-gradient features of LESS (Xia et al., 2024), whose form this follows."""
+
+    EPS = 1e-8
+
+    def __init__(self, moments: dict[str, torch.Tensor], modules: dict[str, nn.Linear], device):
+        self.beta1, self.beta2 = (float(value) for value in moments["betas"])
+        self.state = {}
+        for name in modules:
+            key = _parameter_name(name, moments)
+            self.state[name] = (
+                moments[f"{key}:exp_avg"].reshape(1, -1).float().to(device),
+                moments[f"{key}:exp_avg_sq"].reshape(1, -1).float().to(device),
+            )
+
+    def __call__(self, name: str, per_sample: torch.Tensor) -> torch.Tensor:
+        first, second = self.state[name]
+        first = self.beta1 * first + (1 - self.beta1) * per_sample
+        second = self.beta2 * second + (1 - self.beta2) * per_sample.pow(2)
+        return first / torch.sqrt(second + self.EPS)
+
+
+def _parameter_name(module_name: str, moments: dict[str, torch.Tensor]) -> str:
+    """The warm-up's name of a hooked module's weight (the features may hook a wrapper
+    around the model the warm-up trained, which prefixes the names)."""
+    wanted = f"{module_name.split('base_model.model.', 1)[-1]}.weight:exp_avg"
+    matches = [key for key in moments if key.endswith(wanted)]
+    if len(matches) != 1:
+        raise ForgetlessError(f"the warm-up's Adam state has no moments for {module_name}")
+    return matches[0].removesuffix(":exp_avg")
+
 
 class PerSampleGradients:
     """Hooks that turn one batched backward pass into projected per-sample gradients."""
 
-    def __init__(self, modules: dict[str, nn.Linear], projector: RandomProjector):
-        self.modules, self.projector = modules, projector
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        projector: RandomProjector | KroneckerSketch,
+        precondition=None,
+    ):
+        self.modules, self.projector, self.precondition = modules, projector, precondition
         self.projected: torch.Tensor | None = None
         self.squared_norm: torch.Tensor | None = None
         self._handles = [
@@ -159,12 +291,11 @@ class PerSampleGradients:
 
     def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor, has_bias: bool) -> None:
         batch = grad.shape[0]
-        grad, x = grad.reshape(batch, -1, grad.shape[-1]).float(), x.reshape(batch, -1, x.shape[-1])
-        per_sample = torch.einsum("bto,bti->boi", grad, x.float()).reshape(batch, -1)
-        if has_bias:
-            per_sample = torch.cat([per_sample, grad.sum(1)], dim=1)
-        self.projected += self.projector.project(name, per_sample)
-        self.squared_norm += per_sample.pow(2).sum(1)
+        grad = grad.reshape(batch, -1, grad.shape[-1]).float()
+        x = x.reshape(batch, -1, x.shape[-1]).float()
+        self.squared_norm += self.projector.add_into(
+            self.projected, name, x, grad, has_bias, self.precondition
+        )
 
 
 def per_sample_losses(
@@ -226,34 +357,46 @@ def extract_gradient_features(
     seed: int = 0,
     progress: bool = True,
     description: str = "gradients",
+    adam_moments: dict[str, torch.Tensor] | None = None,
 ) -> GradientFeatures:
     """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
 
-    ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). The
-    work is cut into shards; a rerun with the same inputs skips the finished ones.
+    ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). With
+    ``adam_moments`` (the warm-up's, from :class:`AdamMomentsCallback`) each gradient is
+    Adam-preconditioned before the projection. The work is cut into shards; a rerun with the
+    same inputs skips the finished ones.
     """
     ids = [record.id or str(index) for index, record in enumerate(records)]
+    device = next(model.parameters()).device
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    if settings.projector == "kronecker":
+        projector = KroneckerSketch(modules, settings.projection_dim, seed, device)
+    else:
+        projector = RandomProjector(
+            settings.projection_dim,
+            settings.projector,
+            seed,
+            device,
+            cache_bytes=settings.projector_cache_mb << 20,
+        )
     store = ShardedRows(
         output_dir,
         ids,
-        identity={"settings": settings.model_dump(mode="json"), "seed": seed},
+        identity={
+            "settings": settings.model_dump(mode="json"),
+            "seed": seed,
+            "preconditioned": adam_moments is not None,
+        },
         shard_size=settings.shard_size,
-        width=settings.projection_dim,
+        width=projector.dim,
         dtype=np.float16,
         columns={"loss": np.float32, "norm": np.float32, "tokens": np.int32},
     )
     vectors, stats = store.matrix, store.columns
-
-    device = next(model.parameters()).device
-    projector = RandomProjector(
-        settings.projection_dim,
-        settings.projector,
-        seed,
-        device,
-        cache_bytes=settings.projector_cache_mb << 20,
+    precondition = (
+        None if adam_moments is None else AdamPreconditioner(adam_moments, modules, device)
     )
-    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
-    hooks = PerSampleGradients(modules, projector)
+    hooks = PerSampleGradients(modules, projector, precondition)
     was_training = model.training
     model.eval()  # no dropout: a sample's gradient must not depend on its batch or the run
     requires = {name: param.requires_grad for name, param in model.named_parameters()}

@@ -109,6 +109,7 @@ class WarmupStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.models import load_configured_model
+        from forgetless.select.gradients import MOMENTS_FILE, AdamMomentsCallback
         from forgetless.train.config import TrainConfig
         from forgetless.train.sft import train_model
 
@@ -132,11 +133,22 @@ class WarmupStage(Stage):
             },
         )
         loaded = load_configured_model(self.selection.model, for_training=True)
-        _, result = train_model(loaded.model, loaded.tokenizer, data.candidates, train, workdir)
+        _, result = train_model(
+            loaded.model,
+            loaded.tokenizer,
+            data.candidates,
+            train,
+            workdir,
+            callbacks=[AdamMomentsCallback(workdir / MOMENTS_FILE)],
+        )
         # Only the adapter is needed; the merged model and the resume checkpoints are not.
         shutil.rmtree(workdir / "model", ignore_errors=True)
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-        summary = {"adapter_dir": "adapter", "warmup": result.to_dict()}
+        summary = {
+            "adapter_dir": "adapter",
+            "adam_moments": MOMENTS_FILE,
+            "warmup": result.to_dict(),
+        }
         return {**summary, "seconds": time.perf_counter() - started}
 
 
@@ -213,12 +225,26 @@ class GradientStage(Stage):
             seed=self.selection.select.seed,
             progress=self.selection.progress,
             description=self.name,
+            adam_moments=self._adam_moments(inputs),
         )
         return {
             "samples": len(features.ids),
             "usable": int(features.valid.sum()),
             "seconds": time.perf_counter() - started,
         }
+
+    def _adam_moments(self, inputs: dict[str, StageResult]):
+        """The warm-up's Adam state when this stage's gradients are preconditioned: the
+        pool's (training) gradients, as in LESS; never the anchor's or validation's."""
+        from forgetless.io import load_tensors
+        from forgetless.select.gradients import MOMENTS_FILE
+
+        gradient = self.selection.select.gradient
+        if self.role in ("anchor", "validation") or gradient.parameters != "lora":
+            return None
+        if gradient.preconditioner != "adam":
+            return None
+        return load_tensors(inputs["warmup"].directory / MOMENTS_FILE)
 
 
 class NavigatorInputsSettings(StageSettings):

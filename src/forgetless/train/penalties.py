@@ -29,31 +29,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 from transformers import TrainerCallback
 
 from forgetless.data.features import sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
-from forgetless.io import atomic_file
+from forgetless.io import load_tensors
 
 FISHER_FILE = "ewc_fisher.safetensors"
 SUBSPACES_FILE = "olora_subspaces.safetensors"
 # PEFT names a LoRA's down-projection `<module>.lora_A.<adapter>.weight` in the model and
 # `<module>.lora_A.weight` in a saved adapter, both under `base_model.model.`.
 _LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
-
-
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    with atomic_file(path, "wb") as out:
-        out.write(
-            save({name: value.detach().cpu().contiguous() for name, value in tensors.items()})
-        )
-
-
-def load_tensors(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
 
 
 def _refuse_sharding(args, method: str) -> None:
