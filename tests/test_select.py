@@ -462,3 +462,44 @@ def _pool_records(config):
         seed=config.select.seed,
     )  # fmt: skip
     return SelectionData.load(settings, data_dir=config.data_dir).candidates
+
+
+def test_less_checkpoints_combine_as_a_learning_rate_weighted_mean_of_cosines(
+    tmp_path, shared_data_dir
+):
+    from forgetless.select import run_selection
+    from forgetless.select.gradients import load_gradient_features
+    from forgetless.select.warmup import checkpoint_steps
+
+    assert checkpoint_steps(20, 3) == [7, 14, 20] and checkpoint_steps(3, 3) == [1, 2, 3]
+    config = _select_config("less", tmp_path)
+    config.select.gradient.warmup_steps = 3
+    config.select.gradient.checkpoints = 2
+    results = run_selection(config, tmp_path / "run", progress=False)
+    warmup = results["warmup"].directory
+    weights = [
+        json.loads((warmup / f"checkpoint_{k}" / "learning_rate.json").read_text()) for k in (1, 2)
+    ]
+    assert [entry["step"] for entry in weights] == [2, 3]
+    assert weights[0]["weight"] > weights[1]["weight"] > 0  # a linear decay
+    pool = results["gradients_pool"].directory
+    combined = load_gradient_features(pool).dense()
+    parts = [load_gradient_features(pool / f"checkpoint_{k}").dense() for k in (1, 2)]
+    assert combined.shape[1] == 2 * parts[0].shape[1]
+
+    def cosines(rows):
+        units = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return units[:5] @ units[5:10].T
+
+    share = np.array([entry["weight"] for entry in weights])
+    share = share / share.sum()
+    expected = share[0] * cosines(parts[0]) + share[1] * cosines(parts[1])
+    np.testing.assert_allclose(cosines(combined), expected, atol=5e-3)
+    assert results["selection_less"].summary["selected"] > 0
+
+
+def test_checkpoints_need_a_lora_warmup_long_enough():
+    with pytest.raises(ValueError, match="parameters to lora"):
+        GradientConfig(parameters="blocks", checkpoints=2)
+    with pytest.raises(ValueError, match="at least as many warmup_steps"):
+        GradientConfig(checkpoints=4, warmup_steps=3)

@@ -50,6 +50,14 @@ class GradientConfig(Section):
         "B = 0, so A gets no gradient until it has trained a little.",
     )
     warmup_learning_rate: float = Field(5e-4, gt=0, description="Warm-up learning rate.")
+    checkpoints: int = Field(
+        1,
+        ge=1,
+        description="parameters=lora: gradient features at this many evenly spaced warm-up "
+        "checkpoints (the last at its end), combined as LESS does: each sample's cosine is "
+        "the mean of its per-checkpoint cosines weighted by the mean learning rate before "
+        "each checkpoint. Each checkpoint costs one more gradient pass.",
+    )
     preconditioner: Literal["adam", "none"] = Field(
         "adam",
         description="parameters=lora: adam turns each pool sample's gradient into the Adam "
@@ -81,7 +89,14 @@ class GradientConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _preconditioning_needs_the_gradient(self) -> GradientConfig:
+    def _settings_fit_together(self) -> GradientConfig:
+        if self.checkpoints > 1 and self.parameters != "lora":
+            raise ValueError("checkpoints are the LoRA warm-up's: set parameters to lora")
+        if self.checkpoints > self.warmup_steps:
+            raise ValueError(
+                f"{self.checkpoints} checkpoints need at least as many warmup_steps "
+                f"({self.warmup_steps})"
+            )
         if self.parameters == "lora" and self.projector == "kronecker":
             if self.preconditioner == "adam":
                 raise ValueError(

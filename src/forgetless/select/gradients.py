@@ -28,12 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from forgetless.data.features import IGNORE_INDEX, sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
-from forgetless.io import save_tensors
 from forgetless.select.config import GradientConfig
 from forgetless.shards import ShardedRows, load_sharded_rows
 
@@ -196,31 +194,6 @@ class KroneckerSketch:
         return sketch.pow(2).sum(1)
 
 
-MOMENTS_FILE = "adam_moments.safetensors"
-
-
-class AdamMomentsCallback(TrainerCallback):
-    """Keeps the warm-up's Adam moments by parameter name when training ends, for LESS's
-    preconditioned gradient features."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
-        names = {id(param): name for name, param in model.named_parameters()}
-        tensors = {}
-        for group in inner.param_groups:
-            for param in group["params"]:
-                moments = inner.state.get(param, {})
-                if "exp_avg" in moments:
-                    name = names[id(param)]
-                    tensors[f"{name}:exp_avg"] = moments["exp_avg"]
-                    tensors[f"{name}:exp_avg_sq"] = moments["exp_avg_sq"]
-        tensors["betas"] = torch.tensor(inner.param_groups[0]["betas"], dtype=torch.float64)
-        save_tensors(self.path, tensors)
-
-
 class AdamPreconditioner:
     """A sample's gradient g turned into the Adam update it would make from the warm-up's
     state, m' / sqrt(v' + eps) with m' = b1 m + (1 - b1) g and v' = b2 v + (1 - b2) g^2: the
@@ -362,7 +335,7 @@ def extract_gradient_features(
     """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
 
     ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). With
-    ``adam_moments`` (the warm-up's, from :class:`AdamMomentsCallback`) each gradient is
+    ``adam_moments`` (the warm-up's, ``forgetless.select.warmup``) each gradient is
     Adam-preconditioned before the projection. The work is cut into shards; a rerun with the
     same inputs skips the finished ones.
     """

@@ -17,6 +17,7 @@ changes.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -109,7 +110,12 @@ class WarmupStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.models import load_configured_model
-        from forgetless.select.gradients import MOMENTS_FILE, AdamMomentsCallback
+        from forgetless.select.warmup import (
+            MOMENTS_FILE,
+            AdamMomentsCallback,
+            WarmupCheckpoints,
+            checkpoint_steps,
+        )
         from forgetless.train.config import TrainConfig
         from forgetless.train.sft import train_model
 
@@ -132,14 +138,13 @@ class WarmupStage(Stage):
                 "target_modules": gradient.lora_target_modules,
             },
         )
+        callbacks = [AdamMomentsCallback(workdir / MOMENTS_FILE)]
+        if gradient.checkpoints > 1:
+            steps = checkpoint_steps(gradient.warmup_steps, gradient.checkpoints)
+            callbacks.append(WarmupCheckpoints(workdir, steps))
         loaded = load_configured_model(self.selection.model, for_training=True)
         _, result = train_model(
-            loaded.model,
-            loaded.tokenizer,
-            data.candidates,
-            train,
-            workdir,
-            callbacks=[AdamMomentsCallback(workdir / MOMENTS_FILE)],
+            loaded.model, loaded.tokenizer, data.candidates, train, workdir, callbacks=callbacks
         )
         # Only the adapter is needed; the merged model and the resume checkpoints are not.
         shutil.rmtree(workdir / "model", ignore_errors=True)
@@ -152,15 +157,14 @@ class WarmupStage(Stage):
         return {**summary, "seconds": time.perf_counter() - started}
 
 
-def load_feature_model(selection: Selection, inputs: dict[str, StageResult]):
-    """The model whose gradients are features: the base, plus the warm-up adapter for lora."""
+def load_feature_model(selection: Selection, adapter: Path | None):
+    """The model whose gradients are features: the base, plus a warm-up adapter for lora."""
     from forgetless.models import load_configured_model
 
     loaded = load_configured_model(selection.model, for_training=True)
-    if selection.select.gradient.parameters == "lora":
+    if adapter is not None:
         from peft import PeftModel
 
-        adapter = inputs["warmup"].directory / "adapter"
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)
     return loaded
 
@@ -211,40 +215,60 @@ class GradientStage(Stage):
         return data.candidates
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.select.gradients import extract_gradient_features
+        from forgetless.select.gradients import load_gradient_features
+        from forgetless.select.warmup import CHECKPOINT_DIR, WEIGHT_FILE, combine_checkpoints
 
         started = time.perf_counter()
         records = self.records(inputs)
-        loaded = load_feature_model(self.selection, inputs)
-        features = extract_gradient_features(
-            loaded.model,
-            loaded.tokenizer,
-            records,
-            self.selection.select.gradient,
-            workdir,
-            seed=self.selection.select.seed,
-            progress=self.selection.progress,
-            description=self.name,
-            adam_moments=self._adam_moments(inputs),
-        )
+        gradient = self.selection.select.gradient
+        if gradient.parameters != "lora":
+            features = self._extract(records, None, workdir)
+        elif gradient.checkpoints == 1:
+            features = self._extract(records, inputs["warmup"].directory, workdir)
+        else:
+            # LESS's checkpoints: each one's features, then their weighted combination.
+            folders = [
+                inputs["warmup"].directory / CHECKPOINT_DIR.format(k)
+                for k in range(1, gradient.checkpoints + 1)
+            ]
+            parts = [workdir / folder.name for folder in folders]
+            for folder, part in zip(folders, parts, strict=True):
+                self._extract(records, folder, part)
+            weights = [json.loads((f / WEIGHT_FILE).read_text())["weight"] for f in folders]
+            ids = [record.id or str(index) for index, record in enumerate(records)]
+            combine_checkpoints(parts, weights, workdir, ids)
+            features = load_gradient_features(workdir)
         return {
             "samples": len(features.ids),
             "usable": int(features.valid.sum()),
             "seconds": time.perf_counter() - started,
         }
 
-    def _adam_moments(self, inputs: dict[str, StageResult]):
-        """The warm-up's Adam state when this stage's gradients are preconditioned: the
-        pool's (training) gradients, as in LESS; never the anchor's or validation's."""
+    def _extract(self, records: list[Record], warmup: Path | None, output: Path):
+        """Features under the warm-up in ``warmup`` (its adapter, and its Adam state when
+        this stage's gradients are preconditioned: the pool's, as in LESS, never the
+        anchor's or validation's)."""
         from forgetless.io import load_tensors
-        from forgetless.select.gradients import MOMENTS_FILE
+        from forgetless.select.gradients import extract_gradient_features
+        from forgetless.select.warmup import MOMENTS_FILE
 
-        gradient = self.selection.select.gradient
-        if self.role in ("anchor", "validation") or gradient.parameters != "lora":
-            return None
-        if gradient.preconditioner != "adam":
-            return None
-        return load_tensors(inputs["warmup"].directory / MOMENTS_FILE)
+        select = self.selection.select
+        loaded = load_feature_model(self.selection, None if warmup is None else warmup / "adapter")
+        moments = None
+        preconditioned = select.gradient.preconditioner == "adam"
+        if warmup is not None and preconditioned and self.role not in ("anchor", "validation"):
+            moments = load_tensors(warmup / MOMENTS_FILE)
+        return extract_gradient_features(
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            select.gradient,
+            output,
+            seed=select.seed,
+            progress=self.selection.progress,
+            description=self.name,
+            adam_moments=moments,
+        )
 
 
 class NavigatorInputsSettings(StageSettings):
