@@ -149,7 +149,7 @@ def measure(args) -> dict[str, Any]:
         chosen = [index for index, column in enumerate(columns) if wanted(column)]
         if not chosen:
             continue
-        navigator[label], _ = cross_validate(
+        navigator[label], _, _ = cross_validate(
             inputs[:, chosen],
             utility,
             cost,

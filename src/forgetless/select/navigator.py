@@ -187,18 +187,20 @@ def cross_validate(
     folds: int,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[dict, np.ndarray]:
+) -> tuple[dict, np.ndarray, list[Navigator]]:
     """k-fold cross-validation of the Navigator against the exact score.
 
     Each fold is scored by a Navigator trained on the other folds (and by the supervised
     reference fitted on them). Returns the summary (Spearman of the out-of-fold scores with
-    ``exact``, the quality of their top ``budget``) and the out-of-fold Navigator logits.
+    ``exact``, the quality of their top ``budget``), the out-of-fold Navigator logits and the
+    fold Navigators.
     """
     from scipy.stats import spearmanr
 
     fold = fold_assignment(len(features), folds, seed + 1)
     logits = np.zeros(len(features))
     ridge = np.zeros(len(features))
+    navigators = []
     for index in range(folds):
         held, trained = fold == index, fold != index
         navigator, _ = train_navigator(
@@ -212,6 +214,7 @@ def cross_validate(
             progress=progress,
         )
         logits[held] = navigator.score(features[held])
+        navigators.append(navigator)
         ridge[held] = supervised_reference(features[trained], exact[trained], features[held])
     summary = {
         "folds": folds,
@@ -222,4 +225,4 @@ def cross_validate(
         "ridge_top": top_k_quality(ridge, utility, cost, budget),
         "exact_top": top_k_quality(exact, utility, cost, budget),
     }
-    return summary, logits
+    return summary, logits, navigators

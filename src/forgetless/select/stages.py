@@ -415,7 +415,7 @@ class NavigatorStage(Stage):
             progress=self.selection.progress,
         )
         if folds >= 2:
-            summary["cross_validation"], calibration_logits = cross_validate(
+            summary["cross_validation"], calibration_logits, fold_navigators = cross_validate(
                 features,
                 utility,
                 cost,
@@ -427,10 +427,14 @@ class NavigatorStage(Stage):
                 seed=select.seed,
                 progress=self.selection.progress,
             )
+            # Cross-fitting: the pool is scored by the fold Navigators, whose out-of-fold
+            # logits map theirs onto the exact score's scale.
+            pool_logits = np.mean([fold.score(pool_inputs) for fold in fold_navigators], axis=0)
         else:
             calibration_logits = navigator.score(features)
+            pool_logits = navigator.score(pool_inputs)
         slope, intercept = np.polyfit(calibration_logits.astype(np.float64), exact, 1)
-        pool_score = slope * navigator.score(pool_inputs).astype(np.float64) + intercept
+        pool_score = slope * pool_logits.astype(np.float64) + intercept
         pool_score[featured] = exact
         # Featured samples with nothing to learn (no gradient) rank last.
         pool_score[np.asarray(data.featured)[~valid]] = pool_score.min() - 1.0
