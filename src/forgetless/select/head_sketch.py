@@ -12,7 +12,8 @@ sketch is S = P_V G P_H^T = (1/T) sum_t (P_V p_t - P_V[:, y_t]) (P_H h_t)^T, a
 rows x columns matrix. It is the Kronecker-structured random projection (P_V (x) P_H) vec(G),
 so inner products of sketches estimate inner products of the gradients without bias, and the
 anchor geometry of ``forgetless.select.metrics`` applies to sketches unchanged. The extra
-cost is rows x vocabulary multiply-adds per token, a few % of the output layer's own.
+cost is rows x vocabulary multiply-adds per token: rows / hidden of the output layer's own
+(64 / 576 = 11 % on SmolLM2), about 2 % of its forward pass.
 
 Why by hand: per-sample-gradient libraries (Opacus, torch.func) need a backward pass; this
 needs none.
