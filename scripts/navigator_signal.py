@@ -162,6 +162,11 @@ def measure(args) -> dict[str, Any]:
             progress=False,
         )
         navigator[label]["columns"] = len(chosen)
+    # How much of the exact score each part explains (the Lagrangian against its terms).
+    parts = {
+        name: float(spearmanr(first["lagrangian"][valid], first[name][valid]).statistic)
+        for name in ("utility", select.cost)
+    }
     sketch = {
         column: float(spearmanr(inputs[:, columns.index(column)], first[target][valid]).statistic)
         for column, target in COUNTERPARTS.items()
@@ -178,6 +183,7 @@ def measure(args) -> dict[str, Any]:
         "reliability": reliability,
         "navigator": navigator,
         "sketch_vs_exact": sketch,
+        "lagrangian_vs_parts": parts,
         "stage_seconds": {
             name: result.summary.get("seconds")
             for name, result in first_results.items()
@@ -227,6 +233,13 @@ def render(summary: dict[str, Any], args) -> str:
             f"{entry['ridge_spearman_vs_exact']:+.2f} | {top['utility']:.3f} / "
             f"{top['cost']:.3f} | {exact['utility']:.3f} / {exact['cost']:.3f} |"
         )
+    parts = summary["lagrangian_vs_parts"]
+    lines += [
+        "",
+        "The exact score against its terms (Spearman): "
+        + ", ".join(f"{name} {value:+.2f}" for name, value in parts.items())
+        + ".",
+    ]
     if summary["sketch_vs_exact"]:
         lines += [
             "",

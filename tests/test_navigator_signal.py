@@ -36,6 +36,7 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
         assert entry["folds"] == 5 and entry["samples"] == 40
         assert -1 <= entry["spearman_vs_exact"] <= 1
     assert set(summary["sketch_vs_exact"]) == {"head_utility", "head_energy", "head_alignment"}
+    assert set(summary["lagrangian_vs_parts"]) == {"utility", "energy"}
     table = (tmp_path / "out" / "signal.md").read_text()
     assert "## Reliability ceiling" in table and "| lagrangian |" in table
     capsys.readouterr()
