@@ -233,10 +233,9 @@ class GradientStage(Stage):
             ]
             parts = [workdir / folder.name for folder in folders]
             for folder, part in zip(folders, parts, strict=True):
-                self._extract(records, folder, part)
+                last = self._extract(records, folder, part)
             weights = [json.loads((f / WEIGHT_FILE).read_text())["weight"] for f in folders]
-            ids = [record.id or str(index) for index, record in enumerate(records)]
-            combine_checkpoints(parts, weights, workdir, ids)
+            combine_checkpoints(parts, weights, workdir, last.ids)
             features = load_gradient_features(workdir)
         return {
             "samples": len(features.ids),
