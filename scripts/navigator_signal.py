@@ -32,10 +32,12 @@ from scipy.stats import spearmanr
 from forgetless.config import load_raw, validate_config
 from forgetless.errors import ForgetlessError
 from forgetless.report.experiment import (
+    add_quick_flag,
+    default_paths,
+    experiment_overrides,
     experiment_parser,
     parse_experiment_args,
     print_event,
-    shared_overrides,
     write_results,
 )
 from forgetless.runs import RunDirectory
@@ -46,8 +48,6 @@ from forgetless.select.navigator import cross_validate
 PACKAGED_CONFIG = (
     Path(__file__).resolve().parents[1] / "src/forgetless/configs/navigator_signal.yaml"
 )
-RUN_DIR, OUTPUT = "runs/navigator_signal", "docs/results/navigator_signal"
-QUICK_RUN_DIR = "runs/navigator_signal_quick"
 QUICK_SETTINGS = {
     "model.name": "tiny-llama",
     "data.source": "financial_pool",
@@ -82,12 +82,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--seeds", type=int, nargs=2, default=[0, 1], help="The two warm-up/projection seeds."
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
-    )
+    add_quick_flag(parser)
     args = parse_experiment_args(parser, argv)
-    args.run_dir = args.run_dir or (QUICK_RUN_DIR if args.quick else RUN_DIR)
-    args.output = args.output or (f"{QUICK_RUN_DIR}/navigator_signal" if args.quick else OUTPUT)
+    default_paths(args, "navigator_signal")
     if args.seeds[0] == args.seeds[1]:
         raise SystemExit("error: --seeds must be two different seeds")
     return args
@@ -112,7 +109,7 @@ def exact_scores(select, results) -> tuple[dict[str, np.ndarray], np.ndarray]:
 def measure(args) -> dict[str, Any]:
     from forgetless.select.stages import Selection, gradient_stages, selection_stages
 
-    overrides = {**(QUICK_SETTINGS if args.quick else {}), **shared_overrides(args)}
+    overrides = experiment_overrides(args, QUICK_SETTINGS)
     raw = load_raw(args.config, overrides)
     config = validate_config(raw, args.config)
     if config.select.method != "ogs" or config.select.featured_samples < (config.data.limit or 0):

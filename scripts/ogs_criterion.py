@@ -50,10 +50,12 @@ from forgetless.io import write_text_atomic
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
 from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
+    add_quick_flag,
+    default_paths,
+    experiment_overrides,
     experiment_parser,
     parse_experiment_args,
     print_event,
-    shared_overrides,
     write_results,
 )
 from forgetless.runs import RunDirectory
@@ -69,8 +71,6 @@ from forgetless.select.criterion import (
 from forgetless.select.metrics import Anchor
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/ogs_criterion.yaml"
-RUN_DIR, OUTPUT = "runs/ogs_criterion", "docs/results/ogs_criterion"
-QUICK_RUN_DIR = "runs/ogs_criterion_quick"
 CONTRASTS = (("low", "high"), ("low", "random"), ("high", "random"))
 PRIMARY = "mean_cost"  # the prediction the verdict rests on: what OGS's constraint bounds
 DESCRIPTIONS = {
@@ -140,16 +140,13 @@ def parse_args(argv: list[str] | None):
         metavar="TASK=N",
         help="Evaluate N items of TASK (repeatable); the packaged config sets each task's count.",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
-    )
+    add_quick_flag(parser)
     args = parse_experiment_args(parser, argv)
     flags = QUICK_FLAGS if args.quick else DEFAULTS
     for name, default in flags.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    args.run_dir = args.run_dir or (QUICK_RUN_DIR if args.quick else RUN_DIR)
-    args.output = args.output or (f"{QUICK_RUN_DIR}/ogs_criterion" if args.quick else OUTPUT)
+    default_paths(args, "ogs_criterion")
     if args.subsets < 3:
         raise SystemExit(
             "error: --subsets must be at least 3: a line through fewer has no interval"
@@ -160,7 +157,7 @@ def parse_args(argv: list[str] | None):
 def experiment_raw(args) -> dict[str, Any]:
     """The packaged config with --quick's settings, then --set, --run-dir, --data-dir and
     --items applied."""
-    overrides = {**(QUICK_SETTINGS if args.quick else {}), **shared_overrides(args)}
+    overrides = experiment_overrides(args, QUICK_SETTINGS)
     raw = load_raw(args.config, overrides)
     for item in args.items or []:
         task, _, count = item.partition("=")

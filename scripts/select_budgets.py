@@ -35,16 +35,16 @@ from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
 from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
+    add_quick_flag,
+    default_paths,
+    experiment_overrides,
     experiment_parser,
     parse_experiment_args,
     print_event,
-    shared_overrides,
     write_results,
 )
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/select_budgets.yaml"
-RUN_DIR, OUTPUT = "runs/select_budgets", "docs/results/select_budgets"
-QUICK_RUN_DIR = "runs/select_budgets_quick"
 DOMAINS = ("medical", "financial", "legal")
 METHODS = ("random", "less", "orthogonal", "ogs")
 DEFAULTS = {
@@ -90,9 +90,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--budgets", nargs="+", type=float, help="Shares of the pool's tokens.")
     parser.add_argument("--select-seeds", nargs="+", type=int)
     parser.add_argument("--train-seeds", nargs="+", type=int)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
-    )
+    add_quick_flag(parser)
     args = parse_experiment_args(parser, argv)
     for name, default in (QUICK_FLAGS if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -101,8 +99,7 @@ def parse_args(argv: list[str] | None):
         raise SystemExit("error: --methods must include random: every contrast is against it")
     if any(not 0 < budget < 1 for budget in args.budgets):
         raise SystemExit("error: --budgets are shares of the pool's tokens, between 0 and 1")
-    args.run_dir = args.run_dir or (QUICK_RUN_DIR if args.quick else RUN_DIR)
-    args.output = args.output or (f"{QUICK_RUN_DIR}/select_budgets" if args.quick else OUTPUT)
+    default_paths(args, "select_budgets")
     return args
 
 
@@ -111,8 +108,7 @@ def domain_raw(args, domain: str) -> dict[str, Any]:
     pool = f"{domain}_pool"
     task = f"ppl:{pool}@test"
     overrides = {
-        **(QUICK_SETTINGS if args.quick else {}),
-        **shared_overrides(args),
+        **experiment_overrides(args, QUICK_SETTINGS),
         "data.source": pool,
         "select.validation.source": pool,
         "evaluate.domain_tasks": [task],

@@ -32,6 +32,25 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv: list[str] | Non
     return args
 
 
+def add_quick_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-llama on a few records: every step, fast."
+    )
+
+
+def default_paths(args: argparse.Namespace, name: str) -> None:
+    """--run-dir and --output when not given: runs/<name> and docs/results/<name>, or with
+    --quick runs/<name>_quick and a result inside it (never over the published one)."""
+    quick_dir = f"runs/{name}_quick"
+    args.run_dir = args.run_dir or (quick_dir if args.quick else f"runs/{name}")
+    args.output = args.output or (f"{quick_dir}/{name}" if args.quick else f"docs/results/{name}")
+
+
+def experiment_overrides(args: argparse.Namespace, quick: dict[str, Any]) -> dict[str, Any]:
+    """--quick's settings, then those of --set, --run-dir and --data-dir."""
+    return {**(quick if args.quick else {}), **shared_overrides(args)}
+
+
 def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides from --set, --run-dir and --data-dir (raises on a malformed --set)."""
     shared = dict(parse_assignment(item) for item in args.set or [])
