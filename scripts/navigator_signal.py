@@ -42,7 +42,7 @@ from forgetless.report.experiment import (
 )
 from forgetless.runs import RunDirectory
 from forgetless.select.inputs import HEAD_COLUMNS
-from forgetless.select.metrics import COSTS, constrained_top_k
+from forgetless.select.metrics import COSTS, exact_multiplier
 from forgetless.select.navigator import cross_validate
 
 PACKAGED_CONFIG = (
@@ -99,9 +99,7 @@ def exact_scores(select, results) -> tuple[dict[str, np.ndarray], np.ndarray]:
     for kind in COSTS:
         exact[kind] = scores.cost(kind)
     cost = scores.cost(select.cost)
-    limit = select.cost_limit * float(cost[valid].mean())
-    k = int(np.ceil(select.budget * valid.sum()))
-    _, lam = constrained_top_k(scores.utility[valid], cost[valid], k, limit)
+    lam, _ = exact_multiplier(scores.utility[valid], cost[valid], select.budget, select.cost_limit)
     exact["lagrangian"] = scores.utility - lam * cost
     return exact, valid
 

@@ -123,15 +123,10 @@ def domain_raw(args, domain: str) -> dict[str, Any]:
 
 def pool_tokens(config) -> int:
     """Training tokens of the candidates every method chooses from."""
-    from forgetless.data.features import training_tokens
-    from forgetless.models import load_tokenizer
-    from forgetless.select.stages import Selection
+    from forgetless.select.stages import Selection, candidate_tokens
 
     selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
-    records = selection.data({}).candidates
-    model = config.model
-    tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
-    return int(training_tokens(tokenizer, records, config.select.gradient.max_length).sum())
+    return int(candidate_tokens(selection, selection.data({}).candidates).sum())
 
 
 def label(method: str, budget: float | None, select_seed: int | None, train_seed: int) -> str:

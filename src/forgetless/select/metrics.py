@@ -12,6 +12,7 @@ to a small relative error, which is what makes the d-dimensional features usable
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,3 +147,14 @@ def constrained_top_k(
         else:
             high = middle
     return pick(high), high
+
+
+def exact_multiplier(
+    utility: np.ndarray, cost: np.ndarray, budget: float, cost_limit: float
+) -> tuple[float, float]:
+    """``(lam, limit)`` of the exact constrained choice of a ``budget`` share of the samples
+    whose mean cost is at most ``cost_limit`` times theirs: the multiplier of the exact score
+    u - lam * c that OGS and its analyses rank by."""
+    limit = cost_limit * float(cost.mean())
+    _, lam = constrained_top_k(utility, cost, math.ceil(budget * len(utility)), limit)
+    return lam, limit

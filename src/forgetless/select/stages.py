@@ -18,7 +18,6 @@ changes.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -380,7 +379,7 @@ class NavigatorStage(Stage):
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         import torch
 
-        from forgetless.select.metrics import constrained_top_k
+        from forgetless.select.metrics import exact_multiplier
         from forgetless.select.navigator import (
             cross_validate,
             log_as_dicts,
@@ -397,8 +396,7 @@ class NavigatorStage(Stage):
         cost = scores.cost(select.cost)[valid]
         utility = scores.utility[valid]
         features = pool_inputs[featured]
-        limit = select.cost_limit * float(cost.mean())
-        _, lam = constrained_top_k(utility, cost, math.ceil(select.budget * len(featured)), limit)
+        lam, limit = exact_multiplier(utility, cost, select.budget, select.cost_limit)
         exact = utility - lam * cost
 
         summary: dict[str, Any] = {"cost_limit": limit, "exact_multiplier": lam}
@@ -478,7 +476,7 @@ class SelectionStage(Stage):
         select = self.selection.select
         method = self.selection.method
         data = self.selection.data(inputs)
-        tokens = self._training_tokens(data.candidates)
+        tokens = candidate_tokens(self.selection, data.candidates)
         k = data.budget_count(select.budget)
         if select.budget_tokens is not None:
             k = max(1, min(len(tokens), round(select.budget_tokens / float(tokens.mean()))))
@@ -510,16 +508,18 @@ class SelectionStage(Stage):
             workdir, select, data, ranking, ranked_scores, scores, valid, ranking_inputs.extra
         )
 
-    def _training_tokens(self, records: list[Record]) -> np.ndarray:
-        from forgetless.data.features import training_tokens
-        from forgetless.models import load_tokenizer
-
-        model = self.selection.model
-        tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
-        return training_tokens(tokenizer, records, self.selection.select.gradient.max_length)
-
     def _navigator_logits(self, inputs: dict[str, StageResult]) -> np.ndarray:
         return np.load(inputs["navigator"].directory / NAVIGATOR_SCORES)
+
+
+def candidate_tokens(selection: Selection, records: list[Record]) -> np.ndarray:
+    """What each record adds to training, as a token budget counts it."""
+    from forgetless.data.features import training_tokens
+    from forgetless.models import load_tokenizer
+
+    model = selection.model
+    tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
+    return training_tokens(tokenizer, records, selection.select.gradient.max_length)
 
 
 def selection_stages(selection: Selection) -> list[Stage]:
@@ -568,6 +568,7 @@ def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_e
 __all__ = [
     "SELECTED_FILE",
     "Selection",
+    "candidate_tokens",
     "gradient_stages",
     "pool_scores",
     "run_selection",
