@@ -95,3 +95,44 @@ def test_user_multiple_choice_and_plain_text_files_are_tasks(tmp_path):
 def test_a_file_without_a_mapping_says_how_to_define_it():
     with pytest.raises(ForgetlessError, match="evaluate.tasks"):
         parse_task("my/exams.csv")
+
+
+def test_a_killed_evaluation_resumes_at_the_first_unscored_task(
+    shared_data_dir, tmp_path, monkeypatch
+):
+    import forgetless.evaluate.tasks as tasks_module
+    from forgetless.evaluate.stages import FINISHED_TASKS_DIR, EvaluateStage
+    from forgetless.model_config import ModelConfig
+    from forgetless.runs import RunDirectory
+
+    config = EvalConfig(limit=4, task_limits={"c4": 2})
+    tasks = ["arc_easy", "c4", "ppl:pubmedqa"]
+
+    def stage():
+        return EvaluateStage(
+            "eval_base", ModelConfig(name="tiny-llama", device="cpu"), config,
+            tasks=tasks, data_dir=shared_data_dir,
+        )
+
+    scored, real_score = [], tasks_module.score_task
+
+    def dies_on_the_third(model, tokenizer, spec, *args, **kwargs):
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(spec.name)
+        return real_score(model, tokenizer, spec, *args, **kwargs)
+
+    monkeypatch.setattr(tasks_module, "score_task", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        RunDirectory(tmp_path / "killed").run(stage(), {})
+    assert scored == ["arc_easy", "c4"]
+    scored.clear()
+    scored.append("room for one more")
+    resumed = RunDirectory(tmp_path / "killed").run(stage(), {})
+    assert scored == ["room for one more", "ppl:pubmedqa"]  # only the unscored task
+    assert not (resumed.directory / FINISHED_TASKS_DIR).exists()
+
+    monkeypatch.setattr(tasks_module, "score_task", real_score)
+    whole = RunDirectory(tmp_path / "whole").run(stage(), {})
+    for name in ("metrics.json", "items.json"):
+        assert (resumed.directory / name).read_bytes() == (whole.directory / name).read_bytes()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,9 @@ from forgetless.runs import Stage, StageResult, StageSettings
 METRICS_FILE = "metrics.json"
 ITEMS_FILE = "items.json"
 MODEL_DIR = "model"
+# Each task's result as soon as it is scored: an evaluation killed half-way (a long list of
+# tasks on a large model) resumes at the first unscored task instead of starting over.
+FINISHED_TASKS_DIR = "finished_tasks"
 
 
 class EvaluateSettings(StageSettings):
@@ -79,17 +86,27 @@ class EvaluateStage(Stage):
         return self._settings
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.evaluate.tasks import evaluate_tasks, load_tasks
+        from forgetless.evaluate.tasks import TaskResult, load_tasks, score_task
 
         config = self._settings.as_eval_config()
         prepared = load_tasks(list(self._settings.tasks), config, data_dir=self.data_dir)
-        loaded = load_stage_model(self.model, inputs, self.model_from)
-        results = evaluate_tasks(loaded.model, loaded.tokenizer, prepared, config)
+        finished = workdir / FINISHED_TASKS_DIR
+        loaded, results = None, {}
+        for name, (spec, records) in prepared.items():
+            saved = finished / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+            if saved.is_file():
+                results[name] = TaskResult.from_record(json.loads(saved.read_text()))
+                continue
+            if loaded is None:
+                loaded = load_stage_model(self.model, inputs, self.model_from)
+            results[name] = score_task(loaded.model, loaded.tokenizer, spec, records, config)
+            write_json_atomic(saved, asdict(results[name]))
         metrics = {task: result.to_dict() for task, result in results.items()}
         write_json_atomic(workdir / METRICS_FILE, metrics)
         write_json_atomic(
             workdir / ITEMS_FILE, {task: result.per_item for task, result in results.items()}
         )
+        shutil.rmtree(finished, ignore_errors=True)  # everything it held is in the two files above
         return {
             "metrics_file": METRICS_FILE,
             "items_file": ITEMS_FILE,

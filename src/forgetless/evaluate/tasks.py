@@ -112,6 +112,12 @@ class TaskResult:
     # ``to_dict`` so that metrics files stay small; ``EvaluateStage`` writes it separately.
     per_item: dict[str, list] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TaskResult:
+        """The inverse of ``asdict``: a result read back from JSON."""
+        ci95 = record["ci95"]
+        return cls(**{**record, "ci95": None if ci95 is None else tuple(ci95)})
+
     def to_dict(self) -> dict[str, Any]:
         """The metrics, without the per-item outcomes and without the time it took: a file of
         metrics is the same bytes whenever the same model is scored on the same items."""
