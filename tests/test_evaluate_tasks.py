@@ -110,8 +110,11 @@ def test_a_killed_evaluation_resumes_at_the_first_unscored_task(
 
     def stage():
         return EvaluateStage(
-            "eval_base", ModelConfig(name="tiny-llama", device="cpu"), config,
-            tasks=tasks, data_dir=shared_data_dir,
+            "eval_base",
+            ModelConfig(name="tiny-llama", device="cpu"),
+            config,
+            tasks=tasks,
+            data_dir=shared_data_dir,
         )
 
     scored, real_score = [], tasks_module.score_task
