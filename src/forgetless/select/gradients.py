@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,6 +297,28 @@ def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, devi
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def length_sorted_batches(
+    tokenizer,
+    records: Sequence[Record],
+    indices: Iterable[int],
+    max_length: int,
+    batch_size: int,
+    device,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Padded batches of the records at ``indices`` that have a target token: (their indices,
+    ids, attention mask, labels). Similar lengths share a batch, so little compute goes to
+    padding; equal lengths keep the order of ``indices``."""
+    examples = {index: sample_example(tokenizer, records[index], max_length) for index in indices}
+    usable = sorted(
+        (index for index, example in examples.items() if example is not None),
+        key=lambda index: len(examples[index][0]),
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for first in range(0, len(usable), batch_size):
+        batch = usable[first : first + batch_size]
+        yield (batch, *pad_batch([examples[index] for index in batch], pad_id, device))
+
+
 @dataclass
 class GradientFeatures:
     """Projected per-sample gradients (rows) with their ids, losses and exact norms."""
@@ -375,22 +397,21 @@ def extract_gradient_features(
     requires = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     embed = model.get_input_embeddings()
     bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
     bar.update(store.done)
     try:
         for shard, start, stop in store.pending():
-            examples = {
-                index: sample_example(tokenizer, records[index], settings.max_length)
-                for index in range(start, stop)
-            }
-            usable = [index for index, example in examples.items() if example is not None]
-            # Similar lengths share a batch, so little compute goes to padding.
-            usable.sort(key=lambda index: len(examples[index][0]))
-            for first in range(0, len(usable), settings.batch_size):
-                batch = usable[first : first + settings.batch_size]
-                ids_t, mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
+            batches = length_sorted_batches(
+                tokenizer,
+                records,
+                range(start, stop),
+                settings.max_length,
+                settings.batch_size,
+                device,
+            )
+            featured = 0
+            for batch, ids_t, mask, labels in batches:
                 hooks.reset(len(batch), device)
                 embeds = embed(ids_t).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
@@ -401,8 +422,9 @@ def extract_gradient_features(
                 stats["loss"][batch] = loss.detach().cpu().numpy()
                 stats["norm"][batch] = hooks.squared_norm.sqrt().cpu().numpy()
                 stats["tokens"][batch] = counts.cpu().numpy()
+                featured += len(batch)
                 bar.update(len(batch))
-            bar.update(stop - start - len(usable))
+            bar.update(stop - start - featured)  # the records without a target token
             store.commit(shard)
     finally:
         bar.close()
@@ -432,26 +454,22 @@ def sample_losses(
 
     Records with nothing to learn get loss 0 and count 0.
     """
-    examples = [sample_example(tokenizer, record, max_length) for record in records]
     losses = np.zeros(len(records), np.float32)
     counts = np.zeros(len(records), np.int32)
-    usable = sorted(
-        (index for index, example in enumerate(examples) if example is not None),
-        key=lambda index: len(examples[index][0]),
-    )
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(usable), desc="losses", disable=not progress, unit="sample")
-    for first in range(0, len(usable), batch_size):
-        batch = usable[first : first + batch_size]
-        ids, mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
+    batches = length_sorted_batches(
+        tokenizer, records, range(len(records)), max_length, batch_size, device
+    )
+    bar = tqdm(total=len(records), desc="losses", disable=not progress, unit="sample")
+    for batch, ids, mask, labels in batches:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss, count = per_sample_losses(logits, labels)
         losses[batch] = loss.cpu().numpy()
         counts[batch] = count.cpu().numpy()
         bar.update(len(batch))
+    bar.update(bar.total - bar.n)  # the records without a target token
     bar.close()
     model.train(was_training)
     return losses, counts

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.data.features import IGNORE_INDEX, sample_example
+from forgetless.data.features import IGNORE_INDEX
 from forgetless.data.records import Record
-from forgetless.select.gradients import pad_batch, per_sample_losses
+from forgetless.select.gradients import length_sorted_batches, per_sample_losses
 
 
 @dataclass
@@ -74,11 +74,6 @@ def head_gradient_sketches(
     description: str = "head sketches",
 ) -> HeadSketches:
     """The sketch of every record's output-layer gradient, its loss and its target count."""
-    examples = [sample_example(tokenizer, record, max_length) for record in records]
-    usable = sorted(
-        (index for index, example in enumerate(examples) if example is not None),
-        key=lambda index: len(examples[index][0]),
-    )
     device = next(model.parameters()).device
     vocabulary, hidden = model.get_output_embeddings().weight.shape
     vocab_signs, hidden_signs = (
@@ -87,14 +82,14 @@ def head_gradient_sketches(
     vectors = np.zeros((len(records), rows * columns), np.float32)
     losses = np.zeros(len(records), np.float32)
     counts = np.zeros(len(records), np.int32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(usable), desc=description, disable=not progress, unit="sample")
+    batches = length_sorted_batches(
+        tokenizer, records, range(len(records)), max_length, batch_size, device
+    )
+    bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
     try:
-        for first in range(0, len(usable), batch_size):
-            batch = usable[first : first + batch_size]
-            ids, mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
+        for batch, ids, mask, labels in batches:
             output = model(
                 input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False
             )
@@ -110,6 +105,7 @@ def head_gradient_sketches(
             losses[batch] = loss.cpu().numpy()
             counts[batch] = count.cpu().numpy()
             bar.update(len(batch))
+        bar.update(bar.total - bar.n)  # the records without a target token
     finally:
         bar.close()
         model.train(was_training)
