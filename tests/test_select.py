@@ -55,7 +55,8 @@ def _explicit_projection(model, tokenizer, record, modules, projector, max_lengt
     return projected[0].detach(), norm.item(), loss.item()
 
 
-@pytest.mark.parametrize("parameters", ["blocks", "lora"])
+# last_blocks: the backward stops below the featured blocks (GraphStart) with the same result.
+@pytest.mark.parametrize("parameters", ["blocks", "lora", "last_blocks"])
 def test_batched_features_equal_per_sample_autograd(tiny, tmp_path, parameters):
     model, tokenizer = tiny.model, tiny.tokenizer
     if parameters == "lora":

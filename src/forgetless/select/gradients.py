@@ -81,6 +81,35 @@ def gradient_modules(
     }
 
 
+class GraphStart:
+    """Starts the autograd graph at the hidden-state input of ``block``, so the backward pass
+    stops there instead of running down to the embeddings: featuring only the last blocks
+    then costs a forward pass and the backward of those blocks, not a full backward."""
+
+    def __init__(self, block: nn.Module):
+        self.leaf: torch.Tensor | None = None
+        self._handle = block.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if args:
+            self.leaf = args[0].detach().requires_grad_(True)
+            return (self.leaf, *args[1:]), kwargs
+        self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, {**kwargs, "hidden_states": self.leaf}
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def first_featured_block(model: nn.Module, modules: dict[str, nn.Linear]) -> nn.Module:
+    """The lowest transformer block holding a featured layer: where the backward can stop."""
+    featured = {id(module) for module in modules.values()}
+    for block in decoder_blocks(model):
+        if any(id(module) in featured for module in block.modules()):
+            return block
+    raise ForgetlessError("no featured layer lies in a transformer block")
+
+
 class RandomProjector:
     """A seeded d-column random matrix per layer, applied to flattened per-sample gradients.
 
@@ -397,7 +426,7 @@ def extract_gradient_features(
     requires = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    embed = model.get_input_embeddings()
+    graph_start = GraphStart(first_featured_block(model, modules))
     bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
     bar.update(store.done)
     try:
@@ -413,11 +442,10 @@ def extract_gradient_features(
             featured = 0
             for batch, ids_t, mask, labels in batches:
                 hooks.reset(len(batch), device)
-                embeds = embed(ids_t).detach().requires_grad_(True)
-                logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+                logits = model(input_ids=ids_t, attention_mask=mask, use_cache=False).logits
                 loss, counts = per_sample_losses(logits, labels)
                 # A sum of per-sample means: each sample's hooks see its own loss's gradient.
-                torch.autograd.grad(loss.sum(), embeds)
+                torch.autograd.grad(loss.sum(), graph_start.leaf)
                 vectors[batch] = hooks.projected.cpu().numpy().astype(np.float16)
                 stats["loss"][batch] = loss.detach().cpu().numpy()
                 stats["norm"][batch] = hooks.squared_norm.sqrt().cpu().numpy()
@@ -429,6 +457,7 @@ def extract_gradient_features(
     finally:
         bar.close()
         hooks.remove()
+        graph_start.remove()
         for name, param in model.named_parameters():
             param.requires_grad_(requires[name])
         model.train(was_training)
