@@ -12,7 +12,10 @@ measures:
   a ridge regression's on the same inputs, for each set of inputs: the gradient-free ones
   (embedding, length, loss), the forward-only output-layer gradient sketch's geometry
   (``head_gradient``), and all of them;
-* how each sketch-geometry input ranks like its exact counterpart (Spearman).
+* how each sketch-geometry input ranks like its exact counterpart (Spearman);
+* with ``--partial-blocks K ...`` (default 1 and 4): the scores computed from the part of the
+  first seed's gradient features that the last K blocks contribute (a forward pass and the
+  backward of K blocks), against the exact ones, with their cost in seconds.
 
 Writes ``<output>.md`` and ``<output>.json``. Every stage is cached in the run directory::
 
@@ -82,19 +85,31 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--seeds", type=int, nargs=2, default=[0, 1], help="The two warm-up/projection seeds."
     )
+    parser.add_argument(
+        "--partial-blocks",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        help="Also score from the gradients of the last K blocks only, for each K given.",
+    )
     add_quick_flag(parser)
     args = parse_experiment_args(parser, argv)
     default_paths(args, "navigator_signal")
     if args.seeds[0] == args.seeds[1]:
         raise SystemExit("error: --seeds must be two different seeds")
+    if any(blocks < 1 for blocks in args.partial_blocks):
+        raise SystemExit("error: --partial-blocks must be positive block counts")
     return args
 
 
-def exact_scores(select, results) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every exact per-sample score of one seed's gradients, and which samples have one."""
+def exact_scores(select, results, suffix: str = "") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every exact per-sample score of one seed's gradients (of the gradient stages named
+    with ``suffix``), and which samples have one."""
     from forgetless.select.stages import pool_scores
 
-    scores, valid, _ = pool_scores(select, results, "gradients_pool")
+    roles = ("anchor", "validation", "pool")
+    features = {f"gradients_{role}": results[f"gradients_{role}{suffix}"] for role in roles}
+    scores, valid, _ = pool_scores(select, features, "gradients_pool")
     exact = {"utility": scores.utility, "alignment": scores.alignment}
     for kind in COSTS:
         exact[kind] = scores.cost(kind)
@@ -105,7 +120,12 @@ def exact_scores(select, results) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def measure(args) -> dict[str, Any]:
-    from forgetless.select.stages import Selection, gradient_stages, selection_stages
+    from forgetless.select.stages import (
+        PartialGradientStage,
+        Selection,
+        gradient_stages,
+        selection_stages,
+    )
 
     overrides = experiment_overrides(args, QUICK_SETTINGS)
     raw = load_raw(args.config, overrides)
@@ -123,6 +143,12 @@ def measure(args) -> dict[str, Any]:
         # The first seed runs the whole ogs selection (its Navigator inputs included); the
         # second only what its exact scores need.
         stages = selection_stages(selection) if position == 0 else gradient_stages(selection)
+        if position == 0:
+            stages += [
+                PartialGradientStage(selection, role, blocks)
+                for blocks in args.partial_blocks
+                for role in ("anchor", "validation", "pool")
+            ]
         results = RunDirectory(run_dir / f"seed_{seed}", on_event=print_event).run_all(stages)
         if position == 0:
             first_results = results
@@ -168,6 +194,7 @@ def measure(args) -> dict[str, Any]:
         if column in columns
     }
     return {
+        "partial_gradients": _partial_agreement(select, first, valid, first_results, args),
         "model": config.model.name,
         "pool": config.data.source,
         "samples": int(valid.sum()),
@@ -185,6 +212,23 @@ def measure(args) -> dict[str, Any]:
             if isinstance(result.summary, dict)
         },
     }
+
+
+def _partial_agreement(select, exact, valid, results, args) -> dict[str, Any]:
+    """Spearman of each score from the last K blocks' gradients with the exact one."""
+    agreement = {}
+    for blocks in args.partial_blocks:
+        partial, partial_valid = exact_scores(select, results, f"_last{blocks}")
+        both = valid & partial_valid
+        agreement[f"last {blocks}"] = {
+            "spearman": {
+                name: float(spearmanr(partial[name][both], exact[name][both]).statistic)
+                for name in ("utility", select.cost, "lagrangian")
+            },
+            "pool_seconds": results[f"gradients_pool_last{blocks}"].summary["seconds"],
+            "exact_pool_seconds": results["gradients_pool"].summary["seconds"],
+        }
+    return agreement
 
 
 def _columns(results) -> list[str]:
@@ -247,6 +291,26 @@ def render(summary: dict[str, Any], args) -> str:
             f"| {column} | {COUNTERPARTS[column]} | {value:+.2f} |"
             for column, value in summary["sketch_vs_exact"].items()
         ]
+    if summary["partial_gradients"]:
+        lines += [
+            "",
+            "## Scores from the gradients of the last blocks only",
+            "",
+            "The part of seed "
+            f"{summary['seeds'][0]}'s features that the last K blocks contribute (same warm-up "
+            "and projection), from a forward pass and the backward of those blocks; Spearman "
+            "with the exact score, and the pool pass's time against the exact one's:",
+            "",
+            f"| blocks | utility | {summary['cost']} | Lagrangian | time vs exact |",
+            "|---|---|---|---|---|",
+        ]
+        for label, entry in summary["partial_gradients"].items():
+            rho = entry["spearman"]
+            ratio = entry["pool_seconds"] / entry["exact_pool_seconds"]
+            lines.append(
+                f"| {label} | {rho['utility']:+.2f} | {rho[summary['cost']]:+.2f} | "
+                f"{rho['lagrangian']:+.2f} | {ratio:.2f}x |"
+            )
     lines += ["", f"Command: `python scripts/navigator_signal.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
 

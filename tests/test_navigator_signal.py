@@ -1,6 +1,6 @@
 """The Navigator-signal measurement (scripts/navigator_signal.py) end to end on the tiny model:
 both seeds' exact scores, the reliability ceiling, the cross-validated Navigator per input
-set, and a rerun that changes nothing."""
+set, the scores from the last blocks' gradients, and a rerun that changes nothing."""
 
 import json
 
@@ -37,8 +37,15 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
         assert -1 <= entry["spearman_vs_exact"] <= 1
     assert set(summary["sketch_vs_exact"]) == {"head_utility", "head_energy", "head_alignment"}
     assert set(summary["lagrangian_vs_parts"]) == {"utility", "energy"}
+    # The tiny model has two blocks: the last one is a part of the features, the last four
+    # are all of them, so their scores are the exact ones.
+    partial = summary["partial_gradients"]
+    assert set(partial) == {"last 1", "last 4"}
+    assert all(value == pytest.approx(1.0) for value in partial["last 4"]["spearman"].values())
+    assert partial["last 1"]["spearman"]["lagrangian"] < 0.999
     table = (tmp_path / "out" / "signal.md").read_text()
     assert "## Reliability ceiling" in table and "| lagrangian |" in table
+    assert "| last 1 |" in table
     capsys.readouterr()
     script.main(argv)
     assert "start:" not in capsys.readouterr().out

@@ -56,9 +56,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def gradient_modules(
-    model: nn.Module, parameters: str, last_blocks: int = 2
+    model: nn.Module, parameters: str, last_blocks: int = 2, within_last: int | None = None
 ) -> dict[str, nn.Linear]:
-    """The linear layers whose per-sample weight gradients form the features."""
+    """The linear layers whose per-sample weight gradients form the features; with
+    ``within_last``, only those of them in the last ``within_last`` transformer blocks."""
+    blocks = list(decoder_blocks(model))
     if parameters == "lora":
         chosen = {
             name: module
@@ -67,18 +69,20 @@ def gradient_modules(
         }
         if not chosen:
             raise ForgetlessError("parameters=lora but the model has no LoRA adapter")
-        return chosen
-    blocks = list(decoder_blocks(model))
-    if parameters == "last_blocks":
-        blocks = blocks[-last_blocks:]
-    elif parameters != "blocks":
+    elif parameters in ("blocks", "last_blocks"):
+        featured = blocks[-last_blocks:] if parameters == "last_blocks" else blocks
+        wanted = {id(module) for block in featured for module in block.modules()}
+        chosen = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and id(module) in wanted
+        }
+    else:
         raise ForgetlessError(f"unknown gradient parameter set {parameters!r}")
-    wanted = {id(module) for block in blocks for module in block.modules()}
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) in wanted
-    }
+    if within_last is None:
+        return chosen
+    kept = {id(module) for block in blocks[-within_last:] for module in block.modules()}
+    return {name: module for name, module in chosen.items() if id(module) in kept}
 
 
 class GraphStart:
@@ -382,17 +386,20 @@ def extract_gradient_features(
     progress: bool = True,
     description: str = "gradients",
     adam_moments: dict[str, torch.Tensor] | None = None,
+    within_last_blocks: int | None = None,
 ) -> GradientFeatures:
     """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
 
     ``model`` must already carry the parameter set (e.g. the warmed-up LoRA adapter). With
     ``adam_moments`` (the warm-up's, ``forgetless.select.warmup``) each gradient is
     Adam-preconditioned before the projection. The work is cut into shards; a rerun with the
-    same inputs skips the finished ones.
+    same inputs skips the finished ones. ``within_last_blocks`` keeps only the featured
+    layers of the last N blocks (same projection per layer, so the result is their part of
+    the whole features) and stops the backward pass below them.
     """
     ids = [record.id or str(index) for index, record in enumerate(records)]
     device = next(model.parameters()).device
-    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks, within_last_blocks)
     if settings.projector == "kronecker":
         projector = KroneckerSketch(modules, settings.projection_dim, seed, device)
     else:
@@ -410,6 +417,7 @@ def extract_gradient_features(
             "settings": settings.model_dump(mode="json"),
             "seed": seed,
             "preconditioned": adam_moments is not None,
+            **({} if within_last_blocks is None else {"within_last_blocks": within_last_blocks}),
         },
         shard_size=settings.shard_size,
         width=projector.dim,

@@ -183,6 +183,8 @@ class PoolGradientSettings(StageSettings):
 
 
 class GradientStage(Stage):
+    within_last_blocks: int | None = None  # PartialGradientStage's restriction
+
     def __init__(self, selection: Selection, role: str):
         self.selection, self.role = selection, role
         self.name = f"gradients_{role}"
@@ -266,6 +268,29 @@ class GradientStage(Stage):
             progress=self.selection.progress,
             description=self.name,
             adam_moments=moments,
+            within_last_blocks=self.within_last_blocks,
+        )
+
+
+class PartialGradientSettings(StageSettings):
+    features: AnchorGradientSettings | PoolGradientSettings
+    within_last_blocks: int
+
+
+class PartialGradientStage(GradientStage):
+    """The part of a role's gradient features that the featured layers of the last ``blocks``
+    transformer blocks contribute (same warm-up, projection and preconditioning), from a
+    forward pass and the backward of those blocks only: how much of the exact geometry a
+    cheap partial backward carries (``scripts/navigator_signal.py``)."""
+
+    def __init__(self, selection: Selection, role: str, blocks: int):
+        super().__init__(selection, role)
+        self.within_last_blocks = blocks
+        self.name = f"gradients_{role}_last{blocks}"
+
+    def settings(self) -> PartialGradientSettings:
+        return PartialGradientSettings(
+            features=super().settings(), within_last_blocks=self.within_last_blocks
         )
 
 
