@@ -131,6 +131,7 @@ def test_a_streamed_pass_keeps_one_block_resident(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_scale_benchmark_runs_in_quick_mode(tmp_path, shared_data_dir):
     finished = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "mix_scale.py"), "--quick"]

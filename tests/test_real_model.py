@@ -31,6 +31,7 @@ def test_smollm2_loads_as_a_plain_model_with_chat_template():
     assert rendered.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.heavy
 def test_short_fine_tune_lowers_domain_perplexity(shared_data_dir, tmp_path):
     loaded = load_model("smollm2-135m", device="cpu")
     evaluation = EvalConfig(limit=12, scoring={"ppl_max_length": 256})

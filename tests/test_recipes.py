@@ -266,6 +266,7 @@ def test_stage_identities_follow_every_field_they_read(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_packaged_recipe_runs_end_to_end_on_smollm2(tmp_path, shared_data_dir):
     """configs/recipes/mix_select_osft.yaml as shipped, on SmolLM2-135M, with every size
     shrunk to fit a test: mix (CLIMB search) -> select (OGS) -> train (OSFT) -> report."""

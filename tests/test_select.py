@@ -55,16 +55,25 @@ def _explicit_projection(model, tokenizer, record, modules, projector, max_lengt
     return projected[0].detach(), norm.item(), loss.item()
 
 
-# last_blocks: the backward stops below the featured blocks (GraphStart) with the same result.
-@pytest.mark.parametrize("parameters", ["blocks", "lora", "last_blocks"])
-def test_batched_features_equal_per_sample_autograd(tiny, tmp_path, parameters):
+# last_blocks and a LoRA on the output layer: the backward stops below the lowest featured
+# layer (GraphStart) with the same result.
+@pytest.mark.parametrize(
+    ("parameters", "lora_targets"),
+    [
+        ("blocks", None),
+        ("lora", ["q_proj", "v_proj"]),
+        ("last_blocks", None),
+        ("lora", ["lm_head"]),
+    ],
+)
+def test_batched_features_equal_per_sample_autograd(tiny, tmp_path, parameters, lora_targets):
     model, tokenizer = tiny.model, tiny.tokenizer
-    if parameters == "lora":
+    if lora_targets:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
         model = get_peft_model(
-            model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            model, LoraConfig(r=4, target_modules=lora_targets, init_lora_weights=False)
         )
     settings = GradientConfig(
         parameters=parameters, projection_dim=32, batch_size=3, shard_size=4, max_length=48

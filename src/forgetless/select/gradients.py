@@ -86,15 +86,33 @@ def gradient_modules(
 
 
 class GraphStart:
-    """Starts the autograd graph at the hidden-state input of ``block``, so the backward pass
-    stops there instead of running down to the embeddings: featuring only the last blocks
-    then costs a forward pass and the backward of those blocks, not a full backward."""
+    """Starts the autograd graph as high as the featured layers allow: at the hidden-state
+    input of the lowest block holding one, so featuring only the last blocks costs a forward
+    pass and the backward of those blocks, not a full backward. A featured layer outside the
+    blocks other than the output layer (none in the usual architectures) moves the start
+    down to the input embeddings' output."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear]):
         self.leaf: torch.Tensor | None = None
-        self._handle = block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        blocks = list(decoder_blocks(model))
+        head = model.get_output_embeddings()
+        above = {id(module) for block in blocks for module in block.modules()}
+        above |= {id(module) for module in head.modules()} if head is not None else set()
+        if any(id(module) not in above for module in modules.values()):
+            embeddings = model.get_input_embeddings()
+            self._handle = embeddings.register_forward_hook(self._after_embeddings)
+            return
+        featured = {id(module) for module in modules.values()}
+        lowest = next(
+            (b for b in blocks if any(id(m) in featured for m in b.modules())), blocks[-1]
+        )
+        self._handle = lowest.register_forward_pre_hook(self._before_block, with_kwargs=True)
 
-    def _hook(self, module, args, kwargs):
+    def _after_embeddings(self, module, args, output):
+        self.leaf = output.detach().requires_grad_(True)
+        return self.leaf
+
+    def _before_block(self, module, args, kwargs):
         if args:
             self.leaf = args[0].detach().requires_grad_(True)
             return (self.leaf, *args[1:]), kwargs
@@ -103,15 +121,6 @@ class GraphStart:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def first_featured_block(model: nn.Module, modules: dict[str, nn.Linear]) -> nn.Module:
-    """The lowest transformer block holding a featured layer: where the backward can stop."""
-    featured = {id(module) for module in modules.values()}
-    for block in decoder_blocks(model):
-        if any(id(module) in featured for module in block.modules()):
-            return block
-    raise ForgetlessError("no featured layer lies in a transformer block")
 
 
 class RandomProjector:
@@ -434,7 +443,7 @@ def extract_gradient_features(
     requires = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    graph_start = GraphStart(first_featured_block(model, modules))
+    graph_start = GraphStart(model, modules)
     bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
     bar.update(store.done)
     try:
