@@ -36,6 +36,7 @@ from forgetless.evaluate.lm_eval import (
 from forgetless.evaluate.tasks import load_tasks
 from forgetless.io import write_json_atomic
 from forgetless.models import load_model
+from forgetless.report.experiment import exit_with_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK = "arc_easy"
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         with hub_offline():
             summary = compare(args)
     except ForgetlessError as err:
-        sys.exit(f"error: {err}")
+        exit_with_error(str(err))
     print_summary(summary)
     if args.output:
         write_json_atomic(args.output, summary)

@@ -31,7 +31,7 @@ from pathlib import Path
 from forgetless.config import load_config, parse_assignment
 from forgetless.recipes.continual import run_continual
 from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
-from forgetless.report.experiment import print_event, write_results
+from forgetless.report.experiment import exit_with_error, print_event, write_results
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
@@ -67,7 +67,7 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[int, str]]:
     for run in args.runs:
         order, _, subset = run.partition(":")
         if not order.isdigit() or not subset:
-            raise SystemExit(f"error: --runs takes ORDER:SPLIT (e.g. 1:0_42), got {run!r}")
+            exit_with_error(f"--runs takes ORDER:SPLIT (e.g. 1:0_42), got {run!r}")
         runs.append((int(order), subset))
     return runs
 
@@ -78,7 +78,7 @@ def method_settings(items: list[str], method: str) -> dict:
     for item in items:
         name, separator, assignment = item.partition(":")
         if not separator or "=" not in assignment:
-            raise SystemExit(f"error: --method-set takes METHOD:section.key=value, got {item!r}")
+            exit_with_error(f"--method-set takes METHOD:section.key=value, got {item!r}")
         if name == method:
             settings.update([parse_assignment(assignment)])
     return settings

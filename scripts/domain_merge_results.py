@@ -22,7 +22,6 @@ kept by one expert at most); ``ties:0.2:weights=[1,2,1]`` (one weight per expert
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
+    exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         config = arms[0].config
         run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     summary = summarise(config, args.domains, merges, run)
     write_results(args.output, summary, render(summary, args.domains, args))
 

@@ -17,7 +17,6 @@ recipe mix -> train, one arm per mixture); this script renders its table.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
+    exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         arms = expand_arms(raw, args.config)
         run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     config = arms[0].config
     results = {arm.label: run.of(arm.label)[1] for arm in arms}
     climb = results["climb"]

@@ -25,7 +25,6 @@ Writes ``<output>.md`` and ``<output>.json``. Every stage is cached in the run d
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.report.experiment import (
     add_quick_flag,
     default_paths,
+    exit_with_error,
     experiment_overrides,
     experiment_parser,
     parse_experiment_args,
@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None):
     args = parse_experiment_args(parser, argv)
     default_paths(args, "navigator_signal")
     if args.seeds[0] == args.seeds[1]:
-        raise SystemExit("error: --seeds must be two different seeds")
+        exit_with_error("--seeds must be two different seeds")
     if any(blocks < 1 for blocks in args.partial_blocks):
-        raise SystemExit("error: --partial-blocks must be positive block counts")
+        exit_with_error("--partial-blocks must be positive block counts")
     return args
 
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = measure(args)
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     write_results(args.output, summary, render(summary, args))
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
     add_quick_flag,
     default_paths,
+    exit_with_error,
     experiment_overrides,
     experiment_parser,
     parse_experiment_args,
@@ -148,9 +148,7 @@ def parse_args(argv: list[str] | None):
             setattr(args, name, default)
     default_paths(args, "ogs_criterion")
     if args.subsets < 3:
-        raise SystemExit(
-            "error: --subsets must be at least 3: a line through fewer has no interval"
-        )
+        exit_with_error("--subsets must be at least 3: a line through fewer has no interval")
     return args
 
 
@@ -588,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         summary = summarise(config, args, pool, subsets, run, arms)
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     write_results(args.output, summary, render(summary, args))
 
 

@@ -24,7 +24,6 @@ retention task) at a domain gain not worse than theirs? Writes ``<output>.md`` a
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
     add_quick_flag,
     default_paths,
+    exit_with_error,
     experiment_overrides,
     experiment_parser,
     parse_experiment_args,
@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if "random" not in args.methods:
-        raise SystemExit("error: --methods must include random: every contrast is against it")
+        exit_with_error("--methods must include random: every contrast is against it")
     if any(not 0 < budget < 1 for budget in args.budgets):
-        raise SystemExit("error: --budgets are shares of the pool's tokens, between 0 and 1")
+        exit_with_error("--budgets are shares of the pool's tokens, between 0 and 1")
     default_paths(args, "select_budgets")
     return args
 
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summaries = {domain: run_domain(args, domain) for domain in args.domains}
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     write_results(args.output, {"domains": summaries}, render(summaries, args))
 
 

@@ -23,7 +23,6 @@ gain-vs-drop frontier.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import Comparison, compare, expand_arms
 from forgetless.report.experiment import (
+    exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             run, arms = run_domain(args, shared, name)
             domains[name] = summarise_domain(name, run, arms)
     except ForgetlessError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     config = arms[0].config
     summary = {
         "model": config.model.name,

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -24,6 +25,23 @@ def shared_data_dir() -> Path:
             f"built-in data files not found at {candidate}; set FORGETLESS_DATA_DIR to a copy"
         )
     return candidate
+
+
+@pytest.fixture
+def user_error(capsys):
+    """``with user_error("text"):`` — the block must exit with code 2 after one stderr line,
+    ``error: ...`` holding ``text``: the contract for a user's mistake in any command."""
+
+    @contextlib.contextmanager
+    def expect(text: str):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            yield
+        assert exited.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
+
+    return expect
 
 
 @pytest.fixture

@@ -70,8 +70,8 @@ def test_experts_merges_and_the_paired_table(tmp_path, experiment_argv, script, 
     ]
 
 
-def test_a_malformed_merge_is_a_one_line_error(experiment_argv, script):
-    with pytest.raises(SystemExit, match="expected method"):
+def test_a_malformed_merge_is_a_one_line_error(experiment_argv, script, user_error):
+    with user_error("expected method"):
         script.main(tiny_argv(experiment_argv, "--merges", "sotu:lots"))
 
 
@@ -88,10 +88,12 @@ def test_merge_specs_set_masks_weights_and_normalize(script):
     assert weighted.overrides["merge.weights"] == [1, 2, 0.5]
 
 
-def test_merges_that_do_not_fit_the_experts_fail_before_training(tmp_path, experiment_argv, script):
+def test_merges_that_do_not_fit_the_experts_fail_before_training(
+    tmp_path, experiment_argv, script, user_error
+):
     # Two domains, two experts: disjoint masks of keep 0.6 would need 1.2 of the entries.
-    with pytest.raises(SystemExit, match="2 experts × merge.keep 0.6 = 1.2"):
+    with user_error("2 experts × merge.keep 0.6 = 1.2"):
         script.main(tiny_argv(experiment_argv, "--merges", "sotu:0.6:masks=disjoint"))
-    with pytest.raises(SystemExit, match="merge.weights has 3 values for 2 experts"):
+    with user_error("merge.weights has 3 values for 2 experts"):
         script.main(tiny_argv(experiment_argv, "--merges", "ties:0.2:weights=[1,2,1]"))
     assert not (tmp_path / "run").exists()  # nothing trained, nothing cached

@@ -52,6 +52,11 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
     assert json.loads(output.read_text()) == summary
 
 
-def test_the_two_seeds_must_differ(script):
-    with pytest.raises(SystemExit, match="two different seeds"):
+def test_the_two_seeds_must_differ(script, user_error):
+    with user_error("two different seeds"):
         script.parse_args(["--quick", "--seeds", "3", "3"])
+
+
+def test_partial_blocks_must_be_positive(script, user_error):
+    with user_error("--partial-blocks must be positive"):
+        script.parse_args(["--quick", "--partial-blocks", "0"])

@@ -4,8 +4,6 @@ changes nothing."""
 
 import json
 
-import pytest
-
 from forgetless.config import load_raw, validate_config
 
 SCRIPT_NAME = "select_budgets"
@@ -42,6 +40,6 @@ def test_select_budgets_on_the_tiny_model(tmp_path, experiment_argv, script, cap
     assert json.loads(output.read_text())["domains"]["financial"] == summary
 
 
-def test_random_is_required(script):
-    with pytest.raises(SystemExit, match="must include random"):
+def test_random_is_required(script, user_error):
+    with user_error("must include random"):
         script.parse_args(["--quick", "--methods", "less", "ogs"])

@@ -6,10 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from forgetless.config import parse_assignment
 from forgetless.io import write_json_atomic, write_text_atomic
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """A user's mistake: one line on stderr and exit code 2, as the forgetless commands give."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def experiment_parser(doc: str, config: Path, run_dir: str, output: str) -> argparse.ArgumentParser:
