@@ -55,6 +55,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def module_ids(blocks) -> set[int]:
+    """The ids of every module inside ``blocks`` (themselves included)."""
+    return {id(module) for block in blocks for module in block.modules()}
+
+
 def gradient_modules(
     model: nn.Module, parameters: str, last_blocks: int = 2, within_last: int | None = None
 ) -> dict[str, nn.Linear]:
@@ -71,7 +76,7 @@ def gradient_modules(
             raise ForgetlessError("parameters=lora but the model has no LoRA adapter")
     elif parameters in ("blocks", "last_blocks"):
         featured = blocks[-last_blocks:] if parameters == "last_blocks" else blocks
-        wanted = {id(module) for block in featured for module in block.modules()}
+        wanted = module_ids(featured)
         chosen = {
             name: module
             for name, module in model.named_modules()
@@ -81,7 +86,7 @@ def gradient_modules(
         raise ForgetlessError(f"unknown gradient parameter set {parameters!r}")
     if within_last is None:
         return chosen
-    kept = {id(module) for block in blocks[-within_last:] for module in block.modules()}
+    kept = module_ids(blocks[-within_last:])
     return {name: module for name, module in chosen.items() if id(module) in kept}
 
 
@@ -96,8 +101,7 @@ class GraphStart:
         self.leaf: torch.Tensor | None = None
         blocks = list(decoder_blocks(model))
         head = model.get_output_embeddings()
-        above = {id(module) for block in blocks for module in block.modules()}
-        above |= {id(module) for module in head.modules()} if head is not None else set()
+        above = module_ids(blocks) | (module_ids([head]) if head is not None else set())
         if any(id(module) not in above for module in modules.values()):
             embeddings = model.get_input_embeddings()
             self._handle = embeddings.register_forward_hook(self._after_embeddings)
