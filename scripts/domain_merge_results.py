@@ -17,17 +17,29 @@ the config's ``merge`` section, e.g. ``task_arithmetic:scale=0.33``;
 ``dare:0.33:normalize=true`` (DARE divided by the number of experts: their average in
 expectation, the scale the other rows work at); ``sotu:0.33:masks=disjoint`` (each entry
 kept by one expert at most); ``ties:0.2:weights=[1,2,1]`` (one weight per expert, no spaces).
+
+Merges that differ only in their mask seed (``sotu:0.33:seed=1``; no seed is seed 0) are also
+pooled: each one's change against the base over its seeds, and the differences that say
+whether exact orthogonality beats random masks and SoTU beats the fair baselines (``--contrast
+A B``, default those of ``DEFAULT_CONTRASTS`` present), with intervals that resample the items
+(paired) and each merge's seeds (``forgetless.evaluate.seeded``)::
+
+    python scripts/domain_merge_results.py --data-dir ../shared/data --merges sotu:0.33 \
+        sotu:0.33:seed=1 sotu:0.33:seed=2 sotu:0.33:masks=disjoint \
+        sotu:0.33:masks=disjoint:seed=1 sotu:0.33:masks=disjoint:seed=2
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from forgetless.config import load_raw, parse_assignment, set_dotted
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
@@ -60,12 +72,23 @@ DEFAULT_MERGES = (
     "sotu:0.5",
 )
 GAIN_KEPT_TARGET = 0.8
+# Issue 22's questions, each asked where both merges are compared: does exact orthogonality
+# (disjoint masks) beat random masks at equal sparsity, and does SoTU beat the fair baselines
+# (DARE at the others' 1/N scale, TIES, the experts' plain average)?
+DEFAULT_CONTRASTS = (
+    ("sotu:0.33:masks=disjoint", "sotu:0.33"),
+    ("sotu:0.33", "dare:0.33:normalize=true"),
+    ("sotu:0.33", "ties:0.2"),
+    ("sotu:0.33", "task_arithmetic:scale=0.33"),
+)
+SEED_SETTING = re.compile(r":seed=[^:]*")
 
 
 @dataclass(frozen=True)
 class MergeSpec:
     label: str
     overrides: dict[str, Any]
+    group: str  # the spec without its mask seed: merges pooled over seeds share it
 
 
 def parse_merge(text: str) -> MergeSpec:
@@ -84,7 +107,43 @@ def parse_merge(text: str) -> MergeSpec:
                 raise ForgetlessError(
                     f"merge {text!r}: expected method[:keep][:rescale|:norescale][:key=value]"
                 ) from None
-    return MergeSpec(text.replace(":", "_"), overrides)
+    return MergeSpec(text.replace(":", "_"), overrides, SEED_SETTING.sub("", text))
+
+
+def seed_groups(merges: list[MergeSpec]) -> dict[str, list[str]]:
+    """Each merge spec without its seed, with the labels of the merges that share it."""
+    groups: dict[str, list[str]] = {}
+    for merge in merges:
+        groups.setdefault(merge.group, []).append(merge.label)
+    return groups
+
+
+def chosen_contrasts(requested, merges: list[MergeSpec]) -> list[tuple[str, str]]:
+    """The contrasts asked for (each merge named by its spec without a seed), or the default
+    ones whose two merges are both compared."""
+    groups = seed_groups(merges)
+    if requested is None:
+        return [pair for pair in DEFAULT_CONTRASTS if all(name in groups for name in pair)]
+    for pair in requested:
+        unknown = [name for name in pair if name not in groups]
+        if unknown:
+            raise ForgetlessError(
+                f"--contrast: {unknown[0]!r} is not among --merges (without its seed)"
+            )
+    return [tuple(pair) for pair in requested]
+
+
+def pooled_over_seeds(tasks, base, evaluations, merges, contrasts) -> dict[str, Any]:
+    """Each merge group's change against the base pooled over its mask seeds, and the
+    contrasts between groups, per task (``seeded_changes``)."""
+    groups = seed_groups(merges)
+    return {
+        "contrasts": [list(pair) for pair in contrasts],
+        "tasks": {
+            task: seeded_changes(TaskItems.read(task, base, evaluations), groups, contrasts)
+            for task in tasks
+        },
+    }
 
 
 def comparison_config(args: argparse.Namespace, merges: list[MergeSpec]) -> dict[str, Any]:
@@ -125,16 +184,17 @@ def paired_change(task: str, base: tuple[dict, dict], other: tuple[dict, dict]) 
         raise ForgetlessError(str(error)) from None
 
 
-def summarise(config, domains, merges, run) -> dict[str, Any]:
+def summarise(config, domains, merges, contrasts, run) -> dict[str, Any]:
     results = {arm.label: run.of(arm.label)[1] for arm in run.arms}
     base = load_evaluation(results[f"expert {domains[0]}"][BASE_EVAL])
     models = {"base": None}
     models.update({f"expert {name}": f"expert {name}" for name in domains})
     models.update({merge.label: merge.label for merge in merges})
     tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
-    rows = []
+    rows, evaluations = [], {}
     for label, arm in models.items():
         evaluation = base if arm is None else load_evaluation(results[arm][ADAPTED_EVAL])
+        evaluations[label] = evaluation
         row: dict[str, Any] = {"model": label, "scores": {}, "changes": {}}
         for task in tasks:
             task_metrics = evaluation[0][task]
@@ -186,6 +246,10 @@ def summarise(config, domains, merges, run) -> dict[str, Any]:
             for key in ("collision_rate", "mean_abs_cosine_masked", "seconds")
         }
     training = {name: results[f"expert {name}"]["train"].summary for name in domains}
+    pooled = None
+    if any(len(labels) > 1 for labels in seed_groups(merges).values()):
+        merged = {merge.label: evaluations[merge.label] for merge in merges}
+        pooled = pooled_over_seeds(tasks, base, merged, merges, contrasts)
     return {
         "model": config.model.name,
         "train": config.train.model_dump(mode="json"),
@@ -201,6 +265,7 @@ def summarise(config, domains, merges, run) -> dict[str, Any]:
         "training": training,
         "best_expert_general_drop": best_expert_drop,
         "rows": rows,
+        "pooled_over_seeds": pooled,
     }
 
 
@@ -291,8 +356,47 @@ def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
                 + ("–" if cosine is None else f"{cosine:.4f}")
                 + f" | {merge['seconds']:.0f} |"
             )
+    if summary["pooled_over_seeds"]:
+        lines += render_pooled(summary["pooled_over_seeds"], tasks, headers)
     lines += ["", f"Command: `python scripts/domain_merge_results.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
+
+
+def render_pooled(pooled: dict, tasks: list[str], headers: list[str]) -> list[str]:
+    by_task = pooled["tasks"]
+    lines = [
+        "",
+        "## Merges pooled over mask seeds",
+        "",
+        "Change against the base: mean ± sd over the mask seeds [95 % interval resampling the "
+        "items, paired, and the seeds]; perplexity in %, accuracy in points.",
+        "",
+        "| merge | seeds | " + " | ".join(headers) + " |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for name, arm in by_task[tasks[0]]["arms"].items():
+        cells = [
+            format_change(by_task[task]["arms"][name], by_task[task]["unit"], spread=True)
+            for task in tasks
+        ]
+        lines.append(f"| {name} | {len(arm['per_seed'])} | " + " | ".join(cells) + " |")
+    if pooled["contrasts"]:
+        lines += [
+            "",
+            "Differences (first − second; perplexity as the ratio of the two perplexities, "
+            "in %; negative = the first is better on perplexity) [95 % interval]:",
+            "",
+            "| contrast | " + " | ".join(headers) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+        ]
+        for first, second in pooled["contrasts"]:
+            key = f"{first}-{second}"
+            cells = [
+                format_change(by_task[task]["contrasts"][key], by_task[task]["unit"])
+                for task in tasks
+            ]
+            lines.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,9 +413,18 @@ def main(argv: list[str] | None = None) -> None:
         help="merges to compare, each method[:keep][:rescale|:norescale][:key=value], e.g. "
         "dare:0.33:normalize=true sotu:0.33:masks=disjoint (default: %(default)s)",
     )
+    parser.add_argument(
+        "--contrast",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="difference A − B of two merges pooled over their mask seeds, each named by its "
+        "spec without ':seed=N'; repeatable (default: those of DEFAULT_CONTRASTS present)",
+    )
     args = parse_experiment_args(parser, argv)
     try:
         merges = [parse_merge(text) for text in args.merges]
+        contrasts = chosen_contrasts(args.contrast, merges)
         arms = expand_arms(comparison_config(args, merges), args.config)
         # Settings that must fit the number of experts (weights, disjoint keeps) fail now, not
         # after the experts have trained.
@@ -321,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:
         exit_with_error(str(error))
-    summary = summarise(config, args.domains, merges, run)
+    summary = summarise(config, args.domains, merges, contrasts, run)
     write_results(args.output, summary, render(summary, args.domains, args))
 
 

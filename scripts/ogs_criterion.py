@@ -43,7 +43,7 @@ from forgetless.data.config import DataConfig
 from forgetless.data.features import training_tokens
 from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import LOSS_UNIT, TaskItems, perplexity_percent, seeded_changes
+from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.io import write_text_atomic
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
@@ -371,23 +371,10 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
     }
 
 
-def _signed(value: float, digits: int) -> str:
-    return f"{value:+.{digits}f}"
-
-
-def _display(value: float, unit: str) -> float:
-    return perplexity_percent(value) if unit == LOSS_UNIT else value
-
-
-def _with_interval(value: float, interval, unit: str, digits: int = 1) -> str:
-    low, high = (_signed(_display(bound, unit), digits) for bound in interval)
-    return f"{_signed(_display(value, unit), digits)} [{low}, {high}]"
-
-
 def _interval_text(interval, digits: int) -> str:
     if interval is None:
         return "–"
-    return f"[{_signed(interval[0], digits)}, {_signed(interval[1], digits)}]"
+    return f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
 
 
 def render(summary: dict, args) -> str:
@@ -444,17 +431,22 @@ def render(summary: dict, args) -> str:
         "|---" * (len(tasks) + 1) + "|",
     ]
     for name in ARMS:
-        cells = [_arm_cell(summary["changes"][task], name) for task in tasks]
+        cells = [
+            format_change(
+                summary["changes"][task]["arms"][name],
+                summary["changes"][task]["unit"],
+                spread=True,
+            )
+            for task in tasks
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Contrasts [95 % interval]", "", "| contrast | " + " | ".join(tasks) + " |"]
     lines.append("|---" * (len(tasks) + 1) + "|")
     for first, second in CONTRASTS:
         key = f"{first}-{second}"
         cells = [
-            _with_interval(
-                summary["changes"][task]["contrasts"][key]["difference"],
-                summary["changes"][task]["contrasts"][key]["ci95"],
-                summary["changes"][task]["unit"],
+            format_change(
+                summary["changes"][task]["contrasts"][key], summary["changes"][task]["unit"]
             )
             for task in tasks
         ]
@@ -526,14 +518,6 @@ def render(summary: dict, args) -> str:
         f"Command: `python scripts/ogs_criterion.py {' '.join(args.argv)}`",
     ]
     return "\n".join(lines)
-
-
-def _arm_cell(result: dict, name: str) -> str:
-    arm, unit = result["arms"][name], result["unit"]
-    shown = [_display(value, unit) for value in arm["per_seed"]]
-    spread = f" ± {np.std(shown, ddof=1):.1f}" if len(shown) > 1 else ""
-    low, high = (_signed(_display(bound, unit), 1) for bound in arm["ci95"])
-    return f"{_signed(np.mean(shown), 1)}{spread} [{low}, {high}]"
 
 
 def _rho(fit: dict) -> str:

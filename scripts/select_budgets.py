@@ -29,7 +29,7 @@ from typing import Any
 
 from forgetless.config import load_raw, set_dotted, validate_config
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import LOSS_UNIT, TaskItems, perplexity_percent, seeded_changes
+from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
 from forgetless.recipes.compare import compare, expand_arms
@@ -267,17 +267,6 @@ def verdict(budgets: dict, domain_task: str, retention_task: str) -> dict[str, A
     return result
 
 
-def _change(entry: dict, unit: str) -> str:
-    """A mean change or a difference with its interval: perplexity in %, accuracy in points."""
-
-    def shown(value: float) -> str:
-        return f"{perplexity_percent(value) if unit == LOSS_UNIT else value:+.1f}"
-
-    value = entry["mean"] if "mean" in entry else entry["difference"]
-    low, high = entry["ci95"]
-    return f"{shown(value)} [{shown(low)}, {shown(high)}]"
-
-
 def render(summaries: dict[str, dict], args) -> str:
     lines = [
         "# Training data selection at fair budgets",
@@ -305,14 +294,14 @@ def render(summaries: dict[str, dict], args) -> str:
             ]
             for arm in changes[domain_task]["arms"]:
                 cells = [
-                    _change(changes[task]["arms"][arm], units[task])
+                    format_change(changes[task]["arms"][arm], units[task])
                     for task in (domain_task, retention)
                 ]
                 for task in (domain_task, retention):
                     contrast = changes[task]["contrasts"].get(f"{arm}-random")
-                    cells.append(_change(contrast, units[task]) if contrast else "–")
+                    cells.append(format_change(contrast, units[task]) if contrast else "–")
                 others = [
-                    f"{task} {_change(changes[task]['arms'][arm], units[task])}"
+                    f"{task} {format_change(changes[task]['arms'][arm], units[task])}"
                     for task in changes
                     if task not in (domain_task, retention)
                 ]

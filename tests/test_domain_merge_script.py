@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from forgetless.evaluate import seeded
+
 SCRIPT_NAME = "domain_merge_results"
 
 
@@ -97,3 +99,41 @@ def test_merges_that_do_not_fit_the_experts_fail_before_training(
     with user_error("merge.weights has 3 values for 2 experts"):
         script.main(tiny_argv(experiment_argv, "--merges", "ties:0.2:weights=[1,2,1]"))
     assert not (tmp_path / "run").exists()  # nothing trained, nothing cached
+
+
+def test_merges_pooled_over_mask_seeds_and_their_contrasts(
+    tmp_path, experiment_argv, script, user_error
+):
+    merges = ["dare:0.5", "sotu:0.5", "sotu:0.5:seed=1", "sotu:0.5:seed=2"]
+    with user_error("'ties:0.5' is not among --merges"):
+        script.main(
+            tiny_argv(experiment_argv, "--merges", *merges, "--contrast", "sotu:0.5", "ties:0.5")
+        )
+    script.main(
+        tiny_argv(experiment_argv, "--merges", *merges, "--contrast", "sotu:0.5", "dare:0.5")
+    )
+    summary = json.loads((tmp_path / "out" / "table.json").read_text())
+    pooled = summary["pooled_over_seeds"]
+    assert pooled["contrasts"] == [["sotu:0.5", "dare:0.5"]]
+    rows = {row["model"]: row for row in summary["rows"]}
+    for task, result in pooled["tasks"].items():
+        sotu, dare = result["arms"]["sotu:0.5"], result["arms"]["dare:0.5"]
+        seeds = ["sotu_0.5", "sotu_0.5_seed=1", "sotu_0.5_seed=2"]
+        # Each seed's pooled value is that merge's own paired change against the base.
+        shown = [seeded.shown(value, result["unit"]) for value in sotu["per_seed"]]
+        assert shown == pytest.approx([rows[label]["changes"][task]["change"] for label in seeds])
+        assert len(dare["per_seed"]) == 1
+        assert sotu["mean"] == pytest.approx(sum(sotu["per_seed"]) / 3)
+        contrast = result["contrasts"]["sotu:0.5-dare:0.5"]
+        assert contrast["difference"] == pytest.approx(sotu["mean"] - dare["mean"])
+        assert contrast["ci95"][0] <= contrast["difference"] <= contrast["ci95"][1]
+    # Other mask seeds draw other masks.
+    assert len({rows[label]["merge"]["collision_rate"] for label in seeds}) > 1
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Merges pooled over mask seeds" in table
+    assert "| sotu:0.5 | 3 |" in table and "| sotu:0.5 − dare:0.5 |" in table
+
+
+def test_default_contrasts_are_those_whose_merges_are_compared(script):
+    merges = [script.parse_merge(text) for text in ("sotu:0.33:seed=1", "ties:0.2", "dare:0.5")]
+    assert script.chosen_contrasts(None, merges) == [("sotu:0.33", "ties:0.2")]

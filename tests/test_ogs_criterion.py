@@ -9,7 +9,12 @@ import pytest
 
 from forgetless.config import load_raw, validate_config
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import TaskItems, perplexity_percent, seeded_changes
+from forgetless.evaluate.seeded import (
+    TaskItems,
+    format_change,
+    perplexity_percent,
+    seeded_changes,
+)
 from forgetless.select.criterion import fit_line, matched_arms, random_subsets, utility_strata
 
 SCRIPT_NAME = "ogs_criterion"
@@ -104,6 +109,15 @@ def test_seeded_changes_average_seeds_and_pair_items():
     assert accuracy["arms"]["a"]["per_seed"] == pytest.approx([25.0, 50.0])
     assert accuracy["arms"]["b"]["mean"] == pytest.approx(-12.5)
     assert perplexity_percent(0.0) == 0.0
+
+
+def test_changes_are_shown_in_percent_perplexity_or_points():
+    arm = {"per_seed": [0.1, 0.3], "mean": 0.2, "ci95": [0.1, 0.3]}
+    # exp(0.1), exp(0.2), exp(0.3) - 1 in %; the sd is that of the shown per-seed values.
+    assert format_change(arm, "nats/token") == "+22.1 [+10.5, +35.0]"
+    assert format_change(arm, "nats/token", spread=True) == "+22.1 ± 17.3 [+10.5, +35.0]"
+    contrast = {"difference": -2.5, "ci95": [-4.0, -1.0]}
+    assert format_change(contrast, "points", spread=True) == "-2.5 [-4.0, -1.0]"
 
 
 def test_the_packaged_config_is_valid(script):

@@ -117,5 +117,22 @@ def perplexity_percent(loss_change: float) -> float:
     return 100.0 * (math.exp(loss_change) - 1.0)
 
 
+def shown(value: float, unit: str) -> float:
+    """A change as reports show it: perplexity tasks in % perplexity, accuracy in points."""
+    return perplexity_percent(value) if unit == LOSS_UNIT else value
+
+
+def format_change(entry: dict, unit: str, *, spread: bool = False) -> str:
+    """An arm's mean change or a contrast's difference, as ``seeded_changes`` gives them, with
+    its 95 % interval, e.g. ``+4.2 [+1.0, +7.5]``; with ``spread``, an arm's sd over its seeds
+    after the mean (``+4.2 ± 1.3 [...]``), where it has more than one seed."""
+    value = entry["mean"] if "mean" in entry else entry["difference"]
+    low, high = entry["ci95"]
+    text = f"{shown(value, unit):+.1f}"
+    if spread and len(entry.get("per_seed", ())) > 1:
+        text += f" ± {np.std([shown(v, unit) for v in entry['per_seed']], ddof=1):.1f}"
+    return f"{text} [{shown(low, unit):+.1f}, {shown(high, unit):+.1f}]"
+
+
 def _interval(draws: np.ndarray) -> list[float]:
     return [float(value) for value in np.percentile(draws, [2.5, 97.5])]
