@@ -11,21 +11,35 @@ so an interrupted run resumes. Writes ``<output>.md`` and ``<output>.json``::
     python scripts/mix_results.py --data-dir ../shared/data
 
 The experiment is the packaged comparison ``src/forgetless/configs/mix_experiment.yaml`` (the
-recipe mix -> train, one arm per mixture); this script renders its table.
+recipe mix -> train, one arm per mixture); this script renders its table. Another comparison
+config works alike, e.g. the retention-aware search against natural, uniform and domain-only
+training (``mix_retention.yaml``; results in ``docs/results/<config name>`` by default), with
+every arm trained under several seeds::
+
+    python scripts/mix_results.py --data-dir ../shared/data \
+        --config src/forgetless/configs/mix_retention.yaml --train-seeds 0 1 2
+
+Each arm's change against the base is pooled over its training seeds, and the searched
+mixture's difference from every other arm comes with an interval that resamples the items
+(paired) and the seeds (``forgetless.evaluate.seeded``). It is Pareto-better than another arm
+when it is worse on no task beyond that interval and better on at least one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import load_raw
+from forgetless.config import load_raw, set_dotted
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
-from forgetless.recipes.adapt import BASE_EVAL
+from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
 from forgetless.report.experiment import (
+    default_paths,
     exit_with_error,
     experiment_parser,
     parse_experiment_args,
@@ -35,19 +49,79 @@ from forgetless.report.experiment import (
 )
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
-MIXTURES = ("climb", "uniform", "natural")
+SEARCHED = "climb"  # the arm whose mixture the search found; every contrast is against it
+
+
+def seeded_arms(raw: dict[str, Any], seeds: list[int]) -> dict[str, list[str]]:
+    """Expand each arm of ``raw`` into one per training seed (in place); each arm's labels.
+
+    With one seed the arms keep their names, so a single-seed run is the published one."""
+    arms = raw.get("compare", {}).get("arms") or {}
+    if len(seeds) == 1:
+        for arm in arms.values():
+            set_dotted(arm, "train.seed", seeds[0])
+        return {name: [name] for name in arms}
+    expanded, labels = {}, {}
+    for name, arm in arms.items():
+        labels[name] = []
+        for seed in seeds:
+            seeded = copy.deepcopy(arm)
+            set_dotted(seeded, "train.seed", seed)
+            expanded[f"{name} t{seed}"] = seeded
+            labels[name].append(f"{name} t{seed}")
+    raw["compare"]["arms"] = expanded
+    return labels
+
+
+def axis_verdict(contrast: dict, higher_is_better: bool) -> str:
+    """better / worse / within noise: the searched arm against another on one task, from the
+    interval of their difference (losses in nats: below zero is better)."""
+    low, high = contrast["ci95"]
+    if higher_is_better:
+        low, high = -high, -low
+    if high < 0:
+        return "better"
+    if low > 0:
+        return "worse"
+    return "within noise"
+
+
+def pareto_verdicts(pooled: dict, higher_is_better: dict[str, bool]) -> dict[str, Any]:
+    """For each arm the searched one is contrasted with: the verdict per task, and whether it
+    is Pareto-better (worse on none beyond the interval, better on at least one)."""
+    others = [second for first, second in pooled["contrasts"]]
+    verdicts = {}
+    for other in others:
+        tasks = {
+            task: axis_verdict(result["contrasts"][f"{SEARCHED}-{other}"], higher_is_better[task])
+            for task, result in pooled["tasks"].items()
+        }
+        values = set(tasks.values())
+        verdicts[other] = {
+            "tasks": tasks,
+            "pareto_better": "worse" not in values and "better" in values,
+        }
+    return verdicts
 
 
 def render(summary: dict[str, Any], args) -> str:
     tasks = summary["tasks"]
     clusters = summary["clusters"]
+    mixtures = list(summary["weights"])
+    constraints = summary["constraints"]
     lines = [
         f"# CLIMB mixture search: {summary['model']}",
         "",
         f"Pool: {', '.join(summary['sources'])}; {clusters['documents']} documents, "
         f"{clusters['clusters']} k-means clusters, {clusters['kept_clusters']} kept, "
         f"{clusters['super_clusters']} super-clusters. Proxy objective: "
-        f"{summary['targets']} (mean token loss, lower is better).",
+        f"{summary['targets']} (mean token loss, lower is better)"
+        + (
+            f"; constraints (largest relative perplexity increase against the natural "
+            f"mixture's proxy): {constraints}."
+            if constraints
+            else "."
+        ),
         "",
         "## Search rounds",
         "",
@@ -84,69 +158,147 @@ def render(summary: dict[str, Any], args) -> str:
         "",
         "## Mixtures (weight per super-cluster)",
         "",
-        "| super-cluster | top terms | " + " | ".join(MIXTURES) + " |",
-        "|---|---|" + "---|" * len(MIXTURES),
+        "| super-cluster | top terms | " + " | ".join(mixtures) + " |",
+        "|---|---|" + "---|" * len(mixtures),
     ]
     for index, cluster in enumerate(summary["super_clusters"]):
-        weights = " | ".join(f"{summary['weights'][m][index]:.3f}" for m in MIXTURES)
+        weights = " | ".join(f"{summary['weights'][m][index]:.3f}" for m in mixtures)
         lines.append(f"| {index} | {', '.join(cluster['top_terms'][:5])} | {weights} |")
+    seeds = summary["train_seeds"]
     lines += [
         "",
         f"## Target model after {summary['tokens']:,} tokens of continued pre-training",
         "",
         "Paired change against the base (95 % interval): perplexity in % (negative = better), "
-        "accuracy in points.",
+        "accuracy in points"
+        + (
+            f"; mean ± sd over the training seeds {seeds}, the interval resampling the items "
+            "and the seeds."
+            if len(seeds) > 1
+            else "."
+        ),
         "",
-        "| mixture | " + " | ".join(tasks) + " |",
+        "| arm | " + " | ".join(tasks) + " |",
         "|---" * (len(tasks) + 1) + "|",
         "| base | " + " | ".join(f"{summary['base'][t]:.4g}" for t in tasks) + " |",
     ]
-    for name in MIXTURES:
-        cells = []
-        for task in tasks:
-            change = summary["changes"][name][task]
-            low, high = change["ci95"]
-            cells.append(f"{change['change']:+.1f} [{low:+.1f}, {high:+.1f}]")
+    pooled = summary["pooled"]
+    for name in summary["arms"]:
+        cells = [
+            format_change(pooled["tasks"][task]["arms"][name], pooled["tasks"][task]["unit"],
+                          spread=True)
+            for task in tasks
+        ]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if pooled["contrasts"]:
+        lines += [
+            "",
+            "## The searched mixture against each other arm",
+            "",
+            f"Difference {SEARCHED} − arm (perplexity as the ratio of the two, in %; accuracy "
+            "in points) [95 % interval]; Pareto-better: worse on no task beyond the interval, "
+            "better on at least one.",
+            "",
+            "| arm | " + " | ".join(tasks) + " | Pareto-better |",
+            "|---" * (len(tasks) + 2) + "|",
+        ]
+        for first, second in pooled["contrasts"]:
+            verdict = summary["verdicts"][second]
+            cells = [
+                format_change(
+                    pooled["tasks"][task]["contrasts"][f"{first}-{second}"],
+                    pooled["tasks"][task]["unit"],
+                )
+                + f" ({verdict['tasks'][task]})"
+                for task in tasks
+            ]
+            better = "yes" if verdict["pareto_better"] else "no"
+            lines.append(f"| {second} | " + " | ".join(cells) + f" | {better} |")
     lines += ["", f"Command: `python scripts/mix_results.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
 
 
+def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str, Any]:
+    results = {arm.label: run.of(arm.label)[1] for arm in arms}
+    searched = results[labels[SEARCHED][0]]
+    tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
+    base = read_evaluation(searched[BASE_EVAL].directory)
+    evaluations = {
+        label: read_evaluation(res[ADAPTED_EVAL].directory) for label, res in results.items()
+    }
+    methods = {name: mixture_method(arms, group[0]) for name, group in labels.items()}
+    mixtures = {
+        name: results[labels[name][0]][f"mixture_{method}"].summary["weights"]
+        for name, method in methods.items()
+        if method is not None
+    }
+    contrasts = [(SEARCHED, name) for name in labels if name != SEARCHED]
+    pooled = {
+        "contrasts": [list(pair) for pair in contrasts],
+        "tasks": {
+            task: seeded_changes(TaskItems.read(task, base, evaluations), labels, contrasts)
+            for task in tasks
+        },
+    }
+    points = {point["arm"]: point for point in run.frontier["arms"]}
+    return {
+        "model": config.model.name,
+        "sources": config.mix.sources,
+        "targets": config.mix.search.targets,
+        "constraints": config.mix.search.constraints,
+        "tokens": args.tokens,
+        "train_seeds": args.train_seeds,
+        "tasks": tasks,
+        "arms": labels,
+        "clusters": searched["clusters"].summary,
+        "super_clusters": json.loads((searched["clusters"].directory / "report.json").read_text())[
+            "super_clusters"
+        ],
+        "search": searched["search"].summary,
+        "weights": mixtures,
+        "base": {task: base[0][task]["value"] for task in tasks},
+        "changes": {label: points[label]["changes"] for label in results},
+        "pooled": pooled,
+        "verdicts": pareto_verdicts(
+            pooled, {task: base[0][task]["higher_is_better"] for task in tasks}
+        ),
+        "training": {label: res["train"].summary for label, res in results.items()},
+        "frontier": str(run.directory / "frontier.html"),
+    }
+
+
+def mixture_method(arms, label: str) -> str | None:
+    """The mixture an arm trains on, or None for an arm without the mix step."""
+    arm = next(arm for arm in arms if arm.label == label)
+    return arm.config.mix.method if "mix" in arm.config.recipe.steps else None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = experiment_parser(__doc__, PACKAGED_CONFIG, "runs/mix_experiment", "docs/results/mix")
+    parser = experiment_parser(__doc__, PACKAGED_CONFIG, None, None)
     parser.add_argument(
         "--tokens", type=int, default=81_920, help="Continued pre-training tokens (80 x 2 x 512)."
     )
+    parser.add_argument(
+        "--train-seeds", type=int, nargs="+", default=[0], help="Training seeds of every arm."
+    )
     args = parse_experiment_args(parser, argv)
+    if args.config.resolve() == PACKAGED_CONFIG:
+        args.run_dir = args.run_dir or "runs/mix_experiment"
+        args.output = args.output or "docs/results/mix"
+    else:
+        default_paths(args, args.config.stem)
+    if len(set(args.train_seeds)) != len(args.train_seeds):
+        exit_with_error("--train-seeds must be different seeds")
     try:
         raw = load_raw(args.config, {**shared_overrides(args), "mix.tokens": args.tokens})
+        labels = seeded_arms(raw, args.train_seeds)
+        if SEARCHED not in labels:
+            raise ForgetlessError(f"compare.arms must include {SEARCHED!r}, the searched mixture")
         arms = expand_arms(raw, args.config)
         run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
         exit_with_error(str(error))
-    config = arms[0].config
-    results = {arm.label: run.of(arm.label)[1] for arm in arms}
-    climb = results["climb"]
-    tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
-    base = read_evaluation(climb[BASE_EVAL].directory)
-    points = {point["arm"]: point for point in run.frontier["arms"]}
-    summary = {
-        "model": config.model.name,
-        "sources": config.mix.sources,
-        "targets": config.mix.search.targets,
-        "tokens": args.tokens,
-        "tasks": tasks,
-        "clusters": climb["clusters"].summary,
-        "super_clusters": json.loads((climb["clusters"].directory / "report.json").read_text())[
-            "super_clusters"
-        ],
-        "search": climb["search"].summary,
-        "weights": {name: results[name][f"mixture_{name}"].summary["weights"] for name in MIXTURES},
-        "base": {task: base[0][task]["value"] for task in tasks},
-        "changes": {name: points[name]["changes"] for name in MIXTURES},
-        "training": {name: results[name]["train"].summary for name in MIXTURES},
-        "frontier": str(run.directory / "frontier.html"),
-    }
+    summary = summarise(arms[0].config, args, arms, labels, run)
     write_results(args.output, summary, render(summary, args))
 
 

@@ -1,44 +1,93 @@
-"""scripts/mix_results.py end to end on tiny models: search, three mixtures, paired table."""
+"""scripts/mix_results.py end to end on tiny models: a retention-constrained search, the
+mixtures and the domain-only arm under two training seeds, the pooled table and verdicts."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 SCRIPT_NAME = "mix_results"
+CONFIGS = Path(__file__).resolve().parents[1] / "src/forgetless/configs"
+TINY = {
+    "model.name": "tiny-llama",
+    "train.max_steps": 2,
+    "train.max_length": 32,
+    "evaluate.limit": 4,
+    "evaluate.task_limits": "{}",
+    "mix.limit_per_source": 12,
+    "mix.cluster.clusters": 6,
+    "mix.cluster.merge_distance": 0.6,
+    "mix.cluster.super_clusters": "null",
+    "mix.search.rounds": "[4, 2]",
+    "mix.search.candidates": 200,
+    "mix.search.predictor_iterations": 20,
+    "mix.search.proxy_tokens": 2048,
+    "mix.search.proxy_max_length": 32,
+    "mix.search.target_limit": 4,
+    "mix.search.noise_runs": 2,
+}
 
 
-def test_mixture_experiment_table(tmp_path, experiment_argv, script):
-    settings = {
-        "model.name": "tiny-llama",
-        "train.max_steps": 2,
-        "train.max_length": 32,
-        "evaluate.limit": 4,
-        "evaluate.task_limits": "{}",
-        "mix.limit_per_source": 12,
-        "mix.cluster.clusters": 6,
-        "mix.cluster.merge_distance": 0.6,
-        "mix.cluster.super_clusters": "null",
-        "mix.search.rounds": "[4, 2]",
-        "mix.search.candidates": 200,
-        "mix.search.predictor_iterations": 20,
-        "mix.search.proxy_tokens": 2048,
-        "mix.search.proxy_max_length": 32,
-        "mix.search.target_limit": 4,
-        "mix.search.noise_runs": 2,
-    }
-    script.main(experiment_argv("mix", settings, "--tokens", "4096"))
+def test_retention_aware_mixtures_against_natural_uniform_and_domain_only(
+    tmp_path, experiment_argv, script
+):
+    config = CONFIGS / "mix_retention.yaml"
+    argv = experiment_argv("mix", TINY, "--tokens", "4096", "--config", str(config))
+    script.main([*argv, "--train-seeds", "0", "1"])
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())
-    assert set(summary["changes"]) == {"climb", "uniform", "natural"}
+    arms = ["climb", "natural", "uniform", "domain only"]
+    assert summary["arms"] == {name: [f"{name} t0", f"{name} t1"] for name in arms}
+    assert summary["constraints"] == {"ppl:web_pool@validation": 0.0}
+    # The domain-only arm trains on the medical text itself: no mixture, the same steps.
+    assert list(summary["weights"]) == ["climb", "natural", "uniform"]
     count = summary["clusters"]["super_clusters"]
     for weights in summary["weights"].values():
         assert len(weights) == count and abs(sum(weights) - 1) < 1e-6
-    assert [entry["round"] for entry in summary["search"]["rounds"]] == [1, 2]
-    for name in ("climb", "uniform", "natural"):
-        assert set(summary["changes"][name]) == {"ppl:pubmedqa@test", "ppl:boolq", "arc_easy"}
-        assert summary["training"][name]["steps"] == 2
+    for label in summary["changes"]:
+        assert summary["training"][label]["steps"] == 2
+    pooled = summary["pooled"]
+    assert pooled["contrasts"] == [["climb", other] for other in arms[1:]]
+    for task, result in pooled["tasks"].items():
+        climb = result["arms"]["climb"]
+        assert len(climb["per_seed"]) == 2
+        assert climb["mean"] == pytest.approx(sum(climb["per_seed"]) / 2)
+        for other in arms[1:]:
+            contrast = result["contrasts"][f"climb-{other}"]
+            assert contrast["difference"] == pytest.approx(
+                climb["mean"] - result["arms"][other]["mean"]
+            )
+            # The verdict follows the interval of the difference.
+            verdict = summary["verdicts"][other]["tasks"][task]
+            low, high = contrast["ci95"]
+            assert verdict == "within noise" or (low > 0 or high < 0)
+    for verdict in summary["verdicts"].values():
+        values = set(verdict["tasks"].values())
+        assert verdict["pareto_better"] == ("worse" not in values and "better" in values)
     table = (tmp_path / "out" / "mix.md").read_text()
-    assert "| climb |" in table
+    assert "| domain only |" in table and "Pareto-better" in table
+    assert "constraints (largest relative perplexity increase" in table
     # Six proxy runs are too few for 5-fold cross-validation: shown as missing, not made up.
     assert "Spearman cross-validated |" in table and "| 2 | 2 |" in table
     assert summary["search"]["rounds"][1]["spearman_cross_validated"] is None
     # The natural mixture under two proxy seeds: its spread is reported beside the rounds'.
     assert summary["search"]["noise_std"] > 0
     assert "Proxy seed noise (natural mixture" in table
+
+
+def test_one_seed_keeps_the_published_arms(script):
+    from forgetless.config import load_raw
+
+    raw = load_raw(CONFIGS / "mix_experiment.yaml", {})
+    assert script.seeded_arms(raw, [0]) == {
+        name: [name] for name in ("climb", "uniform", "natural")
+    }
+    assert raw["compare"]["arms"]["climb"]["train"]["seed"] == 0
+
+
+def test_the_searched_arm_is_required(tmp_path, experiment_argv, script, user_error):
+    argv = experiment_argv(
+        "mix", {**TINY, "compare.arms": '{"natural": {"mix": {"method": "natural"}}}'}
+    )
+    with user_error("compare.arms must include 'climb'"):
+        script.main(argv)
+    assert not (tmp_path / "run").exists()
