@@ -15,7 +15,14 @@ the same test items, to ``<output>.md``, and everything per run to ``<output>.js
 
 ``--runs ORDER:SPLIT ...`` lists the runs; without it, ``--order`` with every ``--subsets``.
 ``--method-set METHOD:section.key=value`` sets something for one method only (LoRA's own
-learning rate).
+learning rate). A merging method may be named with a variant, ``sotu@disjoint``, whose merge
+settings come from ``--method-set`` and whose merges sit beside the experts that every variant
+of the run shares (``continual.variant``)::
+
+    python scripts/continual_results.py --methods seqft sotu sotu@disjoint sotu@average \
+        --method-set sotu@disjoint:merge.masks=disjoint \
+        --method-set sotu@average:merge.method=task_arithmetic \
+        --method-set "sotu@average:merge.scale=0.25"
 Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``. Runs go split by split and
 order by order, every method within each, so an interrupted sweep already compares all
 methods on the runs it finished.
@@ -29,6 +36,7 @@ import statistics
 from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
+from forgetless.errors import ForgetlessError
 from forgetless.recipes.continual import run_continual
 from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
 from forgetless.report.experiment import exit_with_error, print_event, write_results
@@ -60,6 +68,21 @@ def mean_std(values: list[float | None], scale: float = 100.0) -> str:
     return f"{statistics.mean(present):.1f} ± {statistics.stdev(present):.1f}"
 
 
+def label(report: dict) -> str:
+    """The method as the tables name it: ``sotu``, or ``sotu@disjoint`` for a variant."""
+    variant = report.get("variant")
+    return f"{report['method']}@{variant}" if variant else report["method"]
+
+
+def method_and_variant(text: str) -> tuple[str, str | None]:
+    method, _, variant = text.partition("@")
+    if method not in METHODS + OPTIONAL_METHODS:
+        exit_with_error(
+            f"--methods: {method!r} is not one of {', '.join(METHODS + OPTIONAL_METHODS)}"
+        )
+    return method, variant or None
+
+
 def sweep_runs(args: argparse.Namespace) -> list[tuple[int, str]]:
     if not args.runs:
         return [(args.order, subset) for subset in args.subsets]
@@ -87,12 +110,14 @@ def method_settings(items: list[str], method: str) -> dict:
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     reports = []
     for order, subset in sweep_runs(args):
-        for method in args.methods:
+        for name in args.methods:
+            method, variant = method_and_variant(name)
             overrides = dict(parse_assignment(item) for item in args.set or [])
-            overrides.update(method_settings(args.method_set or [], method))
+            overrides.update(method_settings(args.method_set or [], name))
             overrides.update(
                 {
                     "continual.method": method,
+                    "continual.variant": variant,
                     "continual.subset": subset,
                     "continual.order": order,
                     "train.seed": SUBSETS.index(subset) if subset in SUBSETS else 0,
@@ -101,7 +126,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 }
             )
             config = load_config(args.config, overrides)
-            print(f"== {method} on order {order}, split {subset}", flush=True)
+            print(f"== {name} on order {order}, split {subset}", flush=True)
             results = run_continual(config, on_event=print_event)
             report_file = results["report"].directory / "continual.json"
             report = json.loads(report_file.read_text())
@@ -112,7 +137,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
     """Each method's final average accuracy against seqft and multitask, paired on the same
     items of every run both finished, pooled over those runs."""
-    runs = {(r["order"], r["subset"], r["method"]): r for r in reports if r.get("final_items")}
+    runs = {(r["order"], r["subset"], label(r)): r for r in reports if r.get("final_items")}
     references = [m for m in ("seqft", "multitask") if m in methods]
     if not references or len(runs) < 2:  # e.g. the closed-form head keeps no outcomes
         return []
@@ -155,7 +180,7 @@ def order_table(reports: list[dict], methods: list[str]) -> list[str]:
         "|---" * (6 + len(retention_tasks)) + "|",
     ]
     for method in methods:
-        runs = [report for report in reports if report["method"] == method]
+        runs = [report for report in reports if label(report) == method]
         if not runs:
             continue
         metrics = [run["metrics"] for run in runs]
@@ -208,7 +233,7 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
     lines += ["## Accuracy matrices (rows: after training task i; columns: task j)", ""]
     for report in reports:
         lines.append(
-            f"**{report['method']}, order {report['order']}, split {report['subset']}** "
+            f"**{label(report)}, order {report['order']}, split {report['subset']}** "
             "(base row first)"
         )
         lines.append("")
@@ -231,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", type=Path, default=PACKAGED_CONFIG)
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=METHODS + OPTIONAL_METHODS
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help="each METHOD or METHOD@VARIANT, METHOD one of "
+        + ", ".join(METHODS + OPTIONAL_METHODS),
     )
     parser.add_argument("--subsets", nargs="+", default=list(SUBSETS))
     parser.add_argument("--order", type=int, default=1)
@@ -247,7 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
     args = parser.parse_args(argv)
-    reports = run_sweep(args)
+    for name in args.methods:
+        method_and_variant(name)  # a misspelt method fails before any run
+    try:
+        reports = run_sweep(args)
+    except ForgetlessError as error:
+        exit_with_error(str(error))
     write_results(args.output, reports, render(reports, args))
 
 

@@ -73,3 +73,30 @@ def test_runs_and_method_settings_are_checked(experiment_argv, script, user_erro
         script.main(experiment_argv("bad", TINY, "--runs", "1"))
     with user_error("METHOD:section.key=value"):
         script.main(experiment_argv("bad", TINY, "--method-set", "train.learning_rate=1"))
+
+
+def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
+    tmp_path, experiment_argv, script
+):
+    flags = ("--methods", "sotu", "sotu@disjoint", "--subsets", "0_42")
+    flags += ("--method-set", "sotu@disjoint:merge.masks=disjoint")
+    script.main(experiment_argv("variants", TINY, *flags))
+    reports = json.loads((tmp_path / "out" / "variants.json").read_text())
+    assert [(r["method"], r["variant"]) for r in reports] == [("sotu", None), ("sotu", "disjoint")]
+    plain, disjoint = ([entry["directory"] for entry in r["training"]] for r in reports)
+    # The experts (train_*) are the same folders; each variant has merges of its own.
+    assert [d for d in plain if "/train_" in d] == [d for d in disjoint if "/train_" in d]
+    merges = [Path(d) for d in disjoint if "/merge_" in d]
+    assert merges and all(d.name.endswith("@disjoint") for d in merges)
+    merge_report = json.loads((merges[-1] / "model" / "merge_report.json").read_text())
+    assert merge_report["masks"] == "disjoint"
+    table = (tmp_path / "out" / "variants.md").read_text()
+    assert "| sotu@disjoint |" in table and "**sotu@disjoint, order 1, split 0_42**" in table
+
+
+def test_methods_and_variants_are_checked(tmp_path, experiment_argv, script, user_error):
+    with user_error("'sotuu' is not one of"):
+        script.main(experiment_argv("bad", TINY, "--methods", "sotuu"))
+    with user_error("seqft merges nothing"):
+        script.main(experiment_argv("bad", TINY, "--methods", "seqft@fast", "--subsets", "0_42"))
+    assert not (tmp_path / "run").exists()

@@ -84,6 +84,14 @@ class ContinualConfig(Section):
         "records of every earlier task; ewc: seqft with the EWC penalty (train.ewc); olora: "
         "lora with O-LoRA's orthogonality penalty to the earlier tasks' LoRAs (train.olora).",
     )
+    variant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.=+-]+$",
+        description="A merging strategy (sotu) only: names this run's merge settings, e.g. "
+        "variant=disjoint with merge.masks=disjoint. Its merges, evaluations and report get "
+        "stage folders of their own (<stage>@<variant>) beside the experts, which every "
+        "variant shares (they do not depend on the merge).",
+    )
     replay_per_task: int = Field(
         16,
         ge=1,

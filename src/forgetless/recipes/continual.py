@@ -19,6 +19,9 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
             train_01_<task>/model/        plain HF checkpoint after task 1 (the next task
             [merge_01_<task>/model/]      starts from it; sotu: the merge of the experts so
             eval_01_<task>/tasks/*.json   far); every task's accuracy after task 1
+            [merge_01_<task>@<variant>/, eval_01_<task>@<variant>/, ...]
+                                          sotu with continual.variant: that merge's own
+                                          stages, beside the shared experts
             [cil_01_<task>/]              the same with continual.head = closed_form
             [train_01_<task>/ewc_fisher.safetensors]       ewc: the Fishers summed so far
             [train_01_<task>/olora_subspaces.safetensors]  olora: the LoRA A's so far
@@ -524,6 +527,7 @@ class ContinualReportSettings(StageSettings):
     benchmark: str
     order: int
     method: str
+    variant: str | None
     head: str
     tasks: tuple[str, ...]
     model: str
@@ -549,6 +553,7 @@ class ContinualReportStage(Stage):
             benchmark=continual.benchmark,
             order=continual.order,
             method=continual.method,
+            variant=continual.variant,
             head=continual.head,
             tasks=tuple(self.tasks),
             model=self.config.model.name,
@@ -603,6 +608,7 @@ class ContinualReportStage(Stage):
             "order": continual.order,
             "subset": continual.subset if continual.benchmark == "fewshot" else None,
             "method": continual.method,
+            "variant": continual.variant,
             "head": continual.head,
             "model": self.config.model.name,
             "tasks": self.tasks,
@@ -650,6 +656,8 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
             for i, task in enumerate(tasks)
         ]
     merging = strategy.merge
+    # A merge variant's own stages sit beside the shared experts under names of their own.
+    variant = f"@{config.continual.variant}" if config.continual.variant else ""
     previous = None
     train_names, eval_names, experts = [], [], []
     for name, trained_on, index, earlier in steps:
@@ -665,12 +673,12 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
         previous = name
         if merging:
             experts.append(name)
-            previous = name.replace("train_", "merge_", 1)
+            previous = name.replace("train_", "merge_", 1) + variant
             stages.append(MergeExpertsStage(previous, config.model, config.merge, list(experts)))
             train_names.append(previous)
         if config.continual.head == "closed_form":
             # Own stage names, so both heads' results can sit beside the same trained models.
-            evaluation = name.replace("train_", "cil_", 1)
+            evaluation = name.replace("train_", "cil_", 1) + variant
             if config.continual.head_statistics == "recompute":
                 fit_tasks, head_from = tasks[: index + len(trained_on)], None
             else:
@@ -680,14 +688,14 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
             )
             stages.append(closed_form)
         else:
-            evaluation = name.replace("train_", "eval_", 1)
+            evaluation = name.replace("train_", "eval_", 1) + variant
             stages.append(ContinualEvalStage(evaluation, config, data, tasks, model_from=previous))
         eval_names.append(evaluation)
     retention = None
     if config.continual.retention_tasks:
-        stages.append(retention_stage("retention_final", config, model_from=previous))
-        retention = ("retention_base", "retention_final")
-    report = "report" if config.continual.head == "lm" else "report_closed_form"
+        stages.append(retention_stage("retention_final" + variant, config, model_from=previous))
+        retention = ("retention_base", "retention_final" + variant)
+    report = ("report" if config.continual.head == "lm" else "report_closed_form") + variant
     stages.append(ContinualReportStage(report, config, tasks, train_names, eval_names, retention))
     return stages
 
@@ -707,6 +715,11 @@ def run_continual(
 
     continual = config.continual
     tasks = task_sequence(continual.benchmark, continual.order)
+    if continual.variant and not lookup("continual", continual.method).implementation.merge:
+        raise ForgetlessError(
+            f"continual.variant names merge settings, and {continual.method} merges nothing: "
+            "give another run_dir instead"
+        )
     if continual.method == "sotu" and (config.merge.weights or config.merge.densities):
         # The number of merged experts grows task by task: no fixed list fits every merge.
         raise ForgetlessError(
