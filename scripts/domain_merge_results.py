@@ -39,7 +39,7 @@ from typing import Any
 
 from forgetless.config import load_raw, parse_assignment, set_dotted
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
+from forgetless.evaluate.seeded import arm_cells, contrast_cells, pooled_changes
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
@@ -131,19 +131,6 @@ def chosen_contrasts(requested, merges: list[MergeSpec]) -> list[tuple[str, str]
                 f"--contrast: {unknown[0]!r} is not among --merges (without its seed)"
             )
     return [tuple(pair) for pair in requested]
-
-
-def pooled_over_seeds(tasks, base, evaluations, merges, contrasts) -> dict[str, Any]:
-    """Each merge group's change against the base pooled over its mask seeds, and the
-    contrasts between groups, per task (``seeded_changes``)."""
-    groups = seed_groups(merges)
-    return {
-        "contrasts": [list(pair) for pair in contrasts],
-        "tasks": {
-            task: seeded_changes(TaskItems.read(task, base, evaluations), groups, contrasts)
-            for task in tasks
-        },
-    }
 
 
 def comparison_config(args: argparse.Namespace, merges: list[MergeSpec]) -> dict[str, Any]:
@@ -249,7 +236,7 @@ def summarise(config, domains, merges, contrasts, run) -> dict[str, Any]:
     pooled = None
     if any(len(labels) > 1 for labels in seed_groups(merges).values()):
         merged = {merge.label: evaluations[merge.label] for merge in merges}
-        pooled = pooled_over_seeds(tasks, base, merged, merges, contrasts)
+        pooled = pooled_changes(tasks, base, merged, seed_groups(merges), contrasts)
     return {
         "model": config.model.name,
         "train": config.train.model_dump(mode="json"),
@@ -363,7 +350,6 @@ def render(summary: dict, domains: list[str], args: argparse.Namespace) -> str:
 
 
 def render_pooled(pooled: dict, tasks: list[str], headers: list[str]) -> list[str]:
-    by_task = pooled["tasks"]
     lines = [
         "",
         "## Merges pooled over mask seeds",
@@ -374,11 +360,8 @@ def render_pooled(pooled: dict, tasks: list[str], headers: list[str]) -> list[st
         "| merge | seeds | " + " | ".join(headers) + " |",
         "|---" * (len(tasks) + 2) + "|",
     ]
-    for name, arm in by_task[tasks[0]]["arms"].items():
-        cells = [
-            format_change(by_task[task]["arms"][name], by_task[task]["unit"], spread=True)
-            for task in tasks
-        ]
+    for name, arm in pooled["tasks"][tasks[0]]["arms"].items():
+        cells = arm_cells(pooled, name, tasks)
         lines.append(f"| {name} | {len(arm['per_seed'])} | " + " | ".join(cells) + " |")
     if pooled["contrasts"]:
         lines += [
@@ -390,11 +373,7 @@ def render_pooled(pooled: dict, tasks: list[str], headers: list[str]) -> list[st
             "|---" * (len(tasks) + 1) + "|",
         ]
         for first, second in pooled["contrasts"]:
-            key = f"{first}-{second}"
-            cells = [
-                format_change(by_task[task]["contrasts"][key], by_task[task]["unit"])
-                for task in tasks
-            ]
+            cells = contrast_cells(pooled, first, second, tasks)
             lines.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
     return lines
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from forgetless.config import load_raw, set_dotted
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
+from forgetless.evaluate.seeded import arm_cells, contrast_cells, pooled_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import compare, expand_arms
@@ -184,12 +184,7 @@ def render(summary: dict[str, Any], args) -> str:
     ]
     pooled = summary["pooled"]
     for name in summary["arms"]:
-        cells = [
-            format_change(pooled["tasks"][task]["arms"][name], pooled["tasks"][task]["unit"],
-                          spread=True)
-            for task in tasks
-        ]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(arm_cells(pooled, name, tasks)) + " |")
     if pooled["contrasts"]:
         lines += [
             "",
@@ -205,12 +200,10 @@ def render(summary: dict[str, Any], args) -> str:
         for first, second in pooled["contrasts"]:
             verdict = summary["verdicts"][second]
             cells = [
-                format_change(
-                    pooled["tasks"][task]["contrasts"][f"{first}-{second}"],
-                    pooled["tasks"][task]["unit"],
+                f"{cell} ({verdict['tasks'][task]})"
+                for cell, task in zip(
+                    contrast_cells(pooled, first, second, tasks), tasks, strict=True
                 )
-                + f" ({verdict['tasks'][task]})"
-                for task in tasks
             ]
             better = "yes" if verdict["pareto_better"] else "no"
             lines.append(f"| {second} | " + " | ".join(cells) + f" | {better} |")
@@ -233,13 +226,7 @@ def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str
         if method is not None
     }
     contrasts = [(SEARCHED, name) for name in labels if name != SEARCHED]
-    pooled = {
-        "contrasts": [list(pair) for pair in contrasts],
-        "tasks": {
-            task: seeded_changes(TaskItems.read(task, base, evaluations), labels, contrasts)
-            for task in tasks
-        },
-    }
+    pooled = pooled_changes(tasks, base, evaluations, labels, contrasts)
     points = {point["arm"]: point for point in run.frontier["arms"]}
     return {
         "model": config.model.name,

@@ -112,6 +112,37 @@ def seeded_changes(
     return result
 
 
+def pooled_changes(
+    tasks: Sequence[str],
+    base: tuple[dict, dict],
+    evaluations: dict[str, tuple[dict, dict]],
+    arms: dict[str, Sequence[str]],
+    contrasts: Sequence[tuple[str, str]],
+) -> dict:
+    """``seeded_changes`` on every task, with the contrasts it was asked for:
+    ``{"contrasts": [[a, b], ...], "tasks": {task: ...}}``."""
+    return {
+        "contrasts": [list(pair) for pair in contrasts],
+        "tasks": {
+            task: seeded_changes(TaskItems.read(task, base, evaluations), arms, contrasts)
+            for task in tasks
+        },
+    }
+
+
+def arm_cells(pooled: dict, name: str, tasks: Sequence[str]) -> list[str]:
+    """One arm's row of a ``pooled_changes`` table: mean ± sd [interval] per task."""
+    by_task = pooled["tasks"]
+    return [format_change(by_task[t]["arms"][name], by_task[t]["unit"], spread=True) for t in tasks]
+
+
+def contrast_cells(pooled: dict, first: str, second: str, tasks: Sequence[str]) -> list[str]:
+    """One contrast's row of a ``pooled_changes`` table: difference [interval] per task."""
+    by_task = pooled["tasks"]
+    key = f"{first}-{second}"
+    return [format_change(by_task[t]["contrasts"][key], by_task[t]["unit"]) for t in tasks]
+
+
 def perplexity_percent(loss_change: float) -> float:
     """A change of the mean token loss (nats) as the % change of perplexity."""
     return 100.0 * (math.exp(loss_change) - 1.0)
