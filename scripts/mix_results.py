@@ -52,14 +52,13 @@ PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/
 SEARCHED = "climb"  # the arm whose mixture the search found; every contrast is against it
 
 
-def seeded_arms(raw: dict[str, Any], seeds: list[int]) -> dict[str, list[str]]:
+def seeded_arms(raw: dict[str, Any], seeds: list[int] | None) -> dict[str, list[str]]:
     """Expand each arm of ``raw`` into one per training seed (in place); each arm's labels.
 
-    With one seed the arms keep their names, so a single-seed run is the published one."""
+    Without seeds every arm trains once under the config's seed and keeps its name, so the
+    published run is what it was."""
     arms = raw.get("compare", {}).get("arms") or {}
-    if len(seeds) == 1:
-        for arm in arms.values():
-            set_dotted(arm, "train.seed", seeds[0])
+    if seeds is None:
         return {name: [name] for name in arms}
     expanded, labels = {}, {}
     for name, arm in arms.items():
@@ -234,7 +233,7 @@ def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str
         "targets": config.mix.search.targets,
         "constraints": config.mix.search.constraints,
         "tokens": args.tokens,
-        "train_seeds": args.train_seeds,
+        "train_seeds": args.train_seeds or [config.train.seed],
         "tasks": tasks,
         "arms": labels,
         "clusters": searched["clusters"].summary,
@@ -266,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         "--tokens", type=int, default=81_920, help="Continued pre-training tokens (80 x 2 x 512)."
     )
     parser.add_argument(
-        "--train-seeds", type=int, nargs="+", default=[0], help="Training seeds of every arm."
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        help="Train every arm once per seed (default: once, under the config's train.seed).",
     )
     args = parse_experiment_args(parser, argv)
     if args.config.resolve() == PACKAGED_CONFIG:
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         args.output = args.output or "docs/results/mix"
     else:
         default_paths(args, args.config.stem)
-    if len(set(args.train_seeds)) != len(args.train_seeds):
+    if args.train_seeds and len(set(args.train_seeds)) != len(args.train_seeds):
         exit_with_error("--train-seeds must be different seeds")
     try:
         raw = load_raw(args.config, {**shared_overrides(args), "mix.tokens": args.tokens})
