@@ -141,6 +141,17 @@ def test_compare_runs_arms_and_sweeps_sharing_what_they_share(tmp_path, shared_d
     assert (rerun.directory / "frontier.json").read_bytes() == first
 
 
+def test_the_comparisons_axes_reach_the_frontier(tmp_path, shared_data_dir):
+    raw = _arms_raw(tmp_path)
+    raw["evaluate"] = {**TINY["evaluate"], "general_tasks": ["c4", "ppl:boolq"]}
+    raw["compare"]["y_task"] = "ppl:boolq"
+    del raw["compare"]["arms"]["osft"]
+    arms = expand_arms(raw)
+    assert arms[0].config.compare.y_task == "ppl:boolq" and not arms[0].config.compare.arms
+    run = compare(arms, tmp_path / "run", progress=False)
+    assert (run.frontier["x_task"], run.frontier["y_task"]) == ("ppl:pubmedqa@test", "ppl:boolq")
+
+
 def test_an_arm_may_not_change_what_is_measured(tmp_path):
     raw = _arms_raw(tmp_path)
     raw["compare"]["arms"]["full"]["evaluate"] = {"limit": 2}
