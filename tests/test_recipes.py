@@ -152,6 +152,42 @@ def test_the_comparisons_axes_reach_the_frontier(tmp_path, shared_data_dir):
     assert (run.frontier["x_task"], run.frontier["y_task"]) == ("ppl:pubmedqa@test", "ppl:boolq")
 
 
+def test_seeds_train_each_arm_once_per_seed_and_pool_its_point(tmp_path, shared_data_dir):
+    raw = _arms_raw(tmp_path)
+    raw["compare"]["arms"] = {"full": {}, "lora": {"train": {"method": "lora"}}}
+    raw["compare"]["seeds"] = [0, 1]
+    arms = expand_arms(raw)
+    assert [(arm.label, arm.folder, arm.point) for arm in arms] == [
+        ("full seed=0", "full@seed=0", "full"),
+        ("full seed=1", "full@seed=1", "full"),
+        ("lora seed=0", "lora@seed=0", "lora"),
+        ("lora seed=1", "lora@seed=1", "lora"),
+    ]
+    assert [arm.config.train.seed for arm in arms] == [0, 1, 0, 1]
+    run = compare(arms, tmp_path / "run", progress=False)
+    frontier = run.frontier
+    assert frontier["seeds"] == [0, 1]
+    assert [point["label"] for point in frontier["arms"]] == ["full", "lora"]
+    models = {model["label"]: model for model in frontier["models"]}
+    assert set(models) == {arm.label for arm in arms}
+    for point in frontier["arms"]:
+        assert point["models"] == [f"{point['label']} seed=0", f"{point['label']} seed=1"]
+        for task, change in point["changes"].items():
+            own = [models[label]["changes"][task]["change"] for label in point["models"]]
+            # Each seed's value is that model's own paired change; the point is their mean
+            # (of the token loss, so between the two), inside its interval.
+            assert change["per_seed"] == pytest.approx(own)
+            assert min(own) - 1e-9 <= change["change"] <= max(own) + 1e-9
+            assert change["ci95"][0] <= change["change"] <= change["ci95"][1]
+            assert change["unit"] == "% perplexity"
+        assert point["compute"]["steps"] == 2
+    full = frontier["arms"][0]["changes"]["c4"]["per_seed"]
+    assert full[0] != full[1]  # another seed, another data order: another model
+    assert "the seeds [0, 1]" in (run.directory / "frontier.md").read_text()
+    with pytest.raises(ForgetlessError, match="must be different seeds"):
+        expand_arms({**raw, "compare": {**raw["compare"], "seeds": [1, 1]}})
+
+
 def test_an_arm_may_not_change_what_is_measured(tmp_path):
     raw = _arms_raw(tmp_path)
     raw["compare"]["arms"]["full"]["evaluate"] = {"limit": 2}

@@ -41,11 +41,16 @@ ARM_KEYS = ("sweep", "description")  # an arm's entries that are not config sect
 @dataclass
 class Arm:
     name: str
-    label: str  # the point's name in the report: the arm, and its swept value if any
+    label: str  # the model's name: the arm, its swept value if any, its seed if several
     folder: str  # where its own stages go in the run directory
     sweep: dict[str, Any]
     description: str
     config: ForgetlessConfig
+    point: str = ""  # the frontier point it counts towards: the label without the seed
+    seed: int | None = None  # compare.seeds: the training seed of this model
+
+    def __post_init__(self):
+        self.point = self.point or self.label
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -107,10 +112,18 @@ def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[A
                     f"{where}: an arm may not change the model or the evaluation; every arm is "
                     "scored against the same base on the same items"
                 )
-            arms.append(
-                Arm(name, label, _safe(folder), {key: value} if key else {},
-                    str(spec.get("description", "")), config)
-            )  # fmt: skip
+            sweep_point = {key: value} if key else {}
+            description = str(spec.get("description", ""))
+            if not base.compare.seeds:
+                arms.append(Arm(name, label, _safe(folder), sweep_point, description, config))
+            for seed in base.compare.seeds:
+                seeded_raw = copy.deepcopy(arm_raw)
+                set_dotted(seeded_raw, "train.seed", seed)
+                seeded = validate_config(seeded_raw, where)
+                arms.append(
+                    Arm(name, f"{label} seed={seed}", _safe(f"{folder}@seed={seed}"),
+                        sweep_point, description, seeded, point=label, seed=seed)
+                )  # fmt: skip
     return arms
 
 
@@ -126,6 +139,54 @@ def _compute(plan: Plan, results: dict[str, StageResult]) -> dict[str, Any]:
         "seconds": sum(results[name].seconds or 0.0 for name in plan.training),
         "peak_memory_mb": max(memory) if memory else None,
     }
+
+
+def _pooled_points(arms: list[Arm], points, tasks, base, evaluations) -> list[dict[str, Any]]:
+    """One frontier point per arm and swept value: the mean change of its models over their
+    seeds, with an interval that resamples the items (paired) and the seeds
+    (:mod:`forgetless.evaluate.seeded`), in the units of the per-model changes."""
+    from forgetless.evaluate.seeded import TaskItems, seeded_changes, shown
+
+    groups: dict[str, list[str]] = {}
+    for arm in arms:
+        groups.setdefault(arm.point, []).append(arm.label)
+    by_label = {point["label"]: point for point in points}
+    pooled = {
+        task: seeded_changes(TaskItems.read(task, base, evaluations), groups, []) for task in tasks
+    }
+    result = []
+    for name, labels in groups.items():
+        models = [by_label[label] for label in labels]
+        changes = {}
+        for task in tasks:
+            arm, unit = pooled[task]["arms"][name], pooled[task]["unit"]
+            changes[task] = {
+                "unit": models[0]["changes"][task]["unit"],
+                "change": shown(arm["mean"], unit),
+                "ci95": [shown(bound, unit) for bound in arm["ci95"]],
+                "per_seed": [shown(value, unit) for value in arm["per_seed"]],
+            }
+        computes = [model["compute"] for model in models]
+        memory = [c["peak_memory_mb"] for c in computes if c["peak_memory_mb"] is not None]
+        result.append(
+            {
+                "label": name,
+                "arm": models[0]["arm"],
+                "sweep": models[0]["sweep"],
+                "description": models[0]["description"],
+                "models": labels,
+                "changes": changes,
+                # What one model of the point cost, on average over its seeds.
+                "compute": {
+                    **{
+                        key: sum(c[key] for c in computes) / len(computes)
+                        for key in ("tokens", "epochs", "steps", "seconds")
+                    },
+                    "peak_memory_mb": max(memory) if memory else None,
+                },
+            }
+        )
+    return result
 
 
 @dataclass
@@ -178,10 +239,10 @@ def compare(
     runs = RunDirectory(Path(run_dir), on_event=on_event or (lambda event, info: None))
     results = runs.run_plans({folder: plan.stages for folder, plan in plans.items()})
     base = read_evaluation(results[arms[0].folder][BASE_EVAL].directory)
-    points = []
+    points, evaluations = [], {}
     for arm in arms:
         arm_results = results[arm.folder]
-        evaluation = read_evaluation(arm_results[ADAPTED_EVAL].directory)
+        evaluation = evaluations[arm.label] = read_evaluation(arm_results[ADAPTED_EVAL].directory)
         plan = plans[arm.folder]
         model_dir = arm_results[plan.model_stage].directory / MODEL_DIR
         set_retention(model_dir, retention_markdown(arm_results))
@@ -211,6 +272,12 @@ def compare(
         },
         "arms": points,
     }
+    if first.compare.seeds:
+        comparison.update(
+            seeds=list(first.compare.seeds),
+            models=points,
+            arms=_pooled_points(arms, points, tasks, base, evaluations),
+        )
     frontier = build_frontier(comparison)
     directory = Path(frontier_dir) if frontier_dir is not None else Path(run_dir) / FRONTIER_DIR
     previous = directory / "frontier.json"

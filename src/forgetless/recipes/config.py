@@ -63,6 +63,19 @@ class CompareConfig(Section):
         None,
         description="General task on the frontier's y axis (default: the first general task).",
     )
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="Train every arm (every swept value) once per seed (train.seed); each "
+        "point of the frontier is then the mean over its seeds, its interval resampling the "
+        "items (paired) and the seeds. Empty: once, under train.seed.",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _different_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"must be different seeds, got {value}")
+        return value
 
 
 class ContinualConfig(Section):

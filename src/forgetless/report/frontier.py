@@ -163,6 +163,13 @@ def _notes(frontier: dict[str, Any]) -> list[str]:
         "Pareto-optimal (no other arm has as much domain gain and as much general retention, "
         f"and more of one): {', '.join(frontier['pareto_labels'])}."
     ]
+    if frontier.get("seeds"):
+        notes.append(
+            f"Each point is the mean of its models trained under the seeds {frontier['seeds']} "
+            "(each model's own changes are under `models` in frontier.json); its interval "
+            "resamples the items (paired) and the seeds, and its compute is one model's, on "
+            "average."
+        )
     if any(arm["forgets"] for arm in frontier["arms"]):
         notes.append(
             f"† forgets: the whole 95 % interval of the change on {frontier['y_task']} lies "
