@@ -27,12 +27,11 @@ when it is worse on no task beyond that interval and better on at least one.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import load_raw, set_dotted
+from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import arm_cells, contrast_cells, pooled_changes
 from forgetless.evaluate.stats import read_evaluation
@@ -50,26 +49,6 @@ from forgetless.report.experiment import (
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/mix_experiment.yaml"
 SEARCHED = "climb"  # the arm whose mixture the search found; every contrast is against it
-
-
-def seeded_arms(raw: dict[str, Any], seeds: list[int] | None) -> dict[str, list[str]]:
-    """Expand each arm of ``raw`` into one per training seed (in place); each arm's labels.
-
-    Without seeds every arm trains once under the config's seed and keeps its name, so the
-    published run is what it was."""
-    arms = raw.get("compare", {}).get("arms") or {}
-    if seeds is None:
-        return {name: [name] for name in arms}
-    expanded, labels = {}, {}
-    for name, arm in arms.items():
-        labels[name] = []
-        for seed in seeds:
-            seeded = copy.deepcopy(arm)
-            set_dotted(seeded, "train.seed", seed)
-            expanded[f"{name} t{seed}"] = seeded
-            labels[name].append(f"{name} t{seed}")
-    raw["compare"]["arms"] = expanded
-    return labels
 
 
 def axis_verdict(contrast: dict, higher_is_better: bool) -> str:
@@ -210,8 +189,12 @@ def render(summary: dict[str, Any], args) -> str:
     return "\n".join(lines)
 
 
-def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str, Any]:
+def summarise(config, args, arms, run) -> dict[str, Any]:
     results = {arm.label: run.of(arm.label)[1] for arm in arms}
+    # Each frontier point's models: one, or one per seed of compare.seeds.
+    labels = {
+        point["label"]: point.get("models", [point["label"]]) for point in run.frontier["arms"]
+    }
     searched = results[labels[SEARCHED][0]]
     tasks = [*config.evaluate.domain_tasks, *config.evaluate.general_tasks]
     base = read_evaluation(searched[BASE_EVAL].directory)
@@ -226,14 +209,15 @@ def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str
     }
     contrasts = [(SEARCHED, name) for name in labels if name != SEARCHED]
     pooled = pooled_changes(tasks, base, evaluations, labels, contrasts)
-    points = {point["arm"]: point for point in run.frontier["arms"]}
+    # Each model's own changes: the frontier's points, or its models when it pools seeds.
+    models = {model["label"]: model for model in run.frontier.get("models", run.frontier["arms"])}
     return {
         "model": config.model.name,
         "sources": config.mix.sources,
         "targets": config.mix.search.targets,
         "constraints": config.mix.search.constraints,
         "tokens": args.tokens,
-        "train_seeds": args.train_seeds or [config.train.seed],
+        "train_seeds": config.compare.seeds or [config.train.seed],
         "tasks": tasks,
         "arms": labels,
         "clusters": searched["clusters"].summary,
@@ -243,7 +227,7 @@ def summarise(config, args, arms, labels: dict[str, list[str]], run) -> dict[str
         "search": searched["search"].summary,
         "weights": mixtures,
         "base": {task: base[0][task]["value"] for task in tasks},
-        "changes": {label: points[label]["changes"] for label in results},
+        "changes": {label: models[label]["changes"] for label in results},
         "pooled": pooled,
         "verdicts": pareto_verdicts(
             pooled, {task: base[0][task]["higher_is_better"] for task in tasks}
@@ -268,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "--train-seeds",
         type=int,
         nargs="+",
-        help="Train every arm once per seed (default: once, under the config's train.seed).",
+        help="Train every arm once per seed (compare.seeds; default: the config's).",
     )
     args = parse_experiment_args(parser, argv)
     if args.config.resolve() == PACKAGED_CONFIG:
@@ -276,18 +260,18 @@ def main(argv: list[str] | None = None) -> None:
         args.output = args.output or "docs/results/mix"
     else:
         default_paths(args, args.config.stem)
-    if args.train_seeds and len(set(args.train_seeds)) != len(args.train_seeds):
-        exit_with_error("--train-seeds must be different seeds")
+    overrides = {**shared_overrides(args), "mix.tokens": args.tokens}
+    if args.train_seeds:
+        overrides["compare.seeds"] = args.train_seeds
     try:
-        raw = load_raw(args.config, {**shared_overrides(args), "mix.tokens": args.tokens})
-        labels = seeded_arms(raw, args.train_seeds)
-        if SEARCHED not in labels:
+        raw = load_raw(args.config, overrides)
+        if SEARCHED not in ((raw.get("compare") or {}).get("arms") or {}):
             raise ForgetlessError(f"compare.arms must include {SEARCHED!r}, the searched mixture")
         arms = expand_arms(raw, args.config)
         run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
         exit_with_error(str(error))
-    summary = summarise(arms[0].config, args, arms, labels, run)
+    summary = summarise(arms[0].config, args, arms, run)
     write_results(args.output, summary, render(summary, args))
 
 

@@ -1,7 +1,6 @@
 """scripts/mix_results.py end to end on tiny models: a retention-constrained search, the
 mixtures and the domain-only arm under two training seeds, the pooled table and verdicts."""
 
-import copy
 import json
 from pathlib import Path
 
@@ -37,7 +36,8 @@ def test_retention_aware_mixtures_against_natural_uniform_and_domain_only(
     script.main([*argv, "--train-seeds", "0", "1"])
     summary = json.loads((tmp_path / "out" / "mix.json").read_text())
     arms = ["climb", "natural", "uniform", "domain only"]
-    assert summary["arms"] == {name: [f"{name} t0", f"{name} t1"] for name in arms}
+    assert summary["arms"] == {name: [f"{name} seed=0", f"{name} seed=1"] for name in arms}
+    assert summary["train_seeds"] == [0, 1]
     assert summary["constraints"] == {"ppl:web_pool@validation": 0.0}
     # The domain-only arm trains on the medical text itself: no mixture, the same steps.
     assert list(summary["weights"]) == ["climb", "natural", "uniform"]
@@ -75,15 +75,15 @@ def test_retention_aware_mixtures_against_natural_uniform_and_domain_only(
     assert "Proxy seed noise (natural mixture" in table
 
 
-def test_without_seeds_the_published_arms_stay_as_they_are(script):
+def test_without_seeds_the_published_arms_stay_as_they_are():
     from forgetless.config import load_raw
+    from forgetless.recipes.compare import expand_arms
 
-    raw = load_raw(CONFIGS / "mix_experiment.yaml", {})
-    published = copy.deepcopy(raw)
-    assert script.seeded_arms(raw, None) == {
-        name: [name] for name in ("climb", "uniform", "natural")
-    }
-    assert raw == published  # the config's own seed, the published arms' folders
+    arms = expand_arms(load_raw(CONFIGS / "mix_experiment.yaml", {}))
+    # Each arm trains once under the config's seed, in the published run's folders.
+    assert [(arm.label, arm.folder, arm.seed) for arm in arms] == [
+        (name, name, None) for name in ("climb", "uniform", "natural")
+    ]
 
 
 def test_the_searched_arm_is_required(tmp_path, experiment_argv, script, user_error):
