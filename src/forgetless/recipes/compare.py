@@ -1,7 +1,8 @@
 """Comparing arms: several adapt recipes on one base model, data and evaluation items.
 
 ``compare.arms`` names each arm and the settings it changes; an arm may sweep one setting,
-giving one point per value. Every arm's plan runs in one run directory, so what arms share
+giving one point per value, and ``compare.seeds`` trains every point once per seed, the point
+then being the mean of its models. Every arm's plan runs in one run directory, so what arms share
 runs once (the base evaluation, a mixture's clusters, a selection's gradients). The result is
 the frontier report (:mod:`forgetless.report.frontier`): each point's paired change against
 the base on every task, its compute, and the Pareto-optimal arms, as JSON, Markdown and a
