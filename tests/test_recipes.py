@@ -186,6 +186,9 @@ def test_seeds_train_each_arm_once_per_seed_and_pool_its_point(tmp_path, shared_
     assert "the seeds [0, 1]" in (run.directory / "frontier.md").read_text()
     with pytest.raises(ForgetlessError, match="must be different seeds"):
         expand_arms({**raw, "compare": {**raw["compare"], "seeds": [1, 1]}})
+    raw["compare"]["arms"]["lora"]["train"]["seed"] = 3
+    with pytest.raises(ForgetlessError, match="compare.arms.lora: sets train.seed"):
+        expand_arms(raw)
 
 
 def test_an_arm_may_not_change_what_is_measured(tmp_path):

@@ -90,6 +90,10 @@ def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[A
                 f"{where}.sweep: give one setting, e.g. {{train.learning_rate: [1e-4, 3e-4]}}"
             )
         changes = {key: value for key, value in spec.items() if key not in ARM_KEYS}
+        if base.compare.seeds and ("seed" in (changes.get("train") or {}) or "train.seed" in sweep):
+            raise ForgetlessError(
+                f"{where}: sets train.seed, which compare.seeds sets for every arm; give one"
+            )
         points = [(None, None)]
         if sweep:
             key, values = next(iter(sweep.items()))
