@@ -191,6 +191,25 @@ def test_seeds_train_each_arm_once_per_seed_and_pool_its_point(tmp_path, shared_
         expand_arms(raw)
 
 
+def test_seeds_multiply_a_sweep_and_each_model_counts_towards_its_swept_point(tmp_path):
+    raw = _arms_raw(tmp_path)
+    raw["compare"]["seeds"] = [3, 4]
+    arms = [arm for arm in expand_arms(raw) if arm.name == "osft"]
+    assert [(arm.label, arm.folder, arm.point, arm.seed) for arm in arms] == [
+        ("osft learning_rate=0.001 seed=3", "osft@learning_rate=0.001@seed=3",
+         "osft learning_rate=0.001", 3),
+        ("osft learning_rate=0.001 seed=4", "osft@learning_rate=0.001@seed=4",
+         "osft learning_rate=0.001", 4),
+        ("osft learning_rate=0.01 seed=3", "osft@learning_rate=0.01@seed=3",
+         "osft learning_rate=0.01", 3),
+        ("osft learning_rate=0.01 seed=4", "osft@learning_rate=0.01@seed=4",
+         "osft learning_rate=0.01", 4),
+    ]  # fmt: skip
+    assert [(arm.config.train.seed, arm.config.train.learning_rate) for arm in arms] == [
+        (3, 1e-3), (4, 1e-3), (3, 1e-2), (4, 1e-2)
+    ]  # fmt: skip
+
+
 def test_an_arm_may_not_change_what_is_measured(tmp_path):
     raw = _arms_raw(tmp_path)
     raw["compare"]["arms"]["full"]["evaluate"] = {"limit": 2}
