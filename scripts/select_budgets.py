@@ -129,22 +129,29 @@ def pool_tokens(config) -> int:
     return int(candidate_tokens(selection, selection.data({}).candidates).sum())
 
 
-def label(method: str, budget: float | None, select_seed: int | None, train_seed: int) -> str:
+def label(method: str, budget: float | None = None, select_seed: int | None = None) -> str:
+    """The arm of a method, budget and selection seed (its models add `` seed=<training>``)."""
     if method == "full":
-        return f"full-t{train_seed}"
-    return f"{method}-{budget:g}-s{select_seed}-t{train_seed}"
+        return "full"
+    return f"{method}-{budget:g}-s{select_seed}"
+
+
+def model_labels(arm: str, args) -> list[str]:
+    """The arm's models, one per training seed (``compare.seeds``)."""
+    return [f"{arm} seed={seed}" for seed in args.train_seeds]
 
 
 def with_arms(raw: dict, args, tokens: int, tokens_per_step: int) -> dict:
-    """Every arm of the domain: its method, budget, seeds and steps."""
+    """Every arm of the domain: its method, budget, selection seed and steps; every arm trains
+    once per training seed (``compare.seeds``)."""
     raw = copy.deepcopy(raw)
-    arms: dict[str, dict] = {}
-    for seed in args.train_seeds:
-        arms[label("full", None, None, seed)] = {
+    arms: dict[str, dict] = {
+        label("full"): {
             "select": {"method": "all"},
-            "train": {"seed": seed, "max_steps": max(1, tokens // tokens_per_step)},
-            "description": f"the whole pool, one epoch, training seed {seed}",
+            "train": {"max_steps": max(1, tokens // tokens_per_step)},
+            "description": "the whole pool, one epoch",
         }
+    }
     for budget in args.budgets:
         budget_tokens = round(budget * tokens)
         # The selection holds at least the budget's tokens, so this is at most one pass.
@@ -156,19 +163,19 @@ def with_arms(raw: dict, args, tokens: int, tokens_per_step: int) -> dict:
             )
         for method in args.methods:
             for select_seed in args.select_seeds:
-                for seed in args.train_seeds:
-                    arms[label(method, budget, select_seed, seed)] = {
-                        "select": {
-                            "method": method,
-                            "budget": budget,
-                            "budget_tokens": budget_tokens,
-                            "seed": select_seed,
-                        },
-                        "train": {"seed": seed, "max_steps": steps},
-                        "description": f"{method}, {budget:.0%} of the tokens, selection "
-                        f"seed {select_seed}, training seed {seed}",
-                    }
+                arms[label(method, budget, select_seed)] = {
+                    "select": {
+                        "method": method,
+                        "budget": budget,
+                        "budget_tokens": budget_tokens,
+                        "seed": select_seed,
+                    },
+                    "train": {"max_steps": steps},
+                    "description": f"{method}, {budget:.0%} of the tokens, selection "
+                    f"seed {select_seed}",
+                }
     set_dotted(raw, "compare.arms", arms)
+    set_dotted(raw, "compare.seeds", list(args.train_seeds))
     return raw
 
 
@@ -189,9 +196,9 @@ def _groups(args) -> dict[str, dict[str, list[str]]]:
     return {
         f"{budget:g}": {
             method: [
-                label(method, budget, select_seed, seed)
+                model
                 for select_seed in args.select_seeds
-                for seed in args.train_seeds
+                for model in model_labels(label(method, budget, select_seed), args)
             ]
             for method in args.methods
         }
@@ -207,7 +214,7 @@ def summarise(config, args, arms, run, tokens: int) -> dict[str, Any]:
     evaluations = {
         name: read_evaluation(res[ADAPTED_EVAL].directory) for name, (_, res) in results.items()
     }
-    full = {"full": [label("full", None, None, seed) for seed in args.train_seeds]}
+    full = {"full": model_labels(label("full"), args)}
     budgets: dict[str, Any] = {}
     for budget, groups in _groups(args).items():
         contrasts = [(method, "random") for method in groups if method != "random"]

@@ -31,7 +31,7 @@ def test_select_budgets_on_the_tiny_model(tmp_path, experiment_argv, script, cap
     selected = [entry for name, entry in compute.items() if not name.startswith("full")]
     assert len({entry["tokens"] for entry in selected}) == 1
     assert all(0 < entry["epochs"] <= 1.0 for entry in compute.values())
-    assert compute["full-t0"]["epochs"] > 0.9
+    assert compute["full seed=0"]["epochs"] > 0.9
     table = (tmp_path / "out" / "budgets.md").read_text()
     assert "### Budget 25% of the tokens" in table and "| ogs |" in table
     capsys.readouterr()
