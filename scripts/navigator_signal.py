@@ -102,6 +102,18 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def rank_agreement(first: np.ndarray, second: np.ndarray) -> float | None:
+    """Spearman's rho, or None where it is undefined: a score constant over the records (e.g.
+    a clipped cost that is zero everywhere) ranks nothing."""
+    if np.ptp(first) == 0 or np.ptp(second) == 0:
+        return None
+    return float(spearmanr(first, second).statistic)
+
+
+def _rho(value: float | None) -> str:
+    return "undefined (constant)" if value is None else f"{value:+.2f}"
+
+
 def exact_scores(select, results, suffix: str = "") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every exact per-sample score of one seed's gradients (of the gradient stages named
     with ``suffix``), and which samples have one."""
@@ -155,9 +167,7 @@ def measure(args) -> dict[str, Any]:
         per_seed[seed], seed_valid = exact_scores(select, results)
         valid = seed_valid if valid is None else valid & seed_valid
     first, second = (per_seed[seed] for seed in args.seeds)
-    reliability = {
-        name: float(spearmanr(first[name][valid], second[name][valid]).statistic) for name in first
-    }
+    reliability = {name: rank_agreement(first[name][valid], second[name][valid]) for name in first}
     inputs = np.load(first_results["navigator_inputs"].directory / "inputs.npy")[valid]
     columns = _columns(first_results)
     select = config.select.model_copy(update={"seed": args.seeds[0]})
@@ -185,11 +195,11 @@ def measure(args) -> dict[str, Any]:
         navigator[label]["columns"] = len(chosen)
     # How much of the exact score each part explains (the Lagrangian against its terms).
     parts = {
-        name: float(spearmanr(first["lagrangian"][valid], first[name][valid]).statistic)
+        name: rank_agreement(first["lagrangian"][valid], first[name][valid])
         for name in ("utility", select.cost)
     }
     sketch = {
-        column: float(spearmanr(inputs[:, columns.index(column)], first[target][valid]).statistic)
+        column: rank_agreement(inputs[:, columns.index(column)], first[target][valid])
         for column, target in COUNTERPARTS.items()
         if column in columns
     }
@@ -222,7 +232,7 @@ def _partial_agreement(select, exact, valid, results, args) -> dict[str, Any]:
         both = valid & partial_valid
         agreement[f"last {blocks}"] = {
             "spearman": {
-                name: float(spearmanr(partial[name][both], exact[name][both]).statistic)
+                name: rank_agreement(partial[name][both], exact[name][both])
                 for name in ("utility", select.cost, "lagrangian")
             },
             "pool_seconds": results[f"gradients_pool_last{blocks}"].summary["seconds"],
@@ -256,7 +266,7 @@ def render(summary: dict[str, Any], args) -> str:
         "| score | test-retest Spearman |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {value:+.2f} |" for name, value in reliability.items()]
+    lines += [f"| {name} | {_rho(value)} |" for name, value in reliability.items()]
     lines += [
         "",
         "## The Navigator against the exact score (cross-validated)",
@@ -276,7 +286,7 @@ def render(summary: dict[str, Any], args) -> str:
     lines += [
         "",
         "The exact score against its terms (Spearman): "
-        + ", ".join(f"{name} {value:+.2f}" for name, value in parts.items())
+        + ", ".join(f"{name} {_rho(value)}" for name, value in parts.items())
         + ".",
     ]
     if summary["sketch_vs_exact"]:
@@ -288,7 +298,7 @@ def render(summary: dict[str, Any], args) -> str:
             "|---|---|---|",
         ]
         lines += [
-            f"| {column} | {COUNTERPARTS[column]} | {value:+.2f} |"
+            f"| {column} | {COUNTERPARTS[column]} | {_rho(value)} |"
             for column, value in summary["sketch_vs_exact"].items()
         ]
     if summary["partial_gradients"]:
@@ -308,8 +318,8 @@ def render(summary: dict[str, Any], args) -> str:
             rho = entry["spearman"]
             ratio = entry["pool_seconds"] / entry["exact_pool_seconds"]
             lines.append(
-                f"| {label} | {rho['utility']:+.2f} | {rho[summary['cost']]:+.2f} | "
-                f"{rho['lagrangian']:+.2f} | {ratio:.2f}x |"
+                f"| {label} | {_rho(rho['utility'])} | {_rho(rho[summary['cost']])} | "
+                f"{_rho(rho['lagrangian'])} | {ratio:.2f}x |"
             )
     lines += ["", f"Command: `python scripts/navigator_signal.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
