@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from forgetless.config import load_raw, validate_config
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.stats import rank_correlation
 from forgetless.report.experiment import (
     add_quick_flag,
     default_paths,
@@ -102,14 +102,6 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def rank_agreement(first: np.ndarray, second: np.ndarray) -> float | None:
-    """Spearman's rho, or None where it is undefined: a score constant over the records (e.g.
-    a clipped cost that is zero everywhere) ranks nothing."""
-    if np.ptp(first) == 0 or np.ptp(second) == 0:
-        return None
-    return float(spearmanr(first, second).statistic)
-
-
 def _rho(value: float | None) -> str:
     return "undefined (constant)" if value is None else f"{value:+.2f}"
 
@@ -167,7 +159,9 @@ def measure(args) -> dict[str, Any]:
         per_seed[seed], seed_valid = exact_scores(select, results)
         valid = seed_valid if valid is None else valid & seed_valid
     first, second = (per_seed[seed] for seed in args.seeds)
-    reliability = {name: rank_agreement(first[name][valid], second[name][valid]) for name in first}
+    reliability = {
+        name: rank_correlation(first[name][valid], second[name][valid]) for name in first
+    }
     inputs = np.load(first_results["navigator_inputs"].directory / "inputs.npy")[valid]
     columns = _columns(first_results)
     select = config.select.model_copy(update={"seed": args.seeds[0]})
@@ -195,11 +189,11 @@ def measure(args) -> dict[str, Any]:
         navigator[label]["columns"] = len(chosen)
     # How much of the exact score each part explains (the Lagrangian against its terms).
     parts = {
-        name: rank_agreement(first["lagrangian"][valid], first[name][valid])
+        name: rank_correlation(first["lagrangian"][valid], first[name][valid])
         for name in ("utility", select.cost)
     }
     sketch = {
-        column: rank_agreement(inputs[:, columns.index(column)], first[target][valid])
+        column: rank_correlation(inputs[:, columns.index(column)], first[target][valid])
         for column, target in COUNTERPARTS.items()
         if column in columns
     }
@@ -232,7 +226,7 @@ def _partial_agreement(select, exact, valid, results, args) -> dict[str, Any]:
         both = valid & partial_valid
         agreement[f"last {blocks}"] = {
             "spearman": {
-                name: rank_agreement(partial[name][both], exact[name][both])
+                name: rank_correlation(partial[name][both], exact[name][both])
                 for name in ("utility", select.cost, "lagrangian")
             },
             "pool_seconds": results[f"gradients_pool_last{blocks}"].summary["seconds"],

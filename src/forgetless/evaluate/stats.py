@@ -153,3 +153,13 @@ def paired_task_change(task: str, base: tuple[dict, dict], other: tuple[dict, di
         }
     change, low, high = paired_accuracy_change(before["correct"], after["correct"])
     return {"unit": "points", "change": 100 * change, "ci95": [100 * low, 100 * high]}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho, or None where it is undefined: fewer than three values, or a side that
+    is constant (e.g. a clipped cost zero everywhere) and so ranks nothing."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)

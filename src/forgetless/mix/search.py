@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.stats import rank_correlation
 from forgetless.mix.config import SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -250,14 +251,6 @@ class SearchFiles:
             )
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    return float(spearmanr(a, b).statistic)
-
-
 def _std(values) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) >= 2 else None
 
@@ -281,7 +274,7 @@ def cross_validated(
         fit = np.setdiff1d(order, held)
         model = fit_predictor(features[fit], targets[fit], config, seed)
         predicted[held] = model.predict(features[held])
-    return _spearman(predicted, targets), float(np.sqrt(np.mean((predicted - targets) ** 2)))
+    return rank_correlation(predicted, targets), float(np.sqrt(np.mean((predicted - targets) ** 2)))
 
 
 class Ranker:
@@ -474,7 +467,7 @@ def run_search(
         }
         if ranker is not None:
             predicted = ranker.predict(np.array([m["weights"] for m in recorded]))["objective"]
-            entry["spearman_held_out"] = _spearman(predicted, actual)
+            entry["spearman_held_out"] = rank_correlation(predicted, actual)
         so_far = history + recorded
         spearman, error = cross_validated(
             np.array([m["weights"] for m in so_far]),
