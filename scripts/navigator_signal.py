@@ -25,6 +25,7 @@ Writes ``<output>.md`` and ``<output>.json``. Every stage is cached in the run d
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from forgetless.report.experiment import (
 )
 from forgetless.runs import RunDirectory
 from forgetless.select.inputs import HEAD_COLUMNS
-from forgetless.select.metrics import COSTS, exact_multiplier
+from forgetless.select.metrics import COSTS, ExactChoice, exact_choice
 from forgetless.select.navigator import cross_validate
 
 PACKAGED_CONFIG = (
@@ -106,9 +107,11 @@ def _rho(value: float | None) -> str:
     return "undefined (constant)" if value is None else f"{value:+.2f}"
 
 
-def exact_scores(select, results, suffix: str = "") -> tuple[dict[str, np.ndarray], np.ndarray]:
+def exact_scores(
+    select, results, suffix: str = ""
+) -> tuple[dict[str, np.ndarray], np.ndarray, ExactChoice]:
     """Every exact per-sample score of one seed's gradients (of the gradient stages named
-    with ``suffix``), and which samples have one."""
+    with ``suffix``), which samples have one, and the exact constrained choice."""
     from forgetless.select.stages import pool_scores
 
     roles = ("anchor", "validation", "pool")
@@ -118,9 +121,9 @@ def exact_scores(select, results, suffix: str = "") -> tuple[dict[str, np.ndarra
     for kind in COSTS:
         exact[kind] = scores.cost(kind)
     cost = scores.cost(select.cost)
-    lam, _ = exact_multiplier(scores.utility[valid], cost[valid], select.budget, select.cost_limit)
-    exact["lagrangian"] = scores.utility - lam * cost
-    return exact, valid
+    choice = exact_choice(scores.utility[valid], cost[valid], select.budget, select.cost_limit)
+    exact["lagrangian"] = scores.utility - choice.multiplier * cost
+    return exact, valid, choice
 
 
 def measure(args) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def measure(args) -> dict[str, Any]:
             "(select.featured_samples >= data.limit)"
         )
     run_dir = Path(config.run_dir)
-    per_seed, valid = {}, None
+    per_seed, choices, valid = {}, {}, None
     for position, seed in enumerate(args.seeds):
         select = config.select.model_copy(update={"seed": seed})
         selection = Selection(config.model, config.data, select, data_dir=config.data_dir)
@@ -156,11 +159,16 @@ def measure(args) -> dict[str, Any]:
         results = RunDirectory(run_dir / f"seed_{seed}", on_event=print_event).run_all(stages)
         if position == 0:
             first_results = results
-        per_seed[seed], seed_valid = exact_scores(select, results)
+        per_seed[seed], seed_valid, choices[seed] = exact_scores(select, results)
         valid = seed_valid if valid is None else valid & seed_valid
     first, second = (per_seed[seed] for seed in args.seeds)
     reliability = {
         name: rank_correlation(first[name][valid], second[name][valid]) for name in first
+    }
+    # A Spearman is undefined where a score is constant (a clipped cost zero for every
+    # record); the range says which.
+    ranges = {
+        name: [float(first[name][valid].min()), float(first[name][valid].max())] for name in first
     }
     inputs = np.load(first_results["navigator_inputs"].directory / "inputs.npy")[valid]
     columns = _columns(first_results)
@@ -207,6 +215,8 @@ def measure(args) -> dict[str, Any]:
         "budget": select.budget,
         "gradient": select.gradient.model_dump(mode="json"),
         "reliability": reliability,
+        "ranges": ranges,
+        "exact_choice": {str(seed): dataclasses.asdict(choice) for seed, choice in choices.items()},
         "navigator": navigator,
         "sketch_vs_exact": sketch,
         "lagrangian_vs_parts": parts,
@@ -222,7 +232,7 @@ def _partial_agreement(select, exact, valid, results, args) -> dict[str, Any]:
     """Spearman of each score from the last K blocks' gradients with the exact one."""
     agreement = {}
     for blocks in args.partial_blocks:
-        partial, partial_valid = exact_scores(select, results, f"_last{blocks}")
+        partial, partial_valid, _ = exact_scores(select, results, f"_last{blocks}")
         both = valid & partial_valid
         agreement[f"last {blocks}"] = {
             "spearman": {
@@ -241,6 +251,24 @@ def _columns(results) -> list[str]:
     return json.loads((results["navigator_inputs"].directory / "columns.json").read_text())
 
 
+def _choice_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for seed, choice in summary["exact_choice"].items():
+        met = (
+            "met"
+            if choice["limit_met"]
+            else (
+                "cannot be met: even the least costly selection exceeds it, so the Lagrangian "
+                "ranks by the cost alone"
+            )
+        )
+        lines.append(
+            f"Seed {seed}: multiplier {choice['multiplier']:.4g}, cost limit "
+            f"{choice['limit']:.4g} {met}."
+        )
+    return [" ".join(lines), ""]
+
+
 def render(summary: dict[str, Any], args) -> str:
     reliability = summary["reliability"]
     lines = [
@@ -252,15 +280,20 @@ def render(summary: dict[str, Any], args) -> str:
         f"tokens); the Lagrangian uses cost `{summary['cost']}` at budget "
         f"{summary['budget']:.0%}.",
         "",
+        *_choice_lines(summary),
         "## Reliability ceiling: the exact score against itself",
         "",
         f"Spearman between warm-up/projection seeds {summary['seeds'][0]} and "
         f"{summary['seeds'][1]}, same records:",
         "",
-        "| score | test-retest Spearman |",
-        "|---|---|",
+        "| score | test-retest Spearman | range (first seed) |",
+        "|---|---|---|",
     ]
-    lines += [f"| {name} | {_rho(value)} |" for name, value in reliability.items()]
+    lines += [
+        f"| {name} | {_rho(value)} | {summary['ranges'][name][0]:+.3f} to "
+        f"{summary['ranges'][name][1]:+.3f} |"
+        for name, value in reliability.items()
+    ]
     lines += [
         "",
         "## The Navigator against the exact score (cross-validated)",

@@ -25,6 +25,7 @@ from forgetless.select.metrics import (
     anchor_from_gradients,
     conflict,
     constrained_top_k,
+    exact_choice,
     orthogonality,
 )
 from forgetless.select.navigator import top_k_quality, train_navigator
@@ -248,12 +249,25 @@ def test_constrained_top_k_meets_the_cost_limit():
     rng = np.random.default_rng(0)
     utility = rng.normal(size=200)
     cost = np.clip(utility + rng.normal(scale=0.5, size=200), 0, None)  # useful = costly
-    free, lam = constrained_top_k(utility, cost, 20, cost_limit=10.0)
-    assert lam == 0.0 and set(free) == set(np.argsort(-utility)[:20])
+    free, lam, met = constrained_top_k(utility, cost, 20, cost_limit=10.0)
+    assert met and lam == 0.0 and set(free) == set(np.argsort(-utility)[:20])
     limit = 0.5 * cost.mean()
-    chosen, lam = constrained_top_k(utility, cost, 20, cost_limit=limit)
-    assert lam > 0 and cost[chosen].mean() <= limit
+    chosen, lam, met = constrained_top_k(utility, cost, 20, cost_limit=limit)
+    assert met and lam > 0 and cost[chosen].mean() <= limit
     assert utility[chosen].mean() < utility[free].mean()
+
+
+def test_an_unmeetable_cost_limit_is_said_and_selects_the_least_costly(caplog):
+    rng = np.random.default_rng(0)
+    utility = rng.normal(size=200)
+    cost = rng.uniform(1.0, 2.0, size=200)  # every sample costs at least 1
+    chosen, _, met = constrained_top_k(utility, cost, 20, cost_limit=0.5)
+    assert not met
+    assert set(chosen) == set(np.argsort(cost)[:20])
+    with caplog.at_level("WARNING", logger="forgetless.select.metrics"):
+        choice = exact_choice(utility, cost, budget=0.1, cost_limit=0.3)
+    assert not choice.limit_met and choice.limit == pytest.approx(0.3 * cost.mean())
+    assert "select.cost_limit cannot be met" in caplog.text
 
 
 def _synthetic_task(count=400, seed=0):

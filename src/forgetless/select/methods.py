@@ -59,12 +59,15 @@ def _less(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _orthogonal(inputs: RankingInputs) -> tuple[np.ndarray, np.ndarray]:
-    from forgetless.select.metrics import constrained_top_k
+    from forgetless.select.metrics import constrained_top_k, warn_limit_unmet
 
     usable = np.flatnonzero(inputs.valid)
     utility, cost = inputs.utility[usable], inputs.cost[usable]
-    _, lam = constrained_top_k(utility, cost, inputs.k, inputs.cost_limit)
+    _, lam, met = constrained_top_k(utility, cost, inputs.k, inputs.cost_limit)
+    if not met:
+        warn_limit_unmet(cost, inputs.k, inputs.cost_limit)
     inputs.extra["lagrange_multiplier"] = lam
+    inputs.extra["cost_limit_met"] = met
     # The constrained choice of k is the head of this order; a token budget may keep more
     # or fewer.
     ranking = usable[np.argsort(-(utility - lam * cost), kind="stable")]

@@ -12,6 +12,7 @@ to a small relative error, which is what makes the d-dimensional features usable
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 from forgetless.errors import ForgetlessError
 
 EPS = 1e-12
+logger = logging.getLogger(__name__)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -121,12 +123,14 @@ def score_samples(vectors: np.ndarray, anchor: Anchor, target: np.ndarray) -> Sa
 
 def constrained_top_k(
     utility: np.ndarray, cost: np.ndarray, k: int, cost_limit: float
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, bool]:
     """The k samples maximising utility - lam * cost, with the smallest lam >= 0 whose
     selection has mean cost <= cost_limit (bisection on the Lagrange multiplier).
 
-    Returns the chosen indices (best first) and lam. When no lam meets the limit the
-    selection of the largest lam tried (the least costly one) is returned.
+    Returns the chosen indices (best first), lam, and whether the limit is met. When no
+    selection of k meets it (even the k least costly samples cost more on average), the
+    least costly selection is returned at the largest lam tried: the ranking is then the
+    cost's alone, and the caller says so.
     """
     k = max(1, min(k, len(utility)))
 
@@ -136,7 +140,7 @@ def constrained_top_k(
 
     chosen = pick(0.0)
     if cost[chosen].mean() <= cost_limit:
-        return chosen, 0.0
+        return chosen, 0.0, True
     low, high = 0.0, 1.0
     while cost[pick(high)].mean() > cost_limit and high < 1e6:
         low, high = high, high * 4
@@ -146,15 +150,43 @@ def constrained_top_k(
             low = middle
         else:
             high = middle
-    return pick(high), high
+    chosen = pick(high)
+    return chosen, high, bool(cost[chosen].mean() <= cost_limit)
 
 
-def exact_multiplier(
+@dataclass(frozen=True)
+class ExactChoice:
+    """The exact constrained choice's multiplier and limit, which OGS and its analyses
+    rank by (the exact score u - multiplier * c)."""
+
+    multiplier: float
+    limit: float
+    limit_met: bool
+
+
+def exact_choice(
     utility: np.ndarray, cost: np.ndarray, budget: float, cost_limit: float
-) -> tuple[float, float]:
-    """``(lam, limit)`` of the exact constrained choice of a ``budget`` share of the samples
-    whose mean cost is at most ``cost_limit`` times theirs: the multiplier of the exact score
-    u - lam * c that OGS and its analyses rank by."""
+) -> ExactChoice:
+    """The exact constrained choice of a ``budget`` share of the samples whose mean cost is
+    at most ``cost_limit`` times theirs."""
     limit = cost_limit * float(cost.mean())
-    _, lam = constrained_top_k(utility, cost, math.ceil(budget * len(utility)), limit)
-    return lam, limit
+    k = math.ceil(budget * len(utility))
+    _, lam, met = constrained_top_k(utility, cost, k, limit)
+    if not met:
+        warn_limit_unmet(cost, k, limit)
+    return ExactChoice(lam, limit, met)
+
+
+def warn_limit_unmet(cost: np.ndarray, k: int, limit: float) -> None:
+    # Not an error: the least costly selection is still a defined, useful choice, but it
+    # ignores the utility, which the user must know.
+    least = float(np.sort(cost)[: max(1, min(k, len(cost)))].mean())
+    logger.warning(
+        "select.cost_limit cannot be met: the %d least costly samples have mean cost %.4g, "
+        "above the limit %.4g (select.cost_limit times the pool's mean cost), so the "
+        "selection ranks by cost alone; raise select.cost_limit or select.budget for a "
+        "choice that weighs utility",
+        k,
+        least,
+        limit,
+    )

@@ -404,7 +404,7 @@ class NavigatorStage(Stage):
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         import torch
 
-        from forgetless.select.metrics import exact_multiplier
+        from forgetless.select.metrics import exact_choice
         from forgetless.select.navigator import (
             cross_validate,
             log_as_dicts,
@@ -421,10 +421,15 @@ class NavigatorStage(Stage):
         cost = scores.cost(select.cost)[valid]
         utility = scores.utility[valid]
         features = pool_inputs[featured]
-        lam, limit = exact_multiplier(utility, cost, select.budget, select.cost_limit)
+        choice = exact_choice(utility, cost, select.budget, select.cost_limit)
+        lam, limit = choice.multiplier, choice.limit
         exact = utility - lam * cost
 
-        summary: dict[str, Any] = {"cost_limit": limit, "exact_multiplier": lam}
+        summary: dict[str, Any] = {
+            "cost_limit": limit,
+            "exact_multiplier": lam,
+            "cost_limit_met": choice.limit_met,
+        }
         folds = min(select.navigator.folds, len(featured) // 2)
         navigator, log = train_navigator(
             features,
