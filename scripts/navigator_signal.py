@@ -33,7 +33,7 @@ import numpy as np
 
 from forgetless.config import load_raw, validate_config
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import rank_correlation
+from forgetless.evaluate.stats import format_correlation, rank_correlation
 from forgetless.report.experiment import (
     add_quick_flag,
     default_paths,
@@ -101,10 +101,6 @@ def parse_args(argv: list[str] | None):
     if any(blocks < 1 for blocks in args.partial_blocks):
         exit_with_error("--partial-blocks must be positive block counts")
     return args
-
-
-def _rho(value: float | None) -> str:
-    return "undefined (constant)" if value is None else f"{value:+.2f}"
 
 
 def exact_scores(
@@ -290,7 +286,7 @@ def render(summary: dict[str, Any], args) -> str:
         "|---|---|---|",
     ]
     lines += [
-        f"| {name} | {_rho(value)} | {summary['ranges'][name][0]:+.3f} to "
+        f"| {name} | {format_correlation(value)} | {summary['ranges'][name][0]:+.3f} to "
         f"{summary['ranges'][name][1]:+.3f} |"
         for name, value in reliability.items()
     ]
@@ -305,15 +301,15 @@ def render(summary: dict[str, Any], args) -> str:
     for label, entry in summary["navigator"].items():
         top, exact = entry["navigator_top"], entry["exact_top"]
         lines.append(
-            f"| {label} | {entry['columns']} | {entry['spearman_vs_exact']:+.2f} | "
-            f"{entry['ridge_spearman_vs_exact']:+.2f} | {top['utility']:.3f} / "
+            f"| {label} | {entry['columns']} | {format_correlation(entry['spearman_vs_exact'])} | "
+            f"{format_correlation(entry['ridge_spearman_vs_exact'])} | {top['utility']:.3f} / "
             f"{top['cost']:.3f} | {exact['utility']:.3f} / {exact['cost']:.3f} |"
         )
     parts = summary["lagrangian_vs_parts"]
     lines += [
         "",
         "The exact score against its terms (Spearman): "
-        + ", ".join(f"{name} {_rho(value)}" for name, value in parts.items())
+        + ", ".join(f"{name} {format_correlation(value)}" for name, value in parts.items())
         + ".",
     ]
     if summary["sketch_vs_exact"]:
@@ -325,7 +321,7 @@ def render(summary: dict[str, Any], args) -> str:
             "|---|---|---|",
         ]
         lines += [
-            f"| {column} | {COUNTERPARTS[column]} | {_rho(value)} |"
+            f"| {column} | {COUNTERPARTS[column]} | {format_correlation(value)} |"
             for column, value in summary["sketch_vs_exact"].items()
         ]
     if summary["partial_gradients"]:
@@ -345,8 +341,12 @@ def render(summary: dict[str, Any], args) -> str:
             rho = entry["spearman"]
             ratio = entry["pool_seconds"] / entry["exact_pool_seconds"]
             lines.append(
-                f"| {label} | {_rho(rho['utility'])} | {_rho(rho[summary['cost']])} | "
-                f"{_rho(rho['lagrangian'])} | {ratio:.2f}x |"
+                f"| {label} | "
+                + " | ".join(
+                    format_correlation(rho[name])
+                    for name in ("utility", summary["cost"], "lagrangian")
+                )
+                + f" | {ratio:.2f}x |"
             )
     lines += ["", f"Command: `python scripts/navigator_signal.py {' '.join(args.argv)}`"]
     return "\n".join(lines)

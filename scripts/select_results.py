@@ -29,7 +29,7 @@ from typing import Any
 
 from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import read_evaluation
+from forgetless.evaluate.stats import format_correlation, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
 from forgetless.recipes.compare import Comparison, compare, expand_arms
 from forgetless.report.experiment import (
@@ -225,8 +225,10 @@ def render(summary: dict, args) -> str:
             if folds:
                 lines.append(
                     f"Navigator, {folds['folds']}-fold cross-validated on {folds['samples']} "
-                    f"featured samples: Spearman {folds['spearman_vs_exact']:.2f} with the exact "
-                    f"score (ridge on the same inputs {folds['ridge_spearman_vs_exact']:.2f}); "
+                    "featured samples: Spearman "
+                    f"{format_correlation(folds['spearman_vs_exact'])} with the exact score "
+                    "(ridge on the same inputs "
+                    f"{format_correlation(folds['ridge_spearman_vs_exact'])}); "
                     f"its top pick has utility {folds['navigator_top']['utility']:.3f} and cost "
                     f"{folds['navigator_top']['cost']:.3f} (exact choice "
                     f"{folds['exact_top']['utility']:.3f} / {folds['exact_top']['cost']:.3f})."

@@ -490,3 +490,7 @@ def test_smollm2_arc_easy_accuracy_is_above_chance(shared_data_dir):
     result = score_multiple_choice(loaded.model, loaded.tokenizer, records, progress=False)
     assert result.n == 100
     assert result.accuracy > 0.35
+
+
+def test_a_one_item_accuracy_has_no_standard_error_rather_than_nan():
+    assert proportion_stderr(1, 1) is None and proportion_stderr(0, 0) is None

@@ -1,10 +1,12 @@
 """Atomic writes: whole or nothing, ordinary permissions, no temporary files left behind."""
 
+import json
 import os
 import stat
 
 import pytest
 
+from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_directory, atomic_file, write_json_atomic, write_text_atomic
 
 
@@ -61,3 +63,14 @@ def test_a_killed_writers_leftovers_go_with_the_next_write(tmp_path):
     with atomic_directory(tmp_path / "model") as staging:
         (staging / "weights").write_bytes(b"whole")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "model"]
+
+
+def test_a_non_finite_number_is_refused_by_name_and_nothing_is_written(tmp_path):
+    target = tmp_path / "summary.json"
+    with pytest.raises(ForgetlessError, match=r"tasks\[1\]\.loss is not a finite"):
+        write_json_atomic(target, {"tasks": [{"loss": 1.0}, {"loss": float("nan")}]})
+    with pytest.raises(ForgetlessError, match="gain is not a finite"):
+        write_json_atomic(target, {"gain": float("-inf")})
+    assert list(tmp_path.iterdir()) == []
+    write_json_atomic(target, {"spearman": None})
+    assert json.loads(target.read_text()) == {"spearman": None}

@@ -74,4 +74,5 @@ def test_a_constant_score_has_no_rank_agreement(script):
     assert script.rank_correlation(ranks, ranks[::-1]) == pytest.approx(-1.0)
     # A clipped cost that is zero on every record ranks nothing: undefined, not NaN.
     assert script.rank_correlation(ranks, np.zeros(5)) is None
-    assert script._rho(None) == "undefined (constant)" and script._rho(0.5) == "+0.50"
+    assert script.format_correlation(None) == "undefined (constant)"
+    assert script.format_correlation(0.5) == "+0.50"

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+from forgetless.errors import ForgetlessError
 
 
 def _umask() -> int:
@@ -63,7 +66,32 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Writes ``data`` as JSON; a NaN or infinity in it is refused (strict JSON has none, and
+    a result holding one is wrong or undefined: undefined values are written as null)."""
+    try:
+        text = json.dumps(data, indent=2, default=str, allow_nan=False)
+    except ValueError:
+        raise ForgetlessError(
+            f"refusing to write {path}: {_non_finite_at(data) or 'a value'} is not a finite number"
+        ) from None
+    write_text_atomic(path, text + "\n")
+
+
+def _non_finite_at(data: Any, where: str = "") -> str | None:
+    """The key path of the first NaN or infinity inside ``data``."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else where or "the value"
+    if isinstance(data, Mapping):
+        steps = [(value, f"{where}.{key}" if where else str(key)) for key, value in data.items()]
+    elif isinstance(data, list | tuple):
+        steps = [(value, f"{where}[{index}]") for index, value in enumerate(data)]
+    else:
+        return None
+    for value, inner in steps:
+        found = _non_finite_at(value, inner)
+        if found:
+            return found
+    return None
 
 
 @contextlib.contextmanager

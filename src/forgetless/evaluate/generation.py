@@ -48,7 +48,7 @@ class GenerationItem:
 class GenerationResult:
     accuracy: float
     n: int
-    accuracy_stderr: float
+    accuracy_stderr: float | None  # None with fewer than two items
     accuracy_ci95: tuple[float, float]
     items: tuple[GenerationItem, ...]
 

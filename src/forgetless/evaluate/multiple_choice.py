@@ -72,8 +72,8 @@ class MultipleChoiceResult:
     accuracy: float
     accuracy_norm: float
     n: int
-    accuracy_stderr: float
-    accuracy_norm_stderr: float
+    accuracy_stderr: float | None  # None with fewer than two items
+    accuracy_norm_stderr: float | None
     accuracy_ci95: tuple[float, float]
     accuracy_norm_ci95: tuple[float, float]
     items: tuple[MultipleChoiceItem, ...]

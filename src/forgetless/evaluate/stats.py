@@ -15,14 +15,15 @@ import numpy as np
 Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
 
 
-def proportion_stderr(successes: int, n: int) -> float:
+def proportion_stderr(successes: int, n: int) -> float | None:
     """Standard error of a proportion as lm-evaluation-harness reports it.
 
     lm-eval takes the sample standard deviation (n - 1 denominator) of the 0/1 scores over
     sqrt(n), i.e. sqrt(p (1 - p) / (n - 1)); we match it so the two tools' numbers line up.
+    None where undefined (fewer than two items).
     """
     if n < 2:
-        return float("nan")
+        return None
     p = successes / n
     return math.sqrt(p * (1.0 - p) / (n - 1))
 
@@ -163,3 +164,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
     return float(spearmanr(a, b).statistic)
+
+
+def format_correlation(value: float | None) -> str:
+    """A rank correlation for a report: signed, two decimals, or why there is none."""
+    return "undefined (constant)" if value is None else f"{value:+.2f}"

@@ -195,7 +195,7 @@ def cross_validate(
     ``exact``, the quality of their top ``budget``), the out-of-fold Navigator logits and the
     fold Navigators.
     """
-    from scipy.stats import spearmanr
+    from forgetless.evaluate.stats import rank_correlation
 
     fold = fold_assignment(len(features), folds, seed + 1)
     logits = np.zeros(len(features))
@@ -219,8 +219,9 @@ def cross_validate(
     summary = {
         "folds": folds,
         "samples": int(len(features)),
-        "spearman_vs_exact": float(spearmanr(logits, exact).statistic),
-        "ridge_spearman_vs_exact": float(spearmanr(ridge, exact).statistic),
+        # None where undefined (a constant score, e.g. a Navigator that learnt nothing).
+        "spearman_vs_exact": rank_correlation(logits, exact),
+        "ridge_spearman_vs_exact": rank_correlation(ridge, exact),
         "navigator_top": top_k_quality(logits, utility, cost, budget),
         "ridge_top": top_k_quality(ridge, utility, cost, budget),
         "exact_top": top_k_quality(exact, utility, cost, budget),
