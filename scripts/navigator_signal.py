@@ -117,7 +117,13 @@ def exact_scores(
     for kind in COSTS:
         exact[kind] = scores.cost(kind)
     cost = scores.cost(select.cost)
-    choice = exact_choice(scores.utility[valid], cost[valid], select.budget, select.cost_limit)
+    choice = exact_choice(
+        scores.utility[valid],
+        cost[valid],
+        select.budget,
+        select.cost_limit,
+        select.cost_limit_basis,
+    )
     exact["lagrangian"] = scores.utility - choice.multiplier * cost
     return exact, valid, choice
 
@@ -171,7 +177,7 @@ def measure(args) -> dict[str, Any]:
     select = config.select.model_copy(update={"seed": args.seeds[0]})
     cost = first[select.cost][valid]
     utility = first["utility"][valid]
-    limit = select.cost_limit * float(cost.mean())
+    limit = choices[args.seeds[0]].limit
     folds = max(2, select.navigator.folds)
     navigator = {}
     for label, wanted in INPUT_SETS.items():

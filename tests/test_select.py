@@ -22,6 +22,7 @@ from forgetless.select.gradients import (
     per_sample_losses,
 )
 from forgetless.select.metrics import (
+    allowed_cost,
     anchor_from_gradients,
     conflict,
     constrained_top_k,
@@ -265,9 +266,29 @@ def test_an_unmeetable_cost_limit_is_said_and_selects_the_least_costly(caplog):
     assert not met
     assert set(chosen) == set(np.argsort(cost)[:20])
     with caplog.at_level("WARNING", logger="forgetless.select.metrics"):
-        choice = exact_choice(utility, cost, budget=0.1, cost_limit=0.3)
+        choice = exact_choice(utility, cost, budget=0.1, cost_limit=0.3, basis="pool_mean")
     assert not choice.limit_met and choice.limit == pytest.approx(0.3 * cost.mean())
     assert "select.cost_limit cannot be met" in caplog.text
+
+
+def test_a_feasible_cost_limit_is_always_met_and_spans_least_costly_to_unconstrained():
+    rng = np.random.default_rng(1)
+    utility = rng.normal(size=300)
+    # Costs in a narrow band and rising with utility: a pool-mean limit cannot be met.
+    cost = 1.0 + 0.1 * utility + rng.normal(scale=0.05, size=300)
+    least = np.sort(cost)[:30].mean()
+    free = cost[np.argsort(-utility)[:30]].mean()
+    assert allowed_cost(utility, cost, 30, 0.5, "feasible") == pytest.approx((least + free) / 2)
+    assert not exact_choice(utility, cost, 0.1, 0.5, "pool_mean").limit_met
+    lams = []
+    for share in (0.1, 0.5, 0.9):
+        choice = exact_choice(utility, cost, 0.1, share, "feasible")
+        chosen, _, met = constrained_top_k(utility, cost, 30, choice.limit)
+        assert choice.limit_met and met and cost[chosen].mean() <= choice.limit
+        lams.append(choice.multiplier)
+    # A looser limit needs a smaller multiplier; at 1 the constraint is gone (LESS's choice).
+    assert lams[0] > lams[1] > lams[2] > 0
+    assert exact_choice(utility, cost, 0.1, 1.0, "feasible").multiplier == 0.0
 
 
 def _synthetic_task(count=400, seed=0):

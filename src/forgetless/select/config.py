@@ -194,7 +194,16 @@ class SelectConfig(Section):
     cost_limit: float = Field(
         0.5,
         gt=0.0,
-        description="Allowed mean cost of the selection, as a multiple of the pool's mean cost.",
+        description="Allowed mean cost of the selection, on the scale select.cost_limit_basis "
+        "names.",
+    )
+    cost_limit_basis: Literal["feasible", "pool_mean"] = Field(
+        "feasible",
+        description="feasible: the allowed mean cost lies cost_limit of the way from the "
+        "budget's least costly samples' mean cost (0) to that of its most useful ones (1, no "
+        "constraint), so it can always be met. pool_mean: cost_limit times the pool's mean "
+        "cost; where costs lie in a narrow band it cannot be met, "
+        "and the selection then ranks by cost alone, with a warning.",
     )
     seed: int = Field(0, description="Seed of sampling, projection, warm-up and Navigator.")
     validation: HoldoutConfig = Field(

@@ -164,13 +164,37 @@ class ExactChoice:
     limit_met: bool
 
 
+COST_LIMIT_BASES = ("feasible", "pool_mean")
+
+
+def allowed_cost(
+    utility: np.ndarray, cost: np.ndarray, k: int, cost_limit: float, basis: str
+) -> float:
+    """The mean cost a selection of k may have (see ``select.cost_limit_basis``).
+
+    ``feasible``: ``cost_limit`` of the way from the k least costly samples' mean cost to
+    that of the k most useful ones (the unconstrained, LESS-like choice), so the limit can
+    always be met and always binds below 1. ``pool_mean``: ``cost_limit`` times the pool's
+    mean cost, which a pool whose costs lie in a narrow band cannot meet.
+    """
+    if basis == "pool_mean":
+        return cost_limit * float(cost.mean())
+    if basis != "feasible":
+        raise ForgetlessError(
+            f"unknown cost limit basis {basis!r}; choose one of {', '.join(COST_LIMIT_BASES)}"
+        )
+    k = max(1, min(k, len(cost)))
+    least = float(np.sort(cost)[:k].mean())
+    free = float(cost[np.argsort(-utility, kind="stable")[:k]].mean())
+    return least + cost_limit * max(free - least, 0.0)
+
+
 def exact_choice(
-    utility: np.ndarray, cost: np.ndarray, budget: float, cost_limit: float
+    utility: np.ndarray, cost: np.ndarray, budget: float, cost_limit: float, basis: str
 ) -> ExactChoice:
-    """The exact constrained choice of a ``budget`` share of the samples whose mean cost is
-    at most ``cost_limit`` times theirs."""
-    limit = cost_limit * float(cost.mean())
+    """The exact constrained choice of a ``budget`` share of the samples."""
     k = math.ceil(budget * len(utility))
+    limit = allowed_cost(utility, cost, k, cost_limit, basis)
     _, lam, met = constrained_top_k(utility, cost, k, limit)
     if not met:
         warn_limit_unmet(cost, k, limit)
@@ -183,8 +207,8 @@ def warn_limit_unmet(cost: np.ndarray, k: int, limit: float) -> None:
     least = float(np.sort(cost)[: max(1, min(k, len(cost)))].mean())
     logger.warning(
         "select.cost_limit cannot be met: the %d least costly samples have mean cost %.4g, "
-        "above the limit %.4g (select.cost_limit times the pool's mean cost), so the "
-        "selection ranks by cost alone; raise select.cost_limit or select.budget for a "
+        "above the limit %.4g, so the selection ranks by cost alone; raise "
+        "select.cost_limit or select.budget, or set select.cost_limit_basis=feasible, for a "
         "choice that weighs utility",
         k,
         least,

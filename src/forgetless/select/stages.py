@@ -421,7 +421,9 @@ class NavigatorStage(Stage):
         cost = scores.cost(select.cost)[valid]
         utility = scores.utility[valid]
         features = pool_inputs[featured]
-        choice = exact_choice(utility, cost, select.budget, select.cost_limit)
+        choice = exact_choice(
+            utility, cost, select.budget, select.cost_limit, select.cost_limit_basis
+        )
         lam, limit = choice.multiplier, choice.limit
         exact = utility - lam * cost
 
@@ -502,6 +504,7 @@ class SelectionStage(Stage):
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.select.criterion import fill
         from forgetless.select.methods import RankingInputs
+        from forgetless.select.metrics import allowed_cost
 
         select = self.selection.select
         method = self.selection.method
@@ -520,7 +523,9 @@ class SelectionStage(Stage):
                 cost,
                 valid,
             )
-            ranking_inputs.cost_limit = select.cost_limit * float(cost[valid].mean())
+            ranking_inputs.cost_limit = allowed_cost(
+                scores.utility[valid], cost[valid], k, select.cost_limit, select.cost_limit_basis
+            )
             ranking_inputs.extra.update(
                 anchor_energy_captured=anchor.captured, cost_limit=ranking_inputs.cost_limit
             )
