@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None):
         default=[1, 4],
         help="Also score from the gradients of the last K blocks only, for each K given.",
     )
+    parser.add_argument(
+        "--learning-curve",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.75],
+        help="Also cross-validate the Navigator trained on these shares of each fold's "
+        "training samples (the same held-out folds).",
+    )
     add_quick_flag(parser)
     args = parse_experiment_args(parser, argv)
     default_paths(args, "navigator_signal")
@@ -100,6 +108,8 @@ def parse_args(argv: list[str] | None):
         exit_with_error("--seeds must be two different seeds")
     if any(blocks < 1 for blocks in args.partial_blocks):
         exit_with_error("--partial-blocks must be positive block counts")
+    if any(not 0 < share < 1 for share in args.learning_curve):
+        exit_with_error("--learning-curve shares must lie strictly between 0 and 1")
     return args
 
 
@@ -179,7 +189,7 @@ def measure(args) -> dict[str, Any]:
     utility = first["utility"][valid]
     limit = choices[args.seeds[0]].limit
     folds = max(2, select.navigator.folds)
-    navigator = {}
+    navigator, curve = {}, {}
     for label, wanted in INPUT_SETS.items():
         chosen = [index for index, column in enumerate(columns) if wanted(column)]
         if not chosen:
@@ -197,6 +207,28 @@ def measure(args) -> dict[str, Any]:
             progress=False,
         )
         navigator[label]["columns"] = len(chosen)
+        for share in args.learning_curve:
+            fewer, _, _ = cross_validate(
+                inputs[:, chosen],
+                utility,
+                cost,
+                first["lagrangian"][valid],
+                select.navigator,
+                budget=select.budget,
+                cost_limit=limit,
+                folds=folds,
+                seed=select.seed,
+                progress=False,
+                train_share=share,
+            )
+            curve.setdefault(label, []).append(
+                {
+                    "share": share,
+                    "training_samples": fewer["training_samples"],
+                    "spearman_vs_exact": fewer["spearman_vs_exact"],
+                    "ridge_spearman_vs_exact": fewer["ridge_spearman_vs_exact"],
+                }
+            )
     # How much of the exact score each part explains (the Lagrangian against its terms).
     parts = {
         name: rank_correlation(first["lagrangian"][valid], first[name][valid])
@@ -208,6 +240,7 @@ def measure(args) -> dict[str, Any]:
         if column in columns
     }
     return {
+        "learning_curve": curve,
         "partial_gradients": _partial_agreement(select, first, valid, first_results, args),
         "model": config.model.name,
         "pool": config.data.source,
@@ -318,6 +351,21 @@ def render(summary: dict[str, Any], args) -> str:
         + ", ".join(f"{name} {format_correlation(value)}" for name, value in parts.items())
         + ".",
     ]
+    if summary["learning_curve"]:
+        lines += [
+            "",
+            "## Learning curve: fewer training samples, the same held-out folds",
+            "",
+            "| inputs | training samples per fold | Navigator Spearman | ridge Spearman |",
+            "|---|---|---|---|",
+        ]
+        for label, points in summary["learning_curve"].items():
+            for point in [*points, summary["navigator"][label]]:
+                lines.append(
+                    f"| {label} | {point['training_samples']:.0f} | "
+                    f"{format_correlation(point['spearman_vs_exact'])} | "
+                    f"{format_correlation(point['ridge_spearman_vs_exact'])} |"
+                )
     if summary["sketch_vs_exact"]:
         lines += [
             "",

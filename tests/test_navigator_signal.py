@@ -28,6 +28,14 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
         "utility", "alignment", "energy", "conflict", "abs_cosine", "norm_conflict", "lagrangian",
     }  # fmt: skip
     assert set(summary["exact_choice"]) == {"0", "1"}
+    # The learning curve: the same held-out folds, fewer training samples per point.
+    for label, points in summary["learning_curve"].items():
+        counts = [point["training_samples"] for point in points]
+        assert [point["share"] for point in points] == [0.25, 0.5, 0.75]
+        assert (
+            counts == sorted(counts)
+            and counts[-1] < summary["navigator"][label]["training_samples"]
+        )
     for name, value in summary["reliability"].items():
         low, high = summary["ranges"][name]
         assert low <= high
@@ -65,6 +73,12 @@ def test_the_two_seeds_must_differ(script, user_error):
 def test_partial_blocks_must_be_positive(script, user_error):
     with user_error("--partial-blocks must be positive"):
         script.parse_args(["--quick", "--partial-blocks", "0"])
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5"])
+def test_learning_curve_shares_lie_strictly_inside_zero_and_one(script, user_error, share):
+    with user_error("--learning-curve shares must lie strictly between 0 and 1"):
+        script.parse_args(["--quick", "--learning-curve", share])
 
 
 def test_a_constant_score_has_no_rank_agreement(script):

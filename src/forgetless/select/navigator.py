@@ -187,13 +187,15 @@ def cross_validate(
     folds: int,
     seed: int = 0,
     progress: bool = True,
+    train_share: float = 1.0,
 ) -> tuple[dict, np.ndarray, list[Navigator]]:
     """k-fold cross-validation of the Navigator against the exact score.
 
     Each fold is scored by a Navigator trained on the other folds (and by the supervised
-    reference fitted on them). Returns the summary (Spearman of the out-of-fold scores with
-    ``exact``, the quality of their top ``budget``), the out-of-fold Navigator logits and the
-    fold Navigators.
+    reference fitted on them); ``train_share`` < 1 trains on a seeded share of them (a
+    learning curve: the same held-out folds, fewer training samples). Returns the summary
+    (Spearman of the out-of-fold scores with ``exact``, the quality of their top ``budget``),
+    the out-of-fold Navigator logits and the fold Navigators.
     """
     from forgetless.evaluate.stats import rank_correlation
 
@@ -201,8 +203,15 @@ def cross_validate(
     logits = np.zeros(len(features))
     ridge = np.zeros(len(features))
     navigators = []
+    trained_counts = []
     for index in range(folds):
-        held, trained = fold == index, fold != index
+        held = fold == index
+        trained = np.flatnonzero(~held)
+        if train_share < 1.0:
+            count = max(2, round(train_share * len(trained)))
+            picked = np.random.default_rng(seed + 1 + index).choice(trained, count, replace=False)
+            trained = np.sort(picked)
+        trained_counts.append(len(trained))
         navigator, _ = train_navigator(
             features[trained],
             utility[trained],
@@ -219,6 +228,7 @@ def cross_validate(
     summary = {
         "folds": folds,
         "samples": int(len(features)),
+        "training_samples": float(np.mean(trained_counts)),
         # None where undefined (a constant score, e.g. a Navigator that learnt nothing).
         "spearman_vs_exact": rank_correlation(logits, exact),
         "ridge_spearman_vs_exact": rank_correlation(ridge, exact),
