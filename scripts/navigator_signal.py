@@ -194,21 +194,8 @@ def measure(args) -> dict[str, Any]:
         chosen = [index for index, column in enumerate(columns) if wanted(column)]
         if not chosen:
             continue
-        navigator[label], _, _ = cross_validate(
-            inputs[:, chosen],
-            utility,
-            cost,
-            first["lagrangian"][valid],
-            select.navigator,
-            budget=select.budget,
-            cost_limit=limit,
-            folds=folds,
-            seed=select.seed,
-            progress=False,
-        )
-        navigator[label]["columns"] = len(chosen)
-        for share in args.learning_curve:
-            fewer, _, _ = cross_validate(
+        for share in (1.0, *args.learning_curve):
+            result, _, _ = cross_validate(
                 inputs[:, chosen],
                 utility,
                 cost,
@@ -221,14 +208,10 @@ def measure(args) -> dict[str, Any]:
                 progress=False,
                 train_share=share,
             )
-            curve.setdefault(label, []).append(
-                {
-                    "share": share,
-                    "training_samples": fewer["training_samples"],
-                    "spearman_vs_exact": fewer["spearman_vs_exact"],
-                    "ridge_spearman_vs_exact": fewer["ridge_spearman_vs_exact"],
-                }
-            )
+            if share == 1.0:
+                navigator[label] = {**result, "columns": len(chosen)}
+            else:
+                curve.setdefault(label, []).append({"share": share, **result})
     # How much of the exact score each part explains (the Lagrangian against its terms).
     parts = {
         name: rank_correlation(first["lagrangian"][valid], first[name][valid])
@@ -289,14 +272,12 @@ def _columns(results) -> list[str]:
 def _choice_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     for seed, choice in summary["exact_choice"].items():
-        met = (
-            "met"
-            if choice["limit_met"]
-            else (
+        met = "met"
+        if not choice["limit_met"]:
+            met = (
                 "cannot be met: even the least costly selection exceeds it, so the Lagrangian "
                 "ranks by the cost alone"
             )
-        )
         lines.append(
             f"Seed {seed}: multiplier {choice['multiplier']:.4g}, cost limit "
             f"{choice['limit']:.4g} {met}."
