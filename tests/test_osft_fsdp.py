@@ -110,7 +110,7 @@ def worker_projection(out: Path) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from forgetless.train.osft import _row_block
+    from forgetless.train.osft.sharding import row_block
 
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,))
     reduced: list[int] = []
@@ -127,7 +127,7 @@ def worker_projection(out: Path) -> None:
             for projection in PROJECTIONS:
                 weight, x, basis = projection_case(shape, rank, projection)
                 sharded = distribute_tensor(weight, mesh, [Shard(0)])
-                start, rows, group = _row_block("w", sharded)
+                start, rows, group = row_block("w", sharded)
                 local_shape, offset = compute_local_shape_and_global_offset(
                     sharded.shape, mesh, sharded.placements
                 )
@@ -143,7 +143,7 @@ def worker_projection(out: Path) -> None:
                     "reduced": list(reduced),
                 }
     try:  # sharded by columns: refused in one line
-        _row_block("w", distribute_tensor(spaced_weight((12, 12)), mesh, [Shard(1)]))
+        row_block("w", distribute_tensor(spaced_weight((12, 12)), mesh, [Shard(1)]))
     except ForgetlessError as err:
         results["columns"] = str(err)
     torch.save(results, out / f"projection{torch.distributed.get_rank()}.pt")
