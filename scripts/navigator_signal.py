@@ -114,15 +114,16 @@ def parse_args(argv: list[str] | None):
 
 
 def exact_scores(
-    select, results, suffix: str = ""
+    select, results, suffix: str = "", columns: slice = slice(None)
 ) -> tuple[dict[str, np.ndarray], np.ndarray, ExactChoice]:
     """Every exact per-sample score of one seed's gradients (of the gradient stages named
-    with ``suffix``), which samples have one, and the exact constrained choice."""
+    with ``suffix``; from the feature ``columns`` only, if given), which samples have one, and
+    the exact constrained choice."""
     from forgetless.select.stages import pool_scores
 
     roles = ("anchor", "validation", "pool")
     features = {f"gradients_{role}": results[f"gradients_{role}{suffix}"] for role in roles}
-    scores, valid, _ = pool_scores(select, features, "gradients_pool")
+    scores, valid, _ = pool_scores(select, features, "gradients_pool", columns)
     exact = {"utility": scores.utility, "alignment": scores.alignment}
     for kind in COSTS:
         exact[kind] = scores.cost(kind)
@@ -155,7 +156,7 @@ def measure(args) -> dict[str, Any]:
             "(select.featured_samples >= data.limit)"
         )
     run_dir = Path(config.run_dir)
-    per_seed, choices, valid = {}, {}, None
+    per_seed, choices, seed_results, valid = {}, {}, {}, None
     for position, seed in enumerate(args.seeds):
         select = config.select.model_copy(update={"seed": seed})
         selection = Selection(config.model, config.data, select, data_dir=config.data_dir)
@@ -171,6 +172,7 @@ def measure(args) -> dict[str, Any]:
         results = RunDirectory(run_dir / f"seed_{seed}", on_event=print_event).run_all(stages)
         if position == 0:
             first_results = results
+        seed_results[seed] = (select, results)
         per_seed[seed], seed_valid, choices[seed] = exact_scores(select, results)
         valid = seed_valid if valid is None else valid & seed_valid
     first, second = (per_seed[seed] for seed in args.seeds)
@@ -223,6 +225,7 @@ def measure(args) -> dict[str, Any]:
         if column in columns
     }
     return {
+        "projection_noise": _projection_noise(seed_results, valid, args.seeds),
         "learning_curve": curve,
         "partial_gradients": _partial_agreement(select, first, valid, first_results, args),
         "model": config.model.name,
@@ -243,6 +246,31 @@ def measure(args) -> dict[str, Any]:
             for name, result in first_results.items()
             if isinstance(result.summary, dict)
         },
+    }
+
+
+def _projection_noise(seed_results, valid, seeds) -> dict[str, Any]:
+    """Scores from the two halves of the projection's columns: two independent projections of
+    the same gradients. Their agreement within a seed is what the projection alone leaves;
+    across seeds at the same width, what the warm-up adds."""
+    from forgetless.select.gradients import load_gradient_features
+
+    select, results = seed_results[seeds[0]]
+    width = load_gradient_features(results["gradients_pool"].directory).vectors.shape[1]
+    halves = (slice(0, width // 2), slice(width // 2, width))
+    names = ("utility", select.cost, "lagrangian")
+    scores = {
+        seed: [exact_scores(*seed_results[seed], columns=half)[0] for half in halves]
+        for seed in seeds
+    }
+
+    def agreement(first, second):
+        return {name: rank_correlation(first[name][valid], second[name][valid]) for name in names}
+
+    return {
+        "columns": width // 2,
+        "same_warmup": {str(seed): agreement(*scores[seed]) for seed in seeds},
+        "across_seeds": agreement(scores[seeds[0]][0], scores[seeds[1]][0]),
     }
 
 
@@ -332,6 +360,30 @@ def render(summary: dict[str, Any], args) -> str:
         + ", ".join(f"{name} {format_correlation(value)}" for name, value in parts.items())
         + ".",
     ]
+    noise = summary["projection_noise"]
+    names = ("utility", summary["cost"], "lagrangian")
+    lines += [
+        "",
+        "## Where the test-retest noise comes from",
+        "",
+        f"Scores from half the projection's columns ({noise['columns']} each): the two halves "
+        "are independent projections of the same gradients.",
+        "",
+        "| compared | " + " | ".join(names) + " |",
+        "|---|---|---|---|",
+    ]
+    for seed, rho in noise["same_warmup"].items():
+        lines.append(
+            f"| seed {seed}, one half vs the other (same warm-up) | "
+            + " | ".join(format_correlation(rho[name]) for name in names)
+            + " |"
+        )
+    lines.append(
+        f"| seed {summary['seeds'][0]} vs seed {summary['seeds'][1]}, first halves (warm-up "
+        "and projection differ) | "
+        + " | ".join(format_correlation(noise["across_seeds"][name]) for name in names)
+        + " |"
+    )
     if summary["learning_curve"]:
         lines += [
             "",

@@ -28,6 +28,11 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
         "utility", "alignment", "energy", "conflict", "abs_cosine", "norm_conflict", "lagrangian",
     }  # fmt: skip
     assert set(summary["exact_choice"]) == {"0", "1"}
+    noise = summary["projection_noise"]
+    assert noise["columns"] == 8 and set(noise["same_warmup"]) == {"0", "1"}
+    for rho in [*noise["same_warmup"].values(), noise["across_seeds"]]:
+        assert set(rho) == {"utility", "energy", "lagrangian"}
+        assert all(value is None or -1 <= value <= 1 for value in rho.values())
     # The learning curve: the same held-out folds, fewer training samples per point.
     for label, points in summary["learning_curve"].items():
         counts = [point["training_samples"] for point in points]
@@ -59,6 +64,7 @@ def test_navigator_signal_on_the_tiny_model(tmp_path, experiment_argv, script, c
     table = (tmp_path / "out" / "signal.md").read_text()
     assert "## Reliability ceiling" in table and "| lagrangian |" in table
     assert "| last 1 |" in table
+    assert "## Where the test-retest noise comes from" in table
     capsys.readouterr()
     script.main(argv)
     assert "start:" not in capsys.readouterr().out

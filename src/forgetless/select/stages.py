@@ -349,8 +349,17 @@ class NavigatorInputsStage(Stage):
         }
 
 
-def pool_scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage: str):
-    """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor."""
+def pool_scores(
+    select: SelectConfig,
+    inputs: dict[str, StageResult],
+    pool_stage: str,
+    columns: slice = slice(None),
+):
+    """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor.
+
+    ``columns`` scores from part of the projected features only: each column is an
+    independent random projection, so two disjoint parts are two smaller projections of the
+    same gradients (what the projection alone adds to a score's noise)."""
     from forgetless.select.gradients import load_gradient_features
     from forgetless.select.metrics import anchor_from_gradients, domain_direction, score_samples
 
@@ -360,11 +369,11 @@ def pool_scores(select: SelectConfig, inputs: dict[str, StageResult], pool_stage
     anchor_features = features("anchor")
     validation_features = features("validation")
     anchor = anchor_from_gradients(
-        anchor_features.dense()[anchor_features.valid], select.anchor_rank
+        anchor_features.dense()[anchor_features.valid][:, columns], select.anchor_rank
     )
-    target = domain_direction(validation_features.dense()[validation_features.valid])
+    target = domain_direction(validation_features.dense()[validation_features.valid][:, columns])
     pool = load_gradient_features(inputs[pool_stage].directory)
-    return score_samples(pool.dense(), anchor, target), pool.valid, anchor
+    return score_samples(pool.dense()[:, columns], anchor, target), pool.valid, anchor
 
 
 class SelectionSettings(StageSettings):
