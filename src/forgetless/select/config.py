@@ -202,8 +202,8 @@ class SelectConfig(Section):
         description="feasible: the allowed mean cost lies cost_limit of the way from the "
         "budget's least costly samples' mean cost (0) to that of its most useful ones (1, no "
         "constraint), so it can always be met. pool_mean: cost_limit times the pool's mean "
-        "cost; where costs lie in a narrow band it cannot be met, "
-        "and the selection then ranks by cost alone, with a warning.",
+        "cost; where costs lie in a narrow band it cannot be met, and the selection then "
+        "ranks by cost alone, with a warning.",
     )
     seed: int = Field(0, description="Seed of sampling, projection, warm-up and Navigator.")
     validation: HoldoutConfig = Field(
