@@ -213,6 +213,40 @@ def test_report_command_from_metrics_files(tmp_path, capsys):
     assert (tmp_path / "report" / "report.png").is_file()
 
 
+@pytest.mark.parametrize(
+    ("adapted", "needle"),
+    [
+        ({"c4": {"metric": "perplexity", "value": 11.0}}, "task 'c4' lacks higher_is_better"),
+        ({"c4": {"metric": "perplexity", "value": float("nan"), "higher_is_better": False}},
+         "task 'c4' has value nan, not a finite number"),
+        ({"c4": {"metric": "perplexity", "value": "11", "higher_is_better": False}},
+         "task 'c4' has value '11', not a finite number"),
+        ({"arc_easy": {}}, "task 'c4' is missing"),
+        ({"c4": 11.0}, "task 'c4' is not an object of metrics"),
+        ([1, 2], "expected an object of task metrics"),
+    ],
+)  # fmt: skip
+def test_a_malformed_metrics_file_names_itself_and_writes_nothing(
+    adapted, needle, tmp_path, run_cli
+):
+    entry = {"metric": "perplexity", "value": 10.0, "higher_is_better": False}
+    base, broken = tmp_path / "base.json", tmp_path / "adapted.json"
+    base.write_text(json.dumps({"c4": entry}))
+    broken.write_text(json.dumps(adapted))  # NaN as JSON allows it: the token NaN
+    code, _, err = run_cli(
+        [
+            "report",
+            "--base-metrics", str(base),
+            "--adapted-metrics", str(broken),
+            "--domain-tasks", "c4",
+            "--general-tasks", "c4",
+            "--output-dir", str(tmp_path / "report"),
+        ]
+    )  # fmt: skip
+    _assert_one_line_error(code, err, str(broken), needle)
+    assert not (tmp_path / "report").exists()
+
+
 def test_run_end_to_end_then_cached(tmp_path, run_cli):
     config = tmp_path / "tiny.yaml"
     config.write_text(

@@ -215,15 +215,19 @@ def report(
         if not path.is_file():
             raise ForgetlessError(f"metrics file not found: {path}")
         try:
-            return json.loads(path.read_text())
+            metrics = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ForgetlessError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(metrics, dict):
+            raise ForgetlessError(f"{path}: expected an object of task metrics")
+        return metrics
 
     built = build_retention_report(
         read(base_metrics),
         read(adapted_metrics),
         split_tasks(domain_tasks) or [],
         split_tasks(general_tasks) or [],
+        sources=(str(base_metrics), str(adapted_metrics)),
     )
     write_report(built, output_dir)
     emit(built, lambda: print_markdown(output_dir / "report.md"), json_)

@@ -7,6 +7,7 @@ stage). Output: ``report.json`` (everything), ``report.md`` (a table) and ``repo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,41 @@ def _row(task: str, group: str, before: dict[str, Any], after: dict[str, Any]) -
     }
 
 
+def _task_metrics(metrics: dict[str, Any], task: str, source: str) -> dict[str, Any]:
+    """One task's entry of a metrics file, checked: a report from a malformed or non-finite
+    entry would be silently wrong."""
+    if task not in metrics:
+        raise ForgetlessError(f"{source}: task {task!r} is missing")
+    entry = metrics[task]
+    if not isinstance(entry, dict):
+        raise ForgetlessError(f"{source}: task {task!r} is not an object of metrics")
+    missing = [key for key in ("metric", "value", "higher_is_better") if key not in entry]
+    if missing:
+        raise ForgetlessError(
+            f"{source}: task {task!r} lacks {', '.join(missing)} (metrics files come from "
+            "`forgetless eval --output`)"
+        )
+    value = entry["value"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ForgetlessError(f"{source}: task {task!r} has value {value!r}, not a finite number")
+    return entry
+
+
 def build_retention_report(
     base: dict[str, Any],
     adapted: dict[str, Any],
     domain_tasks: list[str],
     general_tasks: list[str],
     meta: dict[str, Any] | None = None,
+    sources: tuple[str, str] = ("the base metrics", "the adapted metrics"),
 ) -> dict[str, Any]:
+    """``sources`` names the two metrics in errors (e.g. their files)."""
     rows = []
     for group, tasks in (("domain", domain_tasks), ("general", general_tasks)):
         for task in tasks:
-            if task not in base or task not in adapted:
-                raise ForgetlessError(f"task {task!r} is missing from the base or adapted metrics")
-            rows.append(_row(task, group, base[task], adapted[task]))
+            before = _task_metrics(base, task, sources[0])
+            after = _task_metrics(adapted, task, sources[1])
+            rows.append(_row(task, group, before, after))
 
     def mean_improvement(group: str) -> float | None:
         values = [
