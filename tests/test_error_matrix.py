@@ -42,6 +42,9 @@ def _inputs(root: Path) -> None:
     (root / "arms_sweep.yaml").write_text(
         "model: {name: tiny-llama}\ncompare:\n  arms:\n    a: {sweep: {train.learning_rate: 3}}\n"
     )
+    (root / "arms_list.yaml").write_text(
+        "model: {name: tiny-llama}\ncompare:\n  arms: [full, lora]\n"
+    )
     (root / "metrics_nan.json").write_text(json.dumps({"c4": {"value": 1.0}}))
     (root / "metrics_bad.json").write_text('{"c4": \n')
     (root / "a_file").write_text("not a folder")
@@ -171,6 +174,10 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             "exams.jsonl:1: column 'answer'",
         ),
         (["compare", "--config", "arms_sweep.yaml"], "sweep.train.learning_rate: give a list"),
+        (
+            ["compare", "--config", "arms_list.yaml"],
+            "arms_list.yaml: compare.arms: expected a mapping of arm names",
+        ),
         (
             [
                 "report",
