@@ -97,7 +97,10 @@ def read(path: Path) -> dict[str, dict]:
     except (OSError, UnicodeDecodeError) as error:
         exit_with_error(f"{path}: {getattr(error, 'strerror', None) or error}")
     for name, entry in changes.items():
-        values = [entry["change"], *entry["ci95"]]
+        interval = entry["ci95"]
+        if not isinstance(interval, list) or len(interval) != 2:
+            exit_with_error(f"{path}: {name}.ci95 is not a [low, high] pair")
+        values = [entry["change"], *interval]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             exit_with_error(f"{path}: {name} holds a non-finite or non-numeric change")
     if not changes:

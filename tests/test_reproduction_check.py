@@ -56,6 +56,11 @@ def test_unreadable_or_unmatched_results_are_one_line_errors(tmp_path, script, u
     nan.write_text(json.dumps(_table((float("nan"), 3.0, 5.0), (1.0, -1.0, 3.0))))
     with user_error("rows.sotu.changes.c4 holds a non-finite"):
         script.main([str(good), str(nan)])
+    for interval in ([1.0], 2.0):
+        short = tmp_path / "short.json"
+        short.write_text(json.dumps({"changes": {"c4": {"change": 1.0, "ci95": interval}}}))
+        with user_error("changes.c4.ci95 is not a [low, high] pair"):
+            script.main([str(good), str(short)])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"changes": {"x": {"t": _change(1.0, 0.0, 2.0)}}}))
     with user_error("none of its changes matches"):
