@@ -71,16 +71,16 @@ def _safe(text: str) -> str:
 def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[Arm]:
     """One :class:`Arm` per arm and swept value of ``raw``'s ``compare.arms``."""
     # Every arm keeps the comparison's own settings (its axes) but not the list of arms.
-    where = f"{origin}: " if origin else ""
+    prefix = f"{origin}: " if origin else ""
     compare_raw = raw.get("compare") or {}
     if not isinstance(compare_raw, dict):
-        raise ForgetlessError(f"{where}compare: expected a mapping (arms, seeds, axes)")
+        raise ForgetlessError(f"{prefix}compare: expected a mapping (arms, seeds, axes)")
     base_raw = {key: value for key, value in raw.items() if key != "compare"}
     base_raw["compare"] = {key: value for key, value in compare_raw.items() if key != "arms"}
     base = validate_config(base_raw, origin)
     arms_raw = compare_raw.get("arms") or {}
     if not isinstance(arms_raw, dict):
-        raise ForgetlessError(f"{where}compare.arms: expected a mapping of arm names to settings")
+        raise ForgetlessError(f"{prefix}compare.arms: expected a mapping of arm names to settings")
     if not arms_raw:
         raise ForgetlessError(f"{origin or 'the config'}: compare.arms names no arm to run")
     arms: list[Arm] = []
