@@ -343,6 +343,41 @@ def _select_config(method, tmp_path):
     )
 
 
+def _stage_fingerprints(config):
+    from forgetless.select.stages import Selection, selection_stages
+
+    selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
+    # The same upstream fingerprints for both configs: each stage's own settings are compared.
+    return {
+        stage.name: stage.fingerprint(dict.fromkeys(stage.depends_on, "upstream"))
+        for stage in selection_stages(selection)
+    }
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "changed"),
+    [
+        # The projection is applied to gradients taken under the warm-up: it reruns only
+        # the gradient passes, not the warm-up.
+        ("projection_dim", 64, {"gradients_anchor", "gradients_validation", "gradients_pool"}),
+        ("preconditioner", "none", {"gradients_anchor", "gradients_validation", "gradients_pool"}),
+        ("warmup_steps", 3, {"warmup", "gradients_anchor", "gradients_validation", "gradients_pool"}),
+        # Memory for projection blocks changes the time, never the values.
+        ("projector_cache_mb", 0, set()),
+    ],
+)
+def test_each_selection_stage_reruns_only_for_the_settings_it_uses(
+    setting, value, changed, tmp_path
+):
+    config = _select_config("less", tmp_path)
+    before = _stage_fingerprints(config)
+    setattr(config.select.gradient, setting, value)
+    after = _stage_fingerprints(config)
+    assert {name for name in before if before[name] != after[name]} == changed | (
+        {"selection_less"} if changed else set()
+    )
+
+
 @pytest.mark.parametrize("method", ["ogs", "orthogonal", "less", "random"])
 def test_selection_runs_end_to_end_and_is_reproducible(method, tmp_path, shared_data_dir):
     from forgetless.data import load_records

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from forgetless.schema import Section
+from forgetless.schema import NOT_IDENTITY, Section
 
 
 class HoldoutConfig(Section):
@@ -86,6 +86,7 @@ class GradientConfig(Section):
         ge=0,
         description="Memory for keeping projection blocks between batches; blocks beyond it "
         "are regenerated from their seed each batch (same values, more time).",
+        json_schema_extra=NOT_IDENTITY,
     )
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from forgetless.data.features import IGNORE_INDEX, sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
+from forgetless.schema import identity_dump
 from forgetless.select.config import GradientConfig
 from forgetless.shards import ShardedRows, load_sharded_rows
 
@@ -427,7 +428,7 @@ def extract_gradient_features(
         output_dir,
         ids,
         identity={
-            "settings": settings.model_dump(mode="json"),
+            "settings": identity_dump(settings),
             "seed": seed,
             "preconditioned": adam_moments is not None,
             **({} if within_last_blocks is None else {"within_last_blocks": within_last_blocks}),

@@ -41,6 +41,7 @@ from forgetless.select.config import (
 )
 from forgetless.select.data import PoolSettings, SelectionData, load_anchor
 from forgetless.select.report import SELECTED_FILE, write_selection
+from forgetless.train.config import TrainConfig
 
 
 class Selection:
@@ -91,7 +92,8 @@ class Selection:
 
 class WarmupSettings(StageSettings):
     pool: PoolSettings
-    gradient: GradientConfig
+    train: TrainConfig
+    checkpoints: int
 
 
 class WarmupStage(Stage):
@@ -104,24 +106,17 @@ class WarmupStage(Stage):
         self.depends_on = selection.upstream
 
     def settings(self) -> WarmupSettings:
-        # The adapter trains on the pool only: the anchor and the method do not change it.
-        return WarmupSettings(pool=self.selection.pool, gradient=self.selection.select.gradient)
-
-    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
-        from forgetless.models import load_configured_model
-        from forgetless.select.warmup import (
-            MOMENTS_FILE,
-            AdamMomentsCallback,
-            WarmupCheckpoints,
-            checkpoint_steps,
+        # The adapter trains on the pool only: the anchor, the method and the projection of
+        # the gradients taken under it do not change it.
+        return WarmupSettings(
+            pool=self.selection.pool,
+            train=self.training(),
+            checkpoints=self.selection.select.gradient.checkpoints,
         )
-        from forgetless.train.config import TrainConfig
-        from forgetless.train.sft import train_model
 
-        started = time.perf_counter()
+    def training(self) -> TrainConfig:
         gradient = self.selection.select.gradient
-        data = self.selection.data(inputs)
-        train = TrainConfig(
+        return TrainConfig(
             method="lora",
             learning_rate=gradient.warmup_learning_rate,
             max_steps=gradient.warmup_steps,
@@ -137,6 +132,21 @@ class WarmupStage(Stage):
                 "target_modules": gradient.lora_target_modules,
             },
         )
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.models import load_configured_model
+        from forgetless.select.warmup import (
+            MOMENTS_FILE,
+            AdamMomentsCallback,
+            WarmupCheckpoints,
+            checkpoint_steps,
+        )
+        from forgetless.train.sft import train_model
+
+        started = time.perf_counter()
+        gradient = self.selection.select.gradient
+        data = self.selection.data(inputs)
+        train = self.training()
         callbacks = [AdamMomentsCallback(workdir / MOMENTS_FILE)]
         if gradient.checkpoints > 1:
             steps = checkpoint_steps(gradient.warmup_steps, gradient.checkpoints)
