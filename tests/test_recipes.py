@@ -141,6 +141,24 @@ def test_compare_runs_arms_and_sweeps_sharing_what_they_share(tmp_path, shared_d
     assert (rerun.directory / "frontier.json").read_bytes() == first
 
 
+def test_a_comparison_finished_elsewhere_is_rebuilt_from_its_archive(tmp_path, shared_data_dir):
+    raw = _arms_raw(tmp_path)
+    del raw["compare"]["arms"]["osft"]
+    # Evaluations and reports are kept whole; the models (larger) by their record only.
+    raw.update(archive_dir=str(tmp_path / "archive"), archive_max_mb=0.25)
+    first = compare(expand_arms(raw), tmp_path / "machine1", progress=False).frontier
+    log = []
+    again = compare(
+        expand_arms(raw), tmp_path / "machine2", on_event=_events(log), progress=False
+    ).frontier
+    assert not [name for event, name in log if event == "start"]
+    assert ("archived", "train") in log
+    assert again["arms"][0]["model_dir"] is None and first["arms"][0]["model_dir"]
+    for point in (first, again):
+        point["arms"][0].pop("model_dir")
+    assert again == first
+
+
 def test_the_comparisons_axes_reach_the_frontier(tmp_path, shared_data_dir):
     raw = _arms_raw(tmp_path)
     raw["evaluate"] = {**TINY["evaluate"], "general_tasks": ["c4", "ppl:boolq"]}

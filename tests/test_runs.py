@@ -78,6 +78,88 @@ def test_plans_share_identical_stages_and_separate_differing_ones(tmp_path):
     assert sum(stage.calls for stages in again.values() for stage in stages) == 0
 
 
+class ModelStage(CountingStage):
+    """A stage whose folder is too large for the archive (a model)."""
+
+    def run(self, workdir, inputs):
+        summary = super().run(workdir, inputs)
+        (workdir / "weights.bin").write_bytes(bytes(8192))
+        return summary
+
+
+def _experiment(train_value=2, eval_value=3):
+    """base eval, train (large), eval of the trained model, report: an arm of a comparison."""
+    return [
+        CountingStage("eval_base", 1),
+        ModelStage("train", train_value),
+        CountingStage("eval_adapted", eval_value, depends_on=("train",)),
+        CountingStage("report", 4, depends_on=("eval_base", "eval_adapted")),
+    ]
+
+
+def _archived_run(root, archive):
+    return RunDirectory(root, archive=archive, archive_max_mb=4096 / 2**20)
+
+
+def test_the_archive_keeps_small_stages_whole_and_large_ones_as_their_record(tmp_path):
+    archive = tmp_path / "archive"
+    results = _archived_run(tmp_path / "run", archive).run_all(_experiment())
+    for name in ("eval_base", "eval_adapted", "report"):
+        kept = archive / results[name].fingerprint
+        assert sorted(p.name for p in kept.iterdir()) == ["attempt-1", STAGE_RECORD]
+        assert (kept / STAGE_RECORD).read_bytes() == (
+            results[name].directory / STAGE_RECORD
+        ).read_bytes()
+    model = archive / results["train"].fingerprint
+    assert sorted(p.name for p in model.iterdir()) == ["RECORD_ONLY", STAGE_RECORD]
+
+
+def test_a_finished_experiment_on_another_machine_reruns_nothing(tmp_path):
+    archive = tmp_path / "archive"
+    first = _archived_run(tmp_path / "machine1", archive).run_all(_experiment())
+    stages = _experiment()
+    events = []
+    runs = RunDirectory(
+        tmp_path / "machine2", archive=archive, archive_max_mb=4096 / 2**20,
+        on_event=lambda event, info: events.append((event, info.name)),
+    )  # fmt: skip
+    again = runs.run_all(stages)
+    assert sum(stage.calls for stage in stages) == 0
+    assert ("archived", "train") in events
+    # The small stages are restored as they were; the model is known by its summary only.
+    for name in ("eval_base", "eval_adapted", "report"):
+        assert again[name].artefacts and again[name].summary == first[name].summary
+        assert (again[name].directory / "attempt-1").is_file()
+    assert not again["train"].artefacts and not again["train"].directory.exists()
+    assert again["train"].summary == first["train"].summary
+
+
+def test_an_archived_model_reruns_when_a_stage_left_to_run_needs_it(tmp_path):
+    archive = tmp_path / "archive"
+    _archived_run(tmp_path / "machine1", archive).run_all(_experiment())
+    # The adapted model's evaluation changed: it needs the model, which must train again.
+    stages = _experiment(eval_value=30)
+    again = _archived_run(tmp_path / "machine2", archive).run_all(stages)
+    assert [stage.calls for stage in stages] == [0, 1, 1, 1]
+    assert again["train"].artefacts and (again["train"].directory / "weights.bin").is_file()
+    # keep: the caller wants the model's files whatever the archive holds.
+    kept = _experiment()
+    result = _archived_run(tmp_path / "machine3", archive).run_all(kept, keep=("train",))
+    assert [stage.calls for stage in kept] == [0, 1, 0, 0]
+    assert result["train"].artefacts
+
+
+def test_an_archived_record_cannot_feed_a_stage(tmp_path):
+    archive = tmp_path / "archive"
+    first = _archived_run(tmp_path / "machine1", archive).run_all(_experiment())
+    runs = _archived_run(tmp_path / "machine2", archive)
+    recorded = runs.run_all(_experiment())["train"]
+    assert not recorded.artefacts
+    with pytest.raises(ValueError, match="not kept"):
+        runs.run(CountingStage("other", 5, depends_on=("train",)), {"train": recorded})
+    assert first["train"].artefacts
+
+
 def test_data_file_stage_fingerprint_follows_content_not_path(tmp_path):
     def stage_for(path, text):
         path.parent.mkdir(parents=True, exist_ok=True)

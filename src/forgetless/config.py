@@ -23,7 +23,7 @@ from forgetless.merge.config import MergeConfig
 from forgetless.mix.config import MixConfig
 from forgetless.model_config import ModelConfig
 from forgetless.recipes.config import CompareConfig, ContinualConfig, RecipeConfig
-from forgetless.schema import Section
+from forgetless.schema import NOT_IDENTITY, Section
 from forgetless.select.config import SelectConfig
 from forgetless.train.config import TrainConfig
 
@@ -78,6 +78,23 @@ class ForgetlessConfig(Section):
         "Default: $FORGETLESS_DATA_DIR, else the user cache (downloaded when online).",
     )
     run_dir: str = Field("runs/default", description="Where stages write their artefacts.")
+    archive_dir: str | None = Field(
+        None,
+        description="A second home for finished stages, e.g. a folder kept in version control "
+        "or on shared storage: each stage leaves its record there, and its whole folder when "
+        "no larger than `archive_max_mb` (evaluations, reports, selections; not models). A "
+        "later run, in any run_dir or on another machine, restores them instead of "
+        "recomputing, and skips a stage whose files were not kept (a model) when everything "
+        "after it is there. None: no archive.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    archive_max_mb: float = Field(
+        16.0,
+        ge=0,
+        description="Largest stage folder the archive keeps whole (MiB); larger ones leave "
+        "their record only.",
+        json_schema_extra=NOT_IDENTITY,
+    )
 
     @field_validator("data_dir")
     @classmethod

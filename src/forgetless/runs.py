@@ -11,6 +11,15 @@ once it finished, renames that folder to ``<run>/<folder>/`` with a ``stage.json
   fingerprint reuses (training resumes from its last checkpoint there);
 * a changed setting changes the fingerprint of the stage and of everything downstream.
 
+With an *archive* (another folder, e.g. one kept in version control), every finished stage
+also leaves its record there under its fingerprint, and every stage folder no larger than
+``archive_max_mb`` its files. A later run, in another run directory or on another machine,
+restores archived folders instead of recomputing them, and does not rerun a stage whose files
+were not archived (a model) when its own record is there and every stage after it is
+available: such a result has only its summary (``StageResult.artefacts`` is False). So a
+long experiment split across machines that keep nothing but the archive carries on where it
+stopped, as long as what is left to run does not need the missing files.
+
 This module knows no method: it imports nothing of forgetless above ``errors`` and ``io``.
 """
 
@@ -21,7 +30,7 @@ import json
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,10 +40,12 @@ from pydantic import BaseModel, ConfigDict
 
 from forgetless import __version__
 from forgetless.errors import ForgetlessError
-from forgetless.io import write_json_atomic
+from forgetless.io import atomic_directory, write_json_atomic
 from forgetless.schema import identity_dump
 
 STAGE_RECORD = "stage.json"
+# In an archived stage folder that holds only the record (its files were too large to keep).
+RECORD_ONLY = "RECORD_ONLY"
 
 
 class StageSettings(BaseModel):
@@ -51,6 +62,9 @@ class StageResult:
     summary: dict[str, Any]
     cached: bool
     seconds: float | None = None  # wall time of the run that finished it
+    # False for an archived stage whose files were not kept and that nothing left to run
+    # needs: its summary is known, its directory does not exist.
+    artefacts: bool = True
 
 
 def records_file(result: StageResult) -> Path:
@@ -99,10 +113,16 @@ def _ignore(event: str, info: StageResult | str) -> None:
     return None
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 @dataclass
 class RunDirectory:
     root: Path
     on_event: EventHandler = field(default=_ignore)
+    archive: Path | None = None
+    archive_max_mb: float = 16.0
     # fingerprint -> folder of every finished stage (read once, kept up to date)
     _index: dict[str, str] | None = field(default=None, init=False, repr=False)
 
@@ -110,6 +130,10 @@ class RunDirectory:
         self.root = Path(self.root)
         if self.root.exists() and not self.root.is_dir():
             raise ForgetlessError(f"run directory {self.root} exists and is not a directory")
+        if self.archive is not None:
+            self.archive = Path(self.archive)
+            if self.archive.exists() and not self.archive.is_dir():
+                raise ForgetlessError(f"archive {self.archive} exists and is not a directory")
 
     def _finished_elsewhere(self, fingerprint: str) -> StageResult | None:
         """The same work finished under another folder (another name, another arm)."""
@@ -136,6 +160,59 @@ class RunDirectory:
         seconds = record.get("seconds")
         return StageResult(name, fingerprint, record_file.parent, record["summary"], True, seconds)
 
+    # --- the archive ---------------------------------------------------------------------
+
+    def _archived(self, fingerprint: str) -> Path | None:
+        """The archive's folder of ``fingerprint``, if it holds a record of it."""
+        if self.archive is None:
+            return None
+        folder = self.archive / fingerprint
+        return folder if (folder / STAGE_RECORD).is_file() else None
+
+    def archived_record(self, fingerprint: str) -> dict[str, Any] | None:
+        """The archived record of a stage whose files were not kept."""
+        folder = self._archived(fingerprint)
+        if folder is None or not (folder / RECORD_ONLY).is_file():
+            return None
+        record = json.loads((folder / STAGE_RECORD).read_text())
+        return record if record.get("fingerprint") == fingerprint else None
+
+    def _restore(self, folder: str, fingerprint: str) -> StageResult | None:
+        """The archived files of ``fingerprint``, copied to ``<root>/<folder>``."""
+        archived = self._archived(fingerprint)
+        if archived is None or (archived / RECORD_ONLY).exists():
+            return None
+        with atomic_directory(self.root / folder) as staging:
+            shutil.copytree(archived, staging, dirs_exist_ok=True)
+        return self.cached(folder, fingerprint)
+
+    def _keep(self, result: StageResult) -> None:
+        """Archive a finished stage: its whole folder if small enough, else its record."""
+        if self.archive is None or self._archived(result.fingerprint) is not None:
+            return
+        small = _folder_bytes(result.directory) <= self.archive_max_mb * 2**20
+        with atomic_directory(self.archive / result.fingerprint) as staging:
+            if small:
+                shutil.copytree(result.directory, staging, dirs_exist_ok=True)
+            else:
+                shutil.copy2(result.directory / STAGE_RECORD, staging / STAGE_RECORD)
+                (staging / RECORD_ONLY).write_text(
+                    "The files of this stage were larger than the archive keeps.\n"
+                )
+
+    def available(self, folder: str, fingerprint: str) -> bool:
+        """Whether ``fingerprint``'s files are here, elsewhere in the run or in the archive."""
+        return (
+            self.cached(folder, fingerprint) is not None
+            or self._finished_elsewhere(fingerprint) is not None
+            or (
+                self._archived(fingerprint) is not None
+                and self.archived_record(fingerprint) is None
+            )
+        )
+
+    # --- running ---------------------------------------------------------------------------
+
     def run(
         self, stage: Stage, inputs: Mapping[str, StageResult], folder: str | None = None
     ) -> StageResult:
@@ -145,10 +222,18 @@ class RunDirectory:
             raise ValueError(f"stage {stage.name} needs {missing} to run first")
         folder = folder or stage.name
         fingerprint = stage.fingerprint({name: inputs[name].fingerprint for name in inputs})
-        hit = self.cached(folder, fingerprint) or self._finished_elsewhere(fingerprint)
+        hit = (
+            self.cached(folder, fingerprint)
+            or self._finished_elsewhere(fingerprint)
+            or self._restore(folder, fingerprint)
+        )
         if hit is not None:
+            self._keep(hit)
             self.on_event("cached", hit)
             return hit
+        absent = [name for name in stage.depends_on if not inputs[name].artefacts]
+        if absent:
+            raise ValueError(f"stage {stage.name} needs the files of {absent}, which were not kept")
         self.on_event("start", folder)
         partial = self.root / f"{folder}.partial-{fingerprint}"
         partial.mkdir(parents=True, exist_ok=True)
@@ -174,44 +259,124 @@ class RunDirectory:
         result = StageResult(stage.name, fingerprint, final, summary, False, seconds)
         if self._index is not None:
             self._index[fingerprint] = folder
+        self._keep(result)
         self.on_event("done", result)
         return result
 
-    def run_all(self, stages: Sequence[Stage]) -> dict[str, StageResult]:
+    def run_all(
+        self,
+        stages: Sequence[Stage],
+        *,
+        given: Mapping[str, StageResult] | None = None,
+        keep: Collection[str] = (),
+    ) -> dict[str, StageResult]:
         """Run stages in the given (topological) order, skipping those already finished."""
-        return self.run_plans({"": stages})[""]
+        return self.run_plans({"": stages}, given=given, keep=keep)[""]
 
-    def run_plans(self, plans: Mapping[str, Sequence[Stage]]) -> dict[str, dict[str, StageResult]]:
+    def run_plans(
+        self,
+        plans: Mapping[str, Sequence[Stage]],
+        *,
+        given: Mapping[str, StageResult] | None = None,
+        keep: Collection[str] = (),
+    ) -> dict[str, dict[str, StageResult]]:
         """Run several plans (the arms of a comparison), each distinct stage once.
 
         Fingerprints are known before anything runs, so the same work that several plans
         need (the base evaluation, a selection's gradients, an expert that is also an arm of
         its own) runs once. It lives in ``<root>/<name>`` when every plan's stage of that name
         is the same, else in ``<root>/<plan>/<name>`` of the first plan that needs it.
+
+        ``given``: results from elsewhere (another run directory) that stages may consume.
+        With an archive, a stage whose files were not archived is not rerun when its record
+        is there and nothing left to run needs its files, unless its name is in ``keep``.
         """
+        given = dict(given or {})
         fingerprints: dict[str, dict[str, str]] = {}
         for plan, stages in plans.items():
-            known: dict[str, str] = {}
+            known = {name: result.fingerprint for name, result in given.items()}
             for stage in stages:
                 if stage.name in known:
                     raise ValueError(f"plan {plan!r} has two stages named {stage.name!r}")
                 known[stage.name] = stage.fingerprint(known)
             fingerprints[plan] = known
         variants: dict[str, set[str]] = {}
-        for known in fingerprints.values():
-            for name, fingerprint in known.items():
-                variants.setdefault(name, set()).add(fingerprint)
+        for plan, stages in plans.items():
+            for stage in stages:
+                variants.setdefault(stage.name, set()).add(fingerprints[plan][stage.name])
+        folders: dict[str, str] = {}
+        for plan, stages in plans.items():
+            for stage in stages:
+                # The first plan that needs a stage of a contested name hosts it.
+                shared = len(variants[stage.name]) == 1
+                folder = stage.name if shared or not plan else f"{plan}/{stage.name}"
+                folders.setdefault(fingerprints[plan][stage.name], folder)
+        to_run = self._stages_to_run(plans, fingerprints, folders, keep)
         finished: dict[str, StageResult] = {}
         outcome: dict[str, dict[str, StageResult]] = {}
         for plan, stages in plans.items():
-            results: dict[str, StageResult] = {}
+            results: dict[str, StageResult] = dict(given)
             for stage in stages:
                 fingerprint = fingerprints[plan][stage.name]
                 if fingerprint not in finished:
-                    # The first plan that needs a stage of a contested name hosts it.
-                    shared = len(variants[stage.name]) == 1
-                    folder = stage.name if shared or not plan else f"{plan}/{stage.name}"
-                    finished[fingerprint] = self.run(stage, results, folder=folder)
+                    if fingerprint in to_run:
+                        finished[fingerprint] = self.run(
+                            stage, results, folder=folders[fingerprint]
+                        )
+                    else:
+                        finished[fingerprint] = self._recorded(stage, fingerprint, folders)
                 results[stage.name] = finished[fingerprint]
-            outcome[plan] = results
+            outcome[plan] = {name: result for name, result in results.items() if name not in given}
         return outcome
+
+    def _stages_to_run(self, plans, fingerprints, folders, keep) -> set[str]:
+        """Every stage, but those whose files are only archived as a record and that no
+        stage left to run needs (or that ``keep`` names)."""
+        every = set(folders)
+        if self.archive is None:
+            return every
+        recorded = {fp for fp in every if self.archived_record(fp) is not None}
+        recorded -= {fp for fp in recorded if self.available(folders[fp], fp)}
+        consumers: dict[str, set[str]] = {fp: set() for fp in every}
+        for plan, stages in plans.items():
+            for stage in stages:
+                fingerprint = fingerprints[plan][stage.name]
+                if stage.name in keep:
+                    recorded.discard(fingerprint)
+                for name in stage.depends_on:
+                    if fingerprints[plan][name] in consumers:
+                        consumers[fingerprints[plan][name]].add(fingerprint)
+        to_run = {fp for fp in every if fp not in recorded and not self.available(folders[fp], fp)}
+        # Stages that a stage left to run consumes must run too, and so on upstream.
+        changed = True
+        while changed:
+            needed = {fp for fp in recorded - to_run if consumers[fp] & to_run}
+            to_run |= needed
+            changed = bool(needed)
+        return every - (recorded - to_run)
+
+    def _recorded(self, stage: Stage, fingerprint: str, folders: dict[str, str]) -> StageResult:
+        record = self.archived_record(fingerprint)
+        assert record is not None  # _stages_to_run skips only recorded stages
+        result = StageResult(
+            stage.name,
+            fingerprint,
+            self.root / folders[fingerprint],
+            record["summary"],
+            True,
+            record.get("seconds"),
+            artefacts=False,
+        )
+        self.on_event("archived", result)
+        return result
+
+
+def run_directory(root: str | Path, config: Any, on_event: EventHandler | None = None):
+    """``root`` as a :class:`RunDirectory` with the archive of ``config`` (a forgetless
+    config: its ``archive_dir`` and ``archive_max_mb``)."""
+    return RunDirectory(
+        Path(root),
+        on_event=on_event or _ignore,
+        archive=None if config.archive_dir is None else Path(config.archive_dir),
+        archive_max_mb=config.archive_max_mb,
+    )

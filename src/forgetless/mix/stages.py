@@ -29,7 +29,7 @@ from forgetless.mix.config import (
 from forgetless.mix.corpus import Corpus, load_corpus
 from forgetless.model_config import ModelConfig
 from forgetless.registry import lookup
-from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings
+from forgetless.runs import Stage, StageResult, StageSettings, run_directory
 
 CLUSTERING_FILE = "clustering.npz"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -453,8 +453,7 @@ def run_clustering(
     """Embed, score, cluster, prune and merge ``config.mix.sources`` into ``output_dir``."""
     mixture = _mixture(config, progress)
     mixture.corpus()  # data mistakes surface before any model is loaded
-    runs = RunDirectory(Path(output_dir), on_event=on_event or (lambda event, info: None))
-    return runs.run_all(clustering_stages(mixture))
+    return run_directory(output_dir, config, on_event).run_all(clustering_stages(mixture))
 
 
 def run_mixture_search(

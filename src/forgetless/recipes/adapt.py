@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from forgetless.cards import set_retention
 from forgetless.config import ForgetlessConfig
@@ -20,7 +19,7 @@ from forgetless.hub import check_push_access, push_model
 from forgetless.merge.stages import MergeExpertsStage
 from forgetless.report.stages import ReportStage
 from forgetless.report.trackers import Trackers
-from forgetless.runs import RunDirectory, Stage, StageResult
+from forgetless.runs import Stage, StageResult, run_directory
 from forgetless.train.stages import TrainStage
 
 BASE_EVAL = "eval_base"
@@ -177,7 +176,9 @@ def run_adapt(
         check_push_access(push_to_hub)
     on_event = on_event or (lambda event, info: None)
     plan = adapt_plan(config, progress=progress)
-    results = RunDirectory(Path(config.run_dir), on_event=on_event).run_all(plan.stages)
+    # The adapted model is what this command delivers: never left in the archive only.
+    runs = run_directory(config.run_dir, config, on_event)
+    results = runs.run_all(plan.stages, keep=(plan.model_stage,))
     model_dir = results[plan.model_stage].directory / MODEL_DIR
     set_retention(model_dir, retention_markdown(results))
     if push_to_hub is not None:

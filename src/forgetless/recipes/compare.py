@@ -33,7 +33,7 @@ from forgetless.recipes.adapt import (
     retention_markdown,
     trackers_of,
 )
-from forgetless.runs import RunDirectory, StageResult
+from forgetless.runs import StageResult, run_directory
 
 FRONTIER_DIR = "frontier"
 ARM_KEYS = ("sweep", "description")  # an arm's entries that are not config sections
@@ -246,7 +246,7 @@ def compare(
     for arm in arms:
         check_inputs(arm.config)
     plans = {arm.folder: adapt_plan(arm.config, progress=progress) for arm in arms}
-    runs = RunDirectory(Path(run_dir), on_event=on_event or (lambda event, info: None))
+    runs = run_directory(run_dir, first, on_event)
     results = runs.run_plans({folder: plan.stages for folder, plan in plans.items()})
     base = read_evaluation(results[arms[0].folder][BASE_EVAL].directory)
     points, evaluations = [], {}
@@ -254,8 +254,11 @@ def compare(
         arm_results = results[arm.folder]
         evaluation = evaluations[arm.label] = read_evaluation(arm_results[ADAPTED_EVAL].directory)
         plan = plans[arm.folder]
-        model_dir = arm_results[plan.model_stage].directory / MODEL_DIR
-        set_retention(model_dir, retention_markdown(arm_results))
+        model = arm_results[plan.model_stage]
+        # An arm finished on another machine may have left only its results in the archive.
+        model_dir = model.directory / MODEL_DIR if model.artefacts else None
+        if model_dir is not None:
+            set_retention(model_dir, retention_markdown(arm_results))
         points.append(
             {
                 "label": arm.label,
@@ -264,7 +267,7 @@ def compare(
                 "description": arm.description or describe(plan.notes),
                 "changes": {task: paired_task_change(task, base, evaluation) for task in tasks},
                 "compute": _compute(plan, arm_results),
-                "model_dir": str(model_dir),
+                "model_dir": None if model_dir is None else str(model_dir),
             }
         )
     comparison = {

@@ -57,7 +57,7 @@ from forgetless.model_config import ModelConfig
 from forgetless.recipes.strategies import ContinualStrategy
 from forgetless.registry import lookup
 from forgetless.report.continual import short_name
-from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings
+from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings, run_directory
 from forgetless.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -734,16 +734,15 @@ def run_continual(
     load_tasks(continual.retention_tasks, config.evaluate, data_dir=config.data_dir)
     RunDirectory(Path(config.run_dir))  # a file in its place is an error before any work
 
-    events = on_event or (lambda event, info: None)
-    shared = RunDirectory(base_directory(config), on_event=events)
-    sequence = RunDirectory(
-        shared.root / f"order{continual.order}-{continual.method}", on_event=events
-    )
-    results = {"eval_base": shared.run(ContinualEvalStage("eval_base", config, data, tasks), {})}
+    shared = run_directory(base_directory(config), config, on_event)
+    base_stages = [ContinualEvalStage("eval_base", config, data, tasks)]
     if continual.retention_tasks:
-        results["retention_base"] = shared.run(retention_stage("retention_base", config), {})
+        base_stages.append(retention_stage("retention_base", config))
+    results = shared.run_all(base_stages)
+    sequence = run_directory(
+        shared.root / f"order{continual.order}-{continual.method}", config, on_event
+    )
     stages = sequence_stages(config, data, tasks)
-    for stage in stages:
-        results[stage.name] = sequence.run(stage, results)
+    results.update(sequence.run_all(stages, given=results))
     results["report"] = results[stages[-1].name]
     return results

@@ -31,7 +31,13 @@ from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_file, write_json_atomic
 from forgetless.model_config import ModelConfig
 from forgetless.registry import lookup
-from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings, records_file
+from forgetless.runs import (
+    Stage,
+    StageResult,
+    StageSettings,
+    records_file,
+    run_directory,
+)
 from forgetless.select import methods as _methods  # noqa: F401  (registers the methods)
 from forgetless.select.config import (
     AnchorConfig,
@@ -615,8 +621,7 @@ def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_e
     selection.data({})
     if selection.method.gradients:
         load_anchor(config.select.anchor, config.data_dir)
-    runs = RunDirectory(output, on_event=on_event or (lambda event, info: None))
-    return runs.run_all(selection_stages(selection))
+    return run_directory(output, config, on_event).run_all(selection_stages(selection))
 
 
 __all__ = [
