@@ -343,6 +343,9 @@ def _select_config(method, tmp_path):
     )
 
 
+GRADIENT_PASSES = {"gradients_anchor", "gradients_validation", "gradients_pool"}
+
+
 def _stage_fingerprints(config):
     from forgetless.select.stages import Selection, selection_stages
 
@@ -359,9 +362,9 @@ def _stage_fingerprints(config):
     [
         # The projection is applied to gradients taken under the warm-up: it reruns only
         # the gradient passes, not the warm-up.
-        ("projection_dim", 64, {"gradients_anchor", "gradients_validation", "gradients_pool"}),
-        ("preconditioner", "none", {"gradients_anchor", "gradients_validation", "gradients_pool"}),
-        ("warmup_steps", 3, {"warmup", "gradients_anchor", "gradients_validation", "gradients_pool"}),
+        ("projection_dim", 64, GRADIENT_PASSES),
+        ("preconditioner", "none", GRADIENT_PASSES),
+        ("warmup_steps", 3, {"warmup", *GRADIENT_PASSES}),
         # Memory for projection blocks changes the time, never the values.
         ("projector_cache_mb", 0, set()),
     ],
