@@ -44,7 +44,7 @@ from forgetless.report.experiment import (
     print_event,
     write_results,
 )
-from forgetless.runs import RunDirectory
+from forgetless.runs import run_directory
 from forgetless.select.inputs import HEAD_COLUMNS
 from forgetless.select.metrics import COSTS, ExactChoice, exact_choice
 from forgetless.select.navigator import cross_validate
@@ -169,7 +169,9 @@ def measure(args) -> dict[str, Any]:
                 for blocks in args.partial_blocks
                 for role in ("anchor", "validation", "pool")
             ]
-        results = RunDirectory(run_dir / f"seed_{seed}", on_event=print_event).run_all(stages)
+        runs = run_directory(run_dir / f"seed_{seed}", config, print_event)
+        # The gradients are read here, not only by the stages after them.
+        results = runs.run_all(stages, keep=[stage.name for stage in stages])
         if position == 0:
             first_results = results
         seed_results[seed] = (select, results)

@@ -58,7 +58,7 @@ from forgetless.report.experiment import (
     print_event,
     write_results,
 )
-from forgetless.runs import RunDirectory
+from forgetless.runs import run_directory
 from forgetless.select.criterion import (
     ARMS,
     fit_line,
@@ -183,7 +183,10 @@ def pool_geometry(config, run_dir: Path) -> ScoredPool:
     from forgetless.select.stages import Selection, gradient_stages, pool_scores
 
     selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
-    results = RunDirectory(run_dir, on_event=print_event).run_all(gradient_stages(selection))
+    stages = gradient_stages(selection)
+    # The gradients are read here; the warm-up only by them.
+    keep = [stage.name for stage in stages if stage.name.startswith("gradients_")]
+    results = run_directory(run_dir, config, print_event).run_all(stages, keep=keep)
     scores, valid, anchor = pool_scores(config.select, results, "gradients_pool")
     gradients = load_gradient_features(results["gradients_pool"].directory).dense()
     records = selection.data({}).candidates

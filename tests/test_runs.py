@@ -149,6 +149,15 @@ def test_an_archived_model_reruns_when_a_stage_left_to_run_needs_it(tmp_path):
     assert result["train"].artefacts
 
 
+def test_a_last_stage_is_never_left_as_a_record(tmp_path):
+    archive = tmp_path / "archive"
+    _archived_run(tmp_path / "machine1", archive).run_all([ModelStage("train", 2)])
+    # Nothing consumes the model: its caller reads it, so it trains again.
+    stage = ModelStage("train", 2)
+    result = _archived_run(tmp_path / "machine2", archive).run_all([stage])["train"]
+    assert stage.calls == 1 and result.artefacts
+
+
 def test_an_archived_record_cannot_feed_a_stage(tmp_path):
     archive = tmp_path / "archive"
     first = _archived_run(tmp_path / "machine1", archive).run_all(_experiment())

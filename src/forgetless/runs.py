@@ -289,7 +289,8 @@ class RunDirectory:
 
         ``given``: results from elsewhere (another run directory) that stages may consume.
         With an archive, a stage whose files were not archived is not rerun when its record
-        is there and nothing left to run needs its files, unless its name is in ``keep``.
+        is there, some stage consumes it and none that does needs to run, unless its name is
+        in ``keep`` (stages whose files the caller reads besides the last ones).
         """
         given = dict(given or {})
         fingerprints: dict[str, dict[str, str]] = {}
@@ -346,6 +347,8 @@ class RunDirectory:
                 for name in stage.depends_on:
                     if fingerprints[plan][name] in consumers:
                         consumers[fingerprints[plan][name]].add(fingerprint)
+        # What no stage consumes is what the caller reads: it is never left as a record.
+        recorded -= {fp for fp in recorded if not consumers[fp]}
         to_run = {fp for fp in every if fp not in recorded and not self.available(folders[fp], fp)}
         # Stages that a stage left to run consumes must run too, and so on upstream.
         changed = True
