@@ -158,6 +158,16 @@ def test_a_last_stage_is_never_left_as_a_record(tmp_path):
     assert stage.calls == 1 and result.artefacts
 
 
+@pytest.mark.parametrize("damage", ["{not json", '{"fingerprint": "0000"}', "[]"])
+def test_a_damaged_archive_record_is_one_line_naming_it(tmp_path, damage):
+    archive = tmp_path / "archive"
+    first = _archived_run(tmp_path / "machine1", archive).run_all(_experiment())
+    record = archive / first["report"].fingerprint / STAGE_RECORD
+    record.write_text(damage)
+    with pytest.raises(ForgetlessError, match=f"{record}: not the record of stage"):
+        _archived_run(tmp_path / "machine2", archive).run_all(_experiment())
+
+
 def test_an_archived_record_cannot_feed_a_stage(tmp_path):
     archive = tmp_path / "archive"
     first = _archived_run(tmp_path / "machine1", archive).run_all(_experiment())

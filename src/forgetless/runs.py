@@ -167,15 +167,28 @@ class RunDirectory:
         if self.archive is None:
             return None
         folder = self.archive / fingerprint
-        return folder if (folder / STAGE_RECORD).is_file() else None
+        record_file = folder / STAGE_RECORD
+        if not record_file.is_file():
+            return None
+        # The archive travels between machines and through version control: a damaged
+        # record is said, never taken for a result nor silently replaced.
+        try:
+            recorded = json.loads(record_file.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != fingerprint:
+            raise ForgetlessError(
+                f"{record_file}: not the record of stage {fingerprint}; delete {folder} to "
+                "compute that stage again"
+            )
+        return folder
 
     def archived_record(self, fingerprint: str) -> dict[str, Any] | None:
         """The archived record of a stage whose files were not kept."""
         folder = self._archived(fingerprint)
         if folder is None or not (folder / RECORD_ONLY).is_file():
             return None
-        record = json.loads((folder / STAGE_RECORD).read_text())
-        return record if record.get("fingerprint") == fingerprint else None
+        return json.loads((folder / STAGE_RECORD).read_text())
 
     def _restore(self, folder: str, fingerprint: str) -> StageResult | None:
         """The archived files of ``fingerprint``, copied to ``<root>/<folder>``."""
