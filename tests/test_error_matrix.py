@@ -238,6 +238,22 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             "a_file",
         ),
         ([*SELECT, "--output-dir", "a_file"], "a_file"),
+        (
+            [
+                "run",
+                "--config",
+                "arms_none.yaml",
+                "--set",
+                "data.source=good.jsonl",
+                "--set",
+                "evaluate.general_tasks=[c4]",
+                "--set",
+                "evaluate.domain_tasks=['ppl:good.jsonl']",
+                "--set",
+                "archive_dir=a_file",
+            ],
+            "archive a_file exists and is not a directory",
+        ),
     ],
     "output in the way": [
         (
