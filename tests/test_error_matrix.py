@@ -84,6 +84,17 @@ TRAIN = ["train", "--output-dir", "out", *TINY, "--max-steps", "1", "--max-lengt
 EVAL = ["eval", *TINY, "--limit", "2"]
 MERGE = ["merge", "--base", "tiny-llama", "--experts", "tiny-llama", "--output-dir", "m"]
 SELECT = ["select", "--output-dir", "out", *TINY, "--limit", "12"]
+RUN = [
+    "run",
+    "--config",
+    "arms_none.yaml",
+    "--set",
+    "data.source=good.jsonl",
+    "--set",
+    "evaluate.general_tasks=[c4]",
+    "--set",
+    "evaluate.domain_tasks=['ppl:good.jsonl']",
+]
 
 CASES: dict[str, list[tuple[list[str], str]]] = {
     "missing file or folder": [
@@ -221,39 +232,9 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ),
         (["eval", "--model", "a_file", "--tasks", "c4"], "a_file"),
         (["merge", "--base", "a_file", "--experts", "a_file", "--output-dir", "m"], "a_file"),
-        (
-            [
-                "run",
-                "--output-dir",
-                "a_file",
-                "--config",
-                "arms_none.yaml",
-                "--set",
-                "data.source=good.jsonl",
-                "--set",
-                "evaluate.general_tasks=[c4]",
-                "--set",
-                "evaluate.domain_tasks=['ppl:good.jsonl']",
-            ],
-            "a_file",
-        ),
+        ([*RUN, "--output-dir", "a_file"], "a_file"),
         ([*SELECT, "--output-dir", "a_file"], "a_file"),
-        (
-            [
-                "run",
-                "--config",
-                "arms_none.yaml",
-                "--set",
-                "data.source=good.jsonl",
-                "--set",
-                "evaluate.general_tasks=[c4]",
-                "--set",
-                "evaluate.domain_tasks=['ppl:good.jsonl']",
-                "--set",
-                "archive_dir=a_file",
-            ],
-            "archive a_file exists and is not a directory",
-        ),
+        ([*RUN, "--set", "archive_dir=a_file"], "archive a_file exists and is not a directory"),
     ],
     "output in the way": [
         (
