@@ -234,7 +234,9 @@ def summarise(config, domains, merges, contrasts, run) -> dict[str, Any]:
         }
     training = {name: results[f"expert {name}"]["train"].summary for name in domains}
     pooled = None
-    if any(len(labels) > 1 for labels in seed_groups(merges).values()):
+    # The contrasts answer the questions even before a second mask seed has run
+    # (their intervals then resample the items only).
+    if contrasts or any(len(labels) > 1 for labels in seed_groups(merges).values()):
         merged = {merge.label: evaluations[merge.label] for merge in merges}
         pooled = pooled_changes(tasks, base, merged, seed_groups(merges), contrasts)
     return {

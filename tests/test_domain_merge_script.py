@@ -134,6 +134,23 @@ def test_merges_pooled_over_mask_seeds_and_their_contrasts(
     assert "| sotu:0.5 | 3 |" in table and "| sotu:0.5 − dare:0.5 |" in table
 
 
+def test_a_contrast_of_single_seed_merges_resamples_the_items(tmp_path, experiment_argv, script):
+    merges = ["dare:0.5", "sotu:0.5"]
+    script.main(tiny_argv(experiment_argv, "--merges", *merges, "--contrast", *merges[::-1]))
+    summary = json.loads((tmp_path / "out" / "table.json").read_text())
+    rows = {row["model"]: row for row in summary["rows"]}
+    for task, result in summary["pooled_over_seeds"]["tasks"].items():
+        sotu, dare = result["arms"]["sotu:0.5"], result["arms"]["dare:0.5"]
+        assert len(sotu["per_seed"]) == len(dare["per_seed"]) == 1
+        assert seeded.shown(sotu["mean"], result["unit"]) == pytest.approx(
+            rows["sotu_0.5"]["changes"][task]["change"]
+        )
+        contrast = result["contrasts"]["sotu:0.5-dare:0.5"]
+        assert contrast["difference"] == pytest.approx(sotu["mean"] - dare["mean"])
+        assert contrast["ci95"][0] <= contrast["difference"] <= contrast["ci95"][1]
+    assert "| sotu:0.5 − dare:0.5 |" in (tmp_path / "out" / "table.md").read_text()
+
+
 def test_default_contrasts_are_those_whose_merges_are_compared(script):
     merges = [script.parse_merge(text) for text in ("sotu:0.33:seed=1", "ties:0.2", "dare:0.5")]
     assert script.chosen_contrasts(None, merges) == [("sotu:0.33", "ties:0.2")]
