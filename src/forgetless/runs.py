@@ -349,8 +349,8 @@ class RunDirectory:
         every = set(folders)
         if self.archive is None:
             return every
-        recorded = {fp for fp in every if self.archived_record(fp) is not None}
-        recorded -= {fp for fp in recorded if self.available(folders[fp], fp)}
+        present = {fp for fp in every if self.available(folders[fp], fp)}
+        recorded = {fp for fp in every - present if self.archived_record(fp) is not None}
         consumers: dict[str, set[str]] = {fp: set() for fp in every}
         for plan, stages in plans.items():
             for stage in stages:
@@ -362,7 +362,7 @@ class RunDirectory:
                         consumers[fingerprints[plan][name]].add(fingerprint)
         # What no stage consumes is what the caller reads: it is never left as a record.
         recorded -= {fp for fp in recorded if not consumers[fp]}
-        to_run = {fp for fp in every if fp not in recorded and not self.available(folders[fp], fp)}
+        to_run = every - recorded - present
         # Stages that a stage left to run consumes must run too, and so on upstream.
         changed = True
         while changed:
