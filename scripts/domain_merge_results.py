@@ -74,11 +74,13 @@ DEFAULT_MERGES = (
 GAIN_KEPT_TARGET = 0.8
 # Issue 22's questions, each asked where both merges are compared: does exact orthogonality
 # (disjoint masks) beat random masks at equal sparsity, and does SoTU beat the fair baselines
-# (DARE at the others' 1/N scale, TIES, the experts' plain average)?
+# (DARE at the others' 1/N scale, TIES at its default λ = 1 and at λ = 1/3, the scale that
+# configs/domain_merge_validation.yaml chose on validation text, the experts' plain average)?
 DEFAULT_CONTRASTS = (
     ("sotu:0.33:masks=disjoint", "sotu:0.33"),
     ("sotu:0.33", "dare:0.33:normalize=true"),
     ("sotu:0.33", "ties:0.2"),
+    ("sotu:0.33", "ties:0.2:scale=0.33"),
     ("sotu:0.33", "task_arithmetic:scale=0.33"),
 )
 SEED_SETTING = re.compile(r":seed=[^:]*")
