@@ -154,3 +154,22 @@ def test_a_contrast_of_single_seed_merges_resamples_the_items(tmp_path, experime
 def test_default_contrasts_are_those_whose_merges_are_compared(script):
     merges = [script.parse_merge(text) for text in ("sotu:0.33:seed=1", "ties:0.2", "dare:0.5")]
     assert script.chosen_contrasts(None, merges) == [("sotu:0.33", "ties:0.2")]
+
+
+def test_the_validation_sweep_merges_the_table_s_own_experts(script):
+    """configs/domain_merge_validation.yaml repeats the expert settings of domain_merge.yaml:
+    unless its experts are the same stages (same fingerprints), the TIES scale it chooses is
+    chosen for other models."""
+    from forgetless.config import load_raw
+    from forgetless.recipes.adapt import adapt_plan
+    from forgetless.recipes.compare import expand_arms
+
+    def expert_fingerprints(name: str) -> dict[str, str]:
+        path = script.PACKAGED_CONFIG.with_name(name)
+        merge_arm = expand_arms(load_raw(path), path)[-1]
+        stages = adapt_plan(merge_arm.config, progress=False).stages
+        return {s.name: s.fingerprint({}) for s in stages if s.name.startswith("train_")}
+
+    table = expert_fingerprints("domain_merge.yaml")
+    assert sorted(table) == ["train_financial", "train_legal", "train_medical"]
+    assert expert_fingerprints("domain_merge_validation.yaml") == table
