@@ -42,6 +42,41 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_extends_replaces_whole_sections_of_the_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text(
+        "model:\n  name: tiny-llama\n"
+        "train:\n  method: lora\n  learning_rate: 0.001\n"
+        "compare:\n  arms:\n    plain: {}\n"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text("extends: base/b.yaml\ntrain:\n  max_steps: 7\n")
+    config = load_config(path, {"train.learning_rate": 5e-4})
+    assert config.model.name == "tiny-llama"  # inherited section
+    assert config.train.max_steps == 7
+    # The extending file's train section is the whole section: the base's method is not kept.
+    assert config.train.method == ForgetlessConfig().train.method
+    assert config.train.learning_rate == 5e-4  # overrides apply last
+    assert "plain" in config.compare.arms
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"c.yaml": "extends: nope.yaml\n"}, r"c\.yaml: extends nope\.yaml, which is not a file"),
+        ({"c.yaml": "extends: [a.yaml]\n"}, r"c\.yaml: extends must name one config file"),
+        ({"c.yaml": "extends: d.yaml\n", "d.yaml": "extends: c.yaml\n"}, "makes a cycle"),
+        ({"c.yaml": "extends: d.yaml\n", "d.yaml": "train: [1, 2\n"}, r"d\.yaml:\d+: invalid"),
+    ],
+)
+def test_bad_extends_is_one_line(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ForgetlessError, match=match) as caught:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(caught.value)
+
+
 def test_set_assignments_parse_yaml_values():
     assert parse_assignment("train.max_steps=10") == ("train.max_steps", 10)
     assert parse_assignment("evaluate.general_tasks=[arc_easy, c4]") == (

@@ -157,7 +157,7 @@ def test_default_contrasts_are_those_whose_merges_are_compared(script):
 
 
 def test_the_validation_sweep_merges_the_table_s_own_experts(script):
-    """configs/domain_merge_validation.yaml repeats the expert settings of domain_merge.yaml:
+    """configs/domain_merge_validation.yaml inherits the expert settings of domain_merge.yaml:
     unless its experts are the same stages (same fingerprints), the TIES scale it chooses is
     chosen for other models."""
     from forgetless.config import load_raw

@@ -134,26 +134,51 @@ def load_config(
 
 
 def load_raw(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The YAML file's mapping (empty without a file) with the overrides applied."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ForgetlessError(f"config file not found: {file}")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
-            problem = " ".join(str(getattr(err, "problem", None) or err).split())
-            raise ForgetlessError(f"{where}: invalid YAML ({problem})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ForgetlessError(f"{file}: the top level must be a mapping of sections")
-        raw = loaded or {}
+    """The YAML file's mapping (empty without a file), its ``extends`` chain resolved, with the
+    overrides applied."""
+    raw = _read_with_bases(Path(path), ()) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(raw, dotted, value)
     return raw
+
+
+def _read_with_bases(file: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's sections over those of the file its ``extends`` key names.
+
+    A section (or top-level key) the file sets replaces the base's whole, never merges into
+    it: what a file writes in a section is everything that section holds, so a base cannot
+    add, say, comparison arms that the extending file does not list. Single fields are
+    changed with ``--set``. The base's path is relative to the extending file.
+    """
+    loaded = _read_yaml_mapping(file)
+    base_name = loaded.pop("extends", None)
+    if base_name is None:
+        return loaded
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise ForgetlessError(f"{file}: extends must name one config file, got {base_name!r}")
+    base = (file.parent / base_name).resolve()
+    here = chain + (file.resolve(),)
+    if base in here:
+        raise ForgetlessError(f"{file}: extends {base_name} makes a cycle")
+    if not base.is_file():
+        raise ForgetlessError(f"{file}: extends {base_name}, which is not a file")
+    return {**_read_with_bases(base, here), **loaded}
+
+
+def _read_yaml_mapping(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise ForgetlessError(f"config file not found: {file}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ForgetlessError(f"{where}: invalid YAML ({problem})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ForgetlessError(f"{file}: the top level must be a mapping of sections")
+    return loaded or {}
 
 
 def validate_config(
