@@ -1,4 +1,4 @@
-"""The continual-learning results table: methods x runs (benchmark order and seed split).
+r"""The continual-learning results table: methods x runs (benchmark order and seed split).
 
 Runs ``forgetless continual`` (cached and resumable, so an interrupted sweep picks up where it
 stopped) for every method on each run, then writes, per order, one table of mean ± std over

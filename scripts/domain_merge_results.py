@@ -1,4 +1,4 @@
-"""Domain experts merged into one model: the merging results table.
+r"""Domain experts merged into one model: the merging results table.
 
 Fine-tunes SmolLM2-135M-Instruct in full once per domain (medical: PubMedQA abstracts;
 financial: NWGI news sentences; legal: EUR-Lex acts), merges the experts with each method of

@@ -1,4 +1,4 @@
-"""CLIMB mixture search, end to end, and the found mixture against simple ones.
+r"""CLIMB mixture search, end to end, and the found mixture against simple ones.
 
 Clusters the pool (C4 sample, PubMedQA abstracts, NWGI financial news, EUR-Lex acts), runs
 the iterative search with small proxy models (objective: medical-domain and general text

@@ -1,4 +1,4 @@
-"""Does a rerun reproduce a published results table? Compare two results JSONs of one script.
+r"""Does a rerun reproduce a published results table? Compare two results JSONs of one script.
 
 Every paired change against the base in a results file (a mapping with ``change`` and
 ``ci95``, wherever it sits: ``rows[...].changes``, ``changes.<arm>``, ``domains.<d>.rows...``)
