@@ -5,7 +5,14 @@ import json
 import pytest
 import yaml
 
-from forgetless.config import ForgetlessConfig, defaults_as_yaml, load_config, parse_assignment
+from forgetless.config import (
+    ForgetlessConfig,
+    defaults_as_yaml,
+    load_config,
+    load_raw,
+    parse_assignment,
+    validate_config,
+)
 from forgetless.errors import ForgetlessError
 from forgetless.report.retention import build_retention_report, render_markdown, write_report
 
@@ -74,6 +81,36 @@ def test_bad_extends_is_one_line(tmp_path, files, match):
         (tmp_path / name).write_text(text)
     with pytest.raises(ForgetlessError, match=match) as caught:
         load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "where"),
+    [
+        # The value's own line, nested and in a list.
+        ({"c.yaml": "model:\n  name: tiny-llama\ntrain:\n  learning_rate: -1\n"}, "c.yaml:4"),
+        ({"c.yaml": "evaluate:\n  general_tasks:\n    - c4\n    - 7\n"}, "c.yaml:4"),
+        # A section inherited through `extends` is blamed on the base that writes it.
+        ({"c.yaml": "extends: d.yaml\nmodel: {}\n", "d.yaml": "\ntrain: {batch_size: 0}\n"},
+         "d.yaml:2"),
+        # A comparison arm's value, not the top-level section of the same name.
+        ({"c.yaml": "train: {max_steps: 3}\ncompare:\n  arms:\n    a:\n      train:\n"
+                    "        max_steps: x\n"}, "c.yaml:6: compare.arms.a: invalid config"),
+    ],
+)  # fmt: skip
+def test_an_invalid_value_is_blamed_on_the_line_that_sets_it(tmp_path, files, where):
+    from forgetless.recipes.compare import expand_arms
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    path = tmp_path / "c.yaml"
+    raw = load_raw(path)
+    with pytest.raises(ForgetlessError) as caught:
+        if "compare" in raw:
+            expand_arms(raw, path)
+        else:
+            validate_config(raw, path)
+    assert str(caught.value).startswith(f"{tmp_path / where}")
     assert "\n" not in str(caught.value)
 
 

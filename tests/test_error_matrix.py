@@ -174,7 +174,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ([*TRAIN, "--set", "train.warmup_steps=abc"], "--set train.warmup_steps"),
         (
             [*TRAIN, "--config", "typo.yaml"],
-            "typo.yaml: invalid config value for train.learnig_rate",
+            "typo.yaml:2: invalid config value for train.learnig_rate",
         ),
         (
             [*EVAL, "--tasks", "exams", "--config", "user_task.yaml"],
@@ -269,7 +269,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         ([*TRAIN, "--learning-rate", "-1"], "--learning-rate: invalid value"),
         (
             [*TRAIN, "--config", "nan.yaml"],
-            "nan.yaml: invalid config value for train.learning_rate",
+            "nan.yaml:2: invalid config value for train.learning_rate",
         ),
         ([*TRAIN, "--batch-size", "0"], "--batch-size"),
         ([*TRAIN, "--limit", "0"], "--limit"),

@@ -185,13 +185,16 @@ def validate_config(
     raw: dict[str, Any],
     origin: str | Path | None = None,
     labels: dict[str, str] | None = None,
+    within: tuple[str, ...] = (),
 ) -> ForgetlessConfig:
-    """The validated config of a raw mapping; a mistake is one line naming ``origin``, or the
-    flag of ``labels`` (dotted key -> flag) that set the invalid value."""
+    """The validated config of a raw mapping; a mistake is one line naming ``origin`` (with the
+    line that sets the invalid value, where ``origin`` is the file it came from), or the flag
+    of ``labels`` (dotted key -> flag) that set it. ``within`` is where ``raw`` sits inside
+    the file (a comparison arm's ``compare.arms.<name>``)."""
     try:
         return ForgetlessConfig.model_validate(raw)
     except ValidationError as err:
-        raise ForgetlessError(_one_line(err, origin, labels or {})) from None
+        raise ForgetlessError(_one_line(err, origin, labels or {}, within)) from None
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -216,9 +219,23 @@ def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _one_line(err: ValidationError, path: str | Path | None, labels: dict[str, str]) -> str:
+def _one_line(
+    err: ValidationError,
+    path: str | Path | None,
+    labels: dict[str, str],
+    within: tuple[str, ...],
+) -> str:
     first = err.errors()[0]
     origin = f"{path}: " if path is not None else ""
+    if path is not None and Path(path).is_file():
+        keys = [str(part) for part in first["loc"]]
+        found = (within and _where_set(Path(path), [*within, *keys])) or _where_set(
+            Path(path), keys
+        )
+        if found:
+            origin = f"{found}: "
+    if within:
+        origin += ".".join(within) + ": "
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     # A key or value may hold any character (a newline in a dict key): keep one line.
     message = " ".join(first["msg"].removeprefix("Value error, ").split())
@@ -229,6 +246,40 @@ def _one_line(err: ValidationError, path: str | Path | None, labels: dict[str, s
         if location == key or location.startswith(f"{key}."):
             return f"{label}: invalid value for {location}: {message}{more}"
     return f"{origin}invalid config value for {location}: {message}{more}"
+
+
+def _where_set(file: Path, keys: list[str]) -> str | None:
+    """``file:line`` of the deepest of ``keys`` (a dotted location) that ``file``, or a file it
+    extends, writes; None where neither writes its first key."""
+    try:
+        root = yaml.compose(file.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    node, line = root, None
+    for key in keys:
+        child = _child(node, key)
+        if child is None:
+            break
+        line, node = child
+    if line is not None:
+        return f"{file}:{line}"
+    # The section is not in this file: it comes from the base that the file extends.
+    base = _child(root, "extends")
+    if base is None or not isinstance(base[1], yaml.ScalarNode):
+        return None
+    return _where_set(file.parent / base[1].value, keys)
+
+
+def _child(node: yaml.Node | None, key: str) -> tuple[int, yaml.Node] | None:
+    """The 1-based line and node of ``key`` in a mapping node (or an index in a list node)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return key_node.start_mark.line + 1, value_node
+    if isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+        item = node.value[int(key)]
+        return item.start_mark.line + 1, item
+    return None
 
 
 def defaults_as_yaml() -> str:

@@ -86,6 +86,7 @@ def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[A
     arms: list[Arm] = []
     for name, spec in arms_raw.items():
         where = f"{origin}: compare.arms.{name}" if origin else f"compare.arms.{name}"
+        arm_keys = ("compare", "arms", str(name))
         spec = spec or {}
         if not isinstance(spec, dict):
             raise ForgetlessError(f"{where}: expected a mapping of config sections")
@@ -116,7 +117,7 @@ def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[A
                     else f"{key.rsplit('.', 1)[-1]}={value}"
                 )
                 label, folder = f"{name} {shown}", f"{name}@{shown}"
-            config = validate_config(arm_raw, where)
+            config = validate_config(arm_raw, origin, within=arm_keys)
             if config.model != base.model or config.evaluate != base.evaluate:
                 raise ForgetlessError(
                     f"{where}: an arm may not change the model or the evaluation; every arm is "
@@ -129,7 +130,7 @@ def expand_arms(raw: dict[str, Any], origin: str | Path | None = None) -> list[A
             for seed in base.compare.seeds:
                 seeded_raw = copy.deepcopy(arm_raw)
                 set_dotted(seeded_raw, "train.seed", seed)
-                seeded = validate_config(seeded_raw, where)
+                seeded = validate_config(seeded_raw, origin, within=arm_keys)
                 arms.append(
                     Arm(name, f"{label} seed={seed}", _safe(f"{folder}@seed={seed}"),
                         sweep_point, description, seeded, point=label, seed=seed)
