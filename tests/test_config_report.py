@@ -96,6 +96,9 @@ def test_bad_extends_is_one_line(tmp_path, files, match):
         # A comparison arm's value, not the top-level section of the same name.
         ({"c.yaml": "train: {max_steps: 3}\ncompare:\n  arms:\n    a:\n      train:\n"
                     "        max_steps: x\n"}, "c.yaml:6: compare.arms.a: invalid config"),
+        # A method no family registers: a check across sections, still blamed on its line.
+        ({"c.yaml": "model: {name: tiny-llama}\nmerge:\n  keep: 0.5\n  method: nope\n"},
+         "c.yaml:4: invalid config: merge.method 'nope' is not one of"),
     ],
 )  # fmt: skip
 def test_an_invalid_value_is_blamed_on_the_line_that_sets_it(tmp_path, files, where):
@@ -112,6 +115,12 @@ def test_an_invalid_value_is_blamed_on_the_line_that_sets_it(tmp_path, files, wh
             validate_config(raw, path)
     assert str(caught.value).startswith(f"{tmp_path / where}")
     assert "\n" not in str(caught.value)
+
+
+def test_an_unregistered_method_set_by_a_flag_is_blamed_on_the_flag():
+    with pytest.raises(ForgetlessError) as caught:
+        load_config(None, {"train.method": "qlora"}, {"train.method": "--method"})
+    assert str(caught.value).startswith("--method: train.method 'qlora' is not one of: full")
 
 
 def test_set_assignments_parse_yaml_values():

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from forgetless import catalog, registry
 from forgetless.data.config import DataConfig
@@ -110,8 +111,17 @@ class ForgetlessConfig(Section):
         for family in METHOD_SECTIONS:
             name = getattr(self, family).method
             if name not in registry.names(family):
-                choices = ", ".join(registry.names(family))
-                raise ValueError(f"{family}.method {name!r} is not one of: {choices}")
+                # A custom error carries the field's place, which an "after" validator's
+                # error lacks, so the one-line message can name the line or flag that set it.
+                raise PydanticCustomError(
+                    "unregistered_method",
+                    "{location} {name} is not one of: {choices}",
+                    {
+                        "location": f"{family}.method",
+                        "name": repr(name),
+                        "choices": ", ".join(registry.names(family)),
+                    },
+                )
         return self
 
 
@@ -227,8 +237,10 @@ def _one_line(
 ) -> str:
     first = err.errors()[0]
     origin = f"{path}: " if path is not None else ""
+    # A check across sections has no loc; the registered-method check names its field.
+    place = first.get("ctx", {}).get("location")
+    keys = place.split(".") if place else [str(part) for part in first["loc"]]
     if path is not None and Path(path).is_file():
-        keys = [str(part) for part in first["loc"]]
         found = (within and _where_set(Path(path), [*within, *keys])) or _where_set(
             Path(path), keys
         )
@@ -239,12 +251,14 @@ def _one_line(
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     # A key or value may hold any character (a newline in a dict key): keep one line.
     message = " ".join(first["msg"].removeprefix("Value error, ").split())
-    if not first["loc"]:  # a check across sections names its own field
-        return f"{origin}invalid config: {message}{more}"
-    location = " ".join(".".join(str(part) for part in first["loc"]).split())
+    location = " ".join(".".join(keys).split())
+    # A check across sections names its field in its own message.
+    what = f"invalid value for {location}: " if first["loc"] else ""
     for key, label in labels.items():
-        if location == key or location.startswith(f"{key}."):
-            return f"{label}: invalid value for {location}: {message}{more}"
+        if location and (location == key or location.startswith(f"{key}.")):
+            return f"{label}: {what}{message}{more}"
+    if not first["loc"]:
+        return f"{origin}invalid config: {message}{more}"
     return f"{origin}invalid config value for {location}: {message}{more}"
 
 
