@@ -87,8 +87,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     chosen = DTYPES[dtype]
     if chosen is None:
         # bf16 halves memory and is fast on recent GPUs. On CPU fp32 stays the default for
-        # exact scores: bf16 is faster only where the CPU has bf16 instructions (1.3x for
-        # SmolLM2 evaluation on this project's AVX512-BF16 machine) and moves accuracies.
+        # exact scores: bf16 is faster only where the CPU has bf16 instructions, and it
+        # moves accuracies (`model.dtype: bfloat16` opts in).
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         chosen = torch.bfloat16 if use_bf16 else torch.float32
     return chosen
