@@ -29,7 +29,7 @@ from forgetless.select.metrics import (
     exact_choice,
     orthogonality,
 )
-from forgetless.select.navigator import top_k_quality, train_navigator
+from forgetless.select.navigator import top_k_quality, train_navigator, warn_without_signal
 
 
 def _records(count=7):
@@ -256,6 +256,24 @@ def test_constrained_top_k_meets_the_cost_limit():
     chosen, lam, met = constrained_top_k(utility, cost, 20, cost_limit=limit)
     assert met and lam > 0 and cost[chosen].mean() <= limit
     assert utility[chosen].mean() < utility[free].mean()
+
+
+@pytest.mark.parametrize(
+    ("spearman", "samples", "unscored", "warned"),
+    [
+        (-0.05, 200, 3783, True),  # the financial rerun's Navigator (docs/select.md)
+        (None, 200, 3783, True),  # constant scores: a Navigator that learnt nothing
+        (0.12, 200, 3783, False),  # just above the one-sided 5 % bound, 0.117 at 200
+        (0.12, 100, 3783, True),  # the same correlation at 100 samples is chance (0.165)
+        (-0.05, 200, 0, False),  # every sample scored exactly: the Navigator ranks none
+    ],
+)
+def test_a_navigator_without_signal_is_said(caplog, spearman, samples, unscored, warned):
+    with caplog.at_level("WARNING", logger="forgetless.select.navigator"):
+        warn_without_signal({"spearman_vs_exact": spearman, "samples": samples}, unscored)
+    assert ("no better than chance" in caplog.text) is warned
+    if warned:
+        assert f"the {unscored} pool samples without a gradient" in caplog.text
 
 
 def test_an_unmeetable_cost_limit_is_said_and_selects_the_least_costly(caplog):

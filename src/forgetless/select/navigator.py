@@ -21,6 +21,7 @@ Then the trained policy's logit ranks every pool sample; the top budget is the s
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 
 from forgetless.errors import ForgetlessError
 from forgetless.select.config import NavigatorConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Navigator(nn.Module):
@@ -237,3 +240,28 @@ def cross_validate(
         "exact_top": top_k_quality(exact, utility, cost, budget),
     }
     return summary, logits, navigators
+
+
+def warn_without_signal(cross_validation: dict, unscored: int) -> None:
+    """Say so when the Navigator ranks held-out featured samples no better than chance.
+
+    Its calibrated scores then shrink to the mean exact score, so the ``unscored`` samples
+    without a gradient are ranked close to random: a selection the user would otherwise take
+    for a gradient-informed one (docs/select.md measured Spearman near 0 on real pools).
+    """
+    spearman, samples = cross_validation["spearman_vs_exact"], cross_validation["samples"]
+    # Above this a positive rank correlation is significant at 5 % (one-sided z-test).
+    significant = 1.645 / math.sqrt(max(samples - 1, 1))
+    if unscored == 0 or (spearman is not None and spearman > significant):
+        return
+    shown = "undefined" if spearman is None else f"{spearman:.2f}"
+    logger.warning(
+        "the OGS Navigator ranks held-out featured samples with Spearman %s against the exact "
+        "score, no better than chance at %d samples (%.2f needed), so the %d pool samples "
+        "without a gradient are ranked close to random; a larger select.featured_samples "
+        "scores more of the pool exactly",
+        shown,
+        samples,
+        significant,
+        unscored,
+    )

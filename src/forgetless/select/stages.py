@@ -435,6 +435,7 @@ class NavigatorStage(Stage):
             log_as_dicts,
             top_k_quality,
             train_navigator,
+            warn_without_signal,
         )
 
         started = time.perf_counter()
@@ -484,6 +485,7 @@ class NavigatorStage(Stage):
             # Cross-fitting: the pool is scored by the fold Navigators, whose out-of-fold
             # logits map theirs onto the exact score's scale.
             pool_logits = np.mean([fold.score(pool_inputs) for fold in fold_navigators], axis=0)
+            warn_without_signal(summary["cross_validation"], len(pool_inputs) - len(data.featured))
         else:
             calibration_logits = navigator.score(features)
             pool_logits = navigator.score(pool_inputs)
