@@ -159,7 +159,7 @@ def _synthetic_objective(optimum):
     return runner, calls
 
 
-def test_search_finds_a_better_mixture_and_resumes(tmp_path):
+def test_search_finds_a_better_mixture_and_resumes(tmp_path, caplog):
     from forgetless.mix.search import run_search
 
     prior = np.full(5, 0.2)
@@ -168,8 +168,10 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path):
     config = SearchConfig(
         rounds=[24, 12, 12], candidates=5000, predictor_iterations=300, noise_runs=0
     )
-    outcome = run_search(config, 0, prior, tmp_path, runner, progress=False)
+    with caplog.at_level("WARNING", logger="forgetless.mix.search"):
+        outcome = run_search(config, 0, prior, tmp_path, runner, progress=False)
     assert outcome["status"] == "done" and len(calls) == 48
+    assert "no better than chance" not in caplog.text  # the predictor has learnt it
     first, later = outcome["rounds"][0], outcome["rounds"][1:]
     # Rounds guided by the predictor propose better mixtures than the Dirichlet prior does.
     assert all(entry["mean_objective"] < first["mean_objective"] for entry in later)
@@ -182,6 +184,21 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path):
     assert all(value > 0.7 for value in spearman) and spearman[-1] > 0.9
     again = run_search(config, 0, prior, tmp_path, runner, progress=False)
     assert len(calls) == 48 and again["final"] == outcome["final"]
+
+
+def test_a_predictor_without_signal_is_said(tmp_path, caplog):
+    from forgetless.mix.search import run_search
+
+    noise = np.random.default_rng(0)
+
+    def runner(weights, workdir, seed=None):
+        # Pure noise: no mixture is better than another, so nothing can be learnt.
+        return {"objective": float(noise.normal()), "task": 0.0}
+
+    config = SearchConfig(rounds=[16, 8], candidates=500, predictor_iterations=50, noise_runs=0)
+    with caplog.at_level("WARNING", logger="forgetless.mix.search"):
+        run_search(config, 0, np.full(5, 0.2), tmp_path, runner, progress=False)
+    assert "no better than chance at 24 runs" in caplog.text
 
 
 def test_search_with_proxies_run_elsewhere(tmp_path):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
+Z_95_ONE_SIDED = 1.6448536269514722
 
 
 def proportion_stderr(successes: int, n: int) -> float | None:
@@ -164,6 +165,12 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
     return float(spearmanr(a, b).statistic)
+
+
+def significant_rank_correlation(n: int) -> float:
+    """The Spearman's rho above which a positive correlation of ``n`` pairs is significant at
+    5 % (one-sided; the large-sample test, rho's sd 1/sqrt(n - 1) under independence)."""
+    return Z_95_ONE_SIDED / math.sqrt(max(n - 1, 1))
 
 
 def format_correlation(value: float | None) -> str:

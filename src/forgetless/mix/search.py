@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.stats import rank_correlation
+from forgetless.evaluate.stats import rank_correlation, significant_rank_correlation
 from forgetless.mix.config import SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -344,6 +344,23 @@ def constraint_limits(config: SearchConfig, reference: dict[str, Any]) -> dict[s
     }
 
 
+def _warn_without_signal(spearman: float | None, runs: int) -> None:
+    # The final mixture is the predictor's choice; one that cannot rank the proxy runs it has
+    # not seen picks what is, in effect, a draw from the prior, which the user must know.
+    needed = significant_rank_correlation(runs)
+    if spearman is not None and spearman > needed:
+        return
+    shown = "undefined" if spearman is None else f"{spearman:.2f}"
+    logger.warning(
+        "the mixture predictor ranks held-out proxy runs with Spearman %s, no better than "
+        "chance at %d runs (%.2f needed), so the searched mixture is close to a random draw "
+        "from the prior; more proxy runs (mix.search.rounds) or less noisy proxies would help",
+        shown,
+        runs,
+        needed,
+    )
+
+
 def final_mixture(
     ranker: Ranker, pool: np.ndarray, top_k: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -482,6 +499,7 @@ def run_search(
         rounds.append(entry)
     everything = files.mixtures()
     done = files.metrics()
+    _warn_without_signal(rounds[-1]["spearman_cross_validated"], len(everything))
     features = np.array([m["weights"] for m in everything])
     objective = np.array([done[m["id"]]["objective"] for m in everything])
     ranker = Ranker(features, [done[m["id"]] for m in everything], limits, config, seed)

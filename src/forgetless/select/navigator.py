@@ -249,9 +249,10 @@ def warn_without_signal(cross_validation: dict, unscored: int) -> None:
     without a gradient are ranked close to random: a selection the user would otherwise take
     for a gradient-informed one (docs/select.md measured Spearman near 0 on real pools).
     """
+    from forgetless.evaluate.stats import significant_rank_correlation
+
     spearman, samples = cross_validation["spearman_vs_exact"], cross_validation["samples"]
-    # Above this a positive rank correlation is significant at 5 % (one-sided z-test).
-    significant = 1.645 / math.sqrt(max(samples - 1, 1))
+    significant = significant_rank_correlation(samples)
     if unscored == 0 or (spearman is not None and spearman > significant):
         return
     shown = "undefined" if spearman is None else f"{spearman:.2f}"
