@@ -201,6 +201,13 @@ def test_markdown_table(comparison):
     assert osft_row.endswith("| – | yes |")
     assert "† forgets" in text
     assert "arc_easy (points)" in text
+    assert "Not at equal tokens" not in text  # every arm trained 49,152 tokens
+
+
+def test_unequal_tokens_are_noted(comparison):
+    comparison["arms"][0]["compute"]["tokens"] = 98304
+    text = render_markdown(build_frontier(comparison))
+    assert "Not at equal tokens: the arms trained on 49,152 to 98,304 tokens (2.00×)" in text
 
 
 class _Page(HTMLParser):

@@ -33,6 +33,7 @@ _COMPUTE = (  # column header, key in "compute", format
     ("peak memory (MiB)", "peak_memory_mb", ",.0f"),
 )
 _CHAR_WIDTH = 7.0  # a generous estimate for 12 px sans-serif, so labels rather miss than clash
+_UNEQUAL_TOKENS = 1.1  # a larger ratio of the arms' training tokens is noted in the report
 
 
 def _check_finite(value: Any, where: str) -> None:
@@ -183,6 +184,15 @@ def _notes(frontier: dict[str, Any]) -> list[str]:
     ]
     if base:
         notes.append(f"Base model {frontier['model']}: {'; '.join(base)}.")
+    tokens = [arm["compute"]["tokens"] for arm in frontier["arms"] if arm["compute"]["tokens"]]
+    # A gain bought with more tokens is not a better method; say so where the arms differ by
+    # more than packing and rounding move a token count (a few per cent).
+    if tokens and max(tokens) > _UNEQUAL_TOKENS * min(tokens):
+        notes.append(
+            f"Not at equal tokens: the arms trained on {min(tokens):,} to {max(tokens):,} "
+            f"tokens ({max(tokens) / min(tokens):.2f}×), so their gains and retention also "
+            "reflect how much each trained."
+        )
     if any(arm["compute"].get("peak_memory_mb") is not None for arm in frontier["arms"]):
         notes.append(
             "Seconds: wall time of each arm's data and training stages. Peak memory: allocated "
