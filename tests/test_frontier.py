@@ -202,12 +202,20 @@ def test_markdown_table(comparison):
     assert "† forgets" in text
     assert "arc_easy (points)" in text
     assert "Not at equal tokens" not in text  # every arm trained 49,152 tokens
+    assert "Repeated data" not in text  # nor more than one epoch
 
 
 def test_unequal_tokens_are_noted(comparison):
     comparison["arms"][0]["compute"]["tokens"] = 98304
     text = render_markdown(build_frontier(comparison))
     assert "Not at equal tokens: the arms trained on 49,152 to 98,304 tokens (2.00×)" in text
+
+
+def test_repeated_data_is_noted(comparison):
+    comparison["arms"][1]["compute"]["epochs"] = 2.5
+    text = render_markdown(build_frontier(comparison))
+    label = comparison["arms"][1]["label"]
+    assert f"Repeated data: {label} trained on their data more than once (up to 2.50" in text
 
 
 class _Page(HTMLParser):

@@ -189,9 +189,16 @@ def _notes(frontier: dict[str, Any]) -> list[str]:
     # more than packing and rounding move a token count (a few per cent).
     if tokens and max(tokens) > _UNEQUAL_TOKENS * min(tokens):
         notes.append(
-            f"Not at equal tokens: the arms trained on {min(tokens):,} to {max(tokens):,} "
+            f"Not at equal tokens: the arms trained on {min(tokens):,.0f} to {max(tokens):,.0f} "
             f"tokens ({max(tokens) / min(tokens):.2f}×), so their gains and retention also "
             "reflect how much each trained."
+        )
+    repeated = [arm["label"] for arm in frontier["arms"] if arm["compute"]["epochs"] > 1.0]
+    if repeated:
+        most = max(arm["compute"]["epochs"] for arm in frontier["arms"])
+        notes.append(
+            f"Repeated data: {', '.join(repeated)} trained on their data more than once (up to "
+            f"{most:.2f} epochs), where a small set can be memorised rather than learnt."
         )
     if any(arm["compute"].get("peak_memory_mb") is not None for arm in frontier["arms"]):
         notes.append(
