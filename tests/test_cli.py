@@ -262,6 +262,14 @@ evaluate:
     )
     run_dir = tmp_path / "run"
     argv = ["run", "--config", str(config), "--output-dir", str(run_dir)]
+    code, out, err = run_cli([*argv, "--dry-run", "--json"])
+    assert code == 0 and not run_dir.exists()
+    planned = json.loads(out)
+    assert [(p["folder"], p["state"]) for p in planned] == [
+        ("eval_base", "to run"), ("train", "to run"), ("eval_adapted", "to run"),
+        ("report", "to run"),
+    ]  # fmt: skip
+    assert "dry run: 4 to run" in err
     assert run_cli(argv)[0] == 0
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert [row["task"] for row in report["rows"]] == ["ppl:pubmedqa", "arc_easy", "c4"]
@@ -277,6 +285,8 @@ evaluate:
     assert err.count("cached") == 4
     assert "| domain | ppl:pubmedqa | perplexity |" in out
 
+    code, out, _ = run_cli([*argv, "--set", "train.max_steps=3", "--dry-run", "--json"])
+    assert [p["state"] for p in json.loads(out)] == ["finished", "to run", "to run", "to run"]
     code, _, err = run_cli([*argv, "--set", "train.max_steps=3"])
     assert code == 0
     assert err.count("cached") == 1  # only the base evaluation is unaffected

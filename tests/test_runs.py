@@ -149,6 +149,36 @@ def test_an_archived_model_reruns_when_a_stage_left_to_run_needs_it(tmp_path):
     assert result["train"].artefacts
 
 
+def test_a_dry_run_plan_says_what_a_run_would_do_and_does_nothing(tmp_path):
+    def states(runs, stages):
+        return [(planned.folder, planned.state) for planned in runs.plan({"": stages})]
+
+    archive = tmp_path / "archive"
+    fresh = _experiment()
+    assert states(_archived_run(tmp_path / "machine1", archive), fresh) == [
+        ("eval_base", "to run"), ("train", "to run"), ("eval_adapted", "to run"),
+        ("report", "to run"),
+    ]  # fmt: skip
+    assert not (tmp_path / "machine1").exists() and not archive.exists()
+    _archived_run(tmp_path / "machine1", archive).run_all(_experiment())
+    assert {state for _, state in states(_archived_run(tmp_path / "machine1", archive), fresh)} == {
+        "finished"
+    }
+    # Another machine: the small stages come from the archive, the model stays a record...
+    assert states(_archived_run(tmp_path / "machine2", archive), _experiment()) == [
+        ("eval_base", "in archive"), ("train", "archived record"),
+        ("eval_adapted", "in archive"), ("report", "in archive"),
+    ]  # fmt: skip
+    # ...unless a stage left to run needs it, as run_all would decide.
+    changed = _experiment(eval_value=30)
+    assert states(_archived_run(tmp_path / "machine2", archive), changed) == [
+        ("eval_base", "in archive"), ("train", "to run"), ("eval_adapted", "to run"),
+        ("report", "to run"),
+    ]  # fmt: skip
+    assert not (tmp_path / "machine2").exists()
+    assert sum(stage.calls for stage in [*fresh, *changed]) == 0
+
+
 def test_a_last_stage_is_never_left_as_a_record(tmp_path):
     archive = tmp_path / "archive"
     _archived_run(tmp_path / "machine1", archive).run_all([ModelStage("train", 2)])

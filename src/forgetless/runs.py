@@ -109,6 +109,21 @@ class Stage(ABC):
 EventHandler = Callable[[str, "StageResult | str"], None]
 
 
+# The states of a planned stage (RunDirectory.plan).
+FINISHED = "finished"  # in this run directory
+IN_ARCHIVE = "in archive"  # its files are archived: restored, not computed
+ARCHIVED_RECORD = "archived record"  # only its record is archived, and nothing needs its files
+TO_RUN = "to run"
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    folder: str
+    stage: str
+    fingerprint: str
+    state: str
+
+
 def _ignore(event: str, info: StageResult | str) -> None:
     return None
 
@@ -306,6 +321,32 @@ class RunDirectory:
         in ``keep`` (stages whose files the caller reads besides the last ones).
         """
         given = dict(given or {})
+        fingerprints, folders, to_run = self._layout(plans, given, keep)
+        finished: dict[str, StageResult] = {}
+        outcome: dict[str, dict[str, StageResult]] = {}
+        for plan, stages in plans.items():
+            results: dict[str, StageResult] = dict(given)
+            for stage in stages:
+                fingerprint = fingerprints[plan][stage.name]
+                if fingerprint not in finished:
+                    if fingerprint in to_run:
+                        finished[fingerprint] = self.run(
+                            stage, results, folder=folders[fingerprint]
+                        )
+                    else:
+                        finished[fingerprint] = self._recorded(stage, fingerprint, folders)
+                results[stage.name] = finished[fingerprint]
+            outcome[plan] = {name: result for name, result in results.items() if name not in given}
+        return outcome
+
+    def _layout(
+        self,
+        plans: Mapping[str, Sequence[Stage]],
+        given: Mapping[str, StageResult],
+        keep: Collection[str],
+    ) -> tuple[dict[str, dict[str, str]], dict[str, str], set[str]]:
+        """Each plan's stage fingerprints, the folder of each distinct stage, and which of
+        them run (or are reused) rather than stay archived records."""
         fingerprints: dict[str, dict[str, str]] = {}
         for plan, stages in plans.items():
             known = {name: result.fingerprint for name, result in given.items()}
@@ -325,23 +366,37 @@ class RunDirectory:
                 shared = len(variants[stage.name]) == 1
                 folder = stage.name if shared or not plan else f"{plan}/{stage.name}"
                 folders.setdefault(fingerprints[plan][stage.name], folder)
-        to_run = self._stages_to_run(plans, fingerprints, folders, keep)
-        finished: dict[str, StageResult] = {}
-        outcome: dict[str, dict[str, StageResult]] = {}
+        return fingerprints, folders, self._stages_to_run(plans, fingerprints, folders, keep)
+
+    def plan(
+        self,
+        plans: Mapping[str, Sequence[Stage]],
+        *,
+        given: Mapping[str, StageResult] | None = None,
+        keep: Collection[str] = (),
+    ) -> list[PlannedStage]:
+        """What :meth:`run_plans` would do with the same arguments, doing nothing: every
+        distinct stage in the order it would run, with its folder and its state."""
+        fingerprints, folders, to_run = self._layout(plans, dict(given or {}), keep)
+        listed: dict[str, PlannedStage] = {}
         for plan, stages in plans.items():
-            results: dict[str, StageResult] = dict(given)
             for stage in stages:
                 fingerprint = fingerprints[plan][stage.name]
-                if fingerprint not in finished:
-                    if fingerprint in to_run:
-                        finished[fingerprint] = self.run(
-                            stage, results, folder=folders[fingerprint]
-                        )
-                    else:
-                        finished[fingerprint] = self._recorded(stage, fingerprint, folders)
-                results[stage.name] = finished[fingerprint]
-            outcome[plan] = {name: result for name, result in results.items() if name not in given}
-        return outcome
+                if fingerprint not in listed:
+                    folder = folders[fingerprint]
+                    state = self._state(folder, fingerprint, fingerprint in to_run)
+                    listed[fingerprint] = PlannedStage(folder, stage.name, fingerprint, state)
+        return list(listed.values())
+
+    def _state(self, folder: str, fingerprint: str, runs: bool) -> str:
+        if not runs:
+            return ARCHIVED_RECORD
+        if self.cached(folder, fingerprint) or self._finished_elsewhere(fingerprint):
+            return FINISHED
+        archived = self._archived(fingerprint)
+        if archived is not None and not (archived / RECORD_ONLY).exists():
+            return IN_ARCHIVE
+        return TO_RUN
 
     def _stages_to_run(self, plans, fingerprints, folders, keep) -> set[str]:
         """Every stage, but those whose files are only archived as a record and that no

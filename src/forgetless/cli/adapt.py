@@ -18,6 +18,7 @@ from forgetless.cli.options import (
     ConfigOpt,
     DataDirOpt,
     DataRevisionOpt,
+    DryRunOpt,
     JsonOpt,
     ModelOpt,
     PrivateOpt,
@@ -38,6 +39,7 @@ from forgetless.cli.output import (
     out,
     print_fields,
     print_markdown,
+    print_plan,
     read_json,
     stage_event,
 )
@@ -242,6 +244,7 @@ def run(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run a recipe: base evaluation, mix/select/train or experts + merge, retention report.
 
@@ -255,7 +258,11 @@ def run(
         )
     cfg.train.check_trackers_installed()
     check_push(push_to_hub, private)
-    from forgetless.recipes.adapt import run_adapt
+    from forgetless.recipes.adapt import plan_adapt, run_adapt
+
+    if dry_run:
+        print_plan(plan_adapt(cfg), json_)
+        return
 
     results = run_adapt(cfg, on_event=stage_event, push_to_hub=push_to_hub, private=private)
     directory = results["report"].directory
@@ -274,6 +281,7 @@ def compare(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Compare arms on one base, data and items: the frontier of gain, retention, compute.
 
@@ -281,7 +289,7 @@ def compare(
     (the base evaluation, clusters, gradients) run once; an arm may sweep one setting. An
     interrupted comparison resumes.
     """
-    _compare(config, set_, {"run_dir": output_dir, "data_dir": data_dir}, json_)
+    _compare(config, set_, {"run_dir": output_dir, "data_dir": data_dir}, json_, dry_run)
 
 
 @cli_command(app)
@@ -290,6 +298,7 @@ def demo(
     data_dir: DataDirOpt = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Plain fine-tuning of SmolLM2-135M against the recipe forgetless recommends.
 
@@ -297,14 +306,18 @@ def demo(
     report (src/forgetless/configs/demo.yaml)."""
     demo_file = resources.files("forgetless") / "configs" / "demo.yaml"
     with resources.as_file(demo_file) as path:
-        _compare(path, set_, {"run_dir": output_dir, "data_dir": data_dir}, json_)
+        _compare(path, set_, {"run_dir": output_dir, "data_dir": data_dir}, json_, dry_run)
 
 
 def _compare(
-    path: Path, assignments: list[str] | None, flags: dict[str, Any], as_json: bool
+    path: Path,
+    assignments: list[str] | None,
+    flags: dict[str, Any],
+    as_json: bool,
+    dry_run: bool,
 ) -> None:
     from forgetless.recipes.compare import compare as run_comparison
-    from forgetless.recipes.compare import expand_arms
+    from forgetless.recipes.compare import expand_arms, plan_comparison
 
     overrides, _ = config_overrides(assignments, flags)
     raw = load_raw(path, overrides)
@@ -312,6 +325,9 @@ def _compare(
     for arm in arms:
         arm.config.train.check_trackers_installed()
     run_dir = arms[0].config.run_dir
+    if dry_run:
+        print_plan(plan_comparison(arms, run_dir), as_json)
+        return
     directory = run_comparison(arms, run_dir, on_event=stage_event).directory
     emit(
         read_json(directory / "frontier.json"),

@@ -29,6 +29,14 @@ SetOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as JSON on stdout (logs stay on stderr).")
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="List every stage with what a run would do with it (finished, in archive, to "
+        "run), and run nothing.",
+    ),
+]
 RunDirOpt = Annotated[
     str | None,
     typer.Option(

@@ -71,6 +71,27 @@ def print_fields(summary: dict[str, Any]) -> None:
     print_table(table)
 
 
+def print_plan(planned: list, as_json: bool) -> None:
+    """A dry run's result: every stage (a :class:`forgetless.runs.PlannedStage`) with its
+    state, and on stderr how many are in each state."""
+    rows = [
+        {"folder": p.folder, "stage": p.stage, "fingerprint": p.fingerprint, "state": p.state}
+        for p in planned
+    ]
+
+    def show() -> None:
+        table = Table("folder", "stage", "fingerprint", "state")
+        for row in rows:
+            table.add_row(*row.values())
+        print_table(table)
+
+    emit(rows, show, as_json)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    err.print("dry run: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 

@@ -19,7 +19,7 @@ from forgetless.hub import check_push_access, push_model
 from forgetless.merge.stages import MergeExpertsStage
 from forgetless.report.stages import ReportStage
 from forgetless.report.trackers import Trackers
-from forgetless.runs import Stage, StageResult, run_directory
+from forgetless.runs import PlannedStage, Stage, StageResult, run_directory
 from forgetless.train.stages import TrainStage
 
 BASE_EVAL = "eval_base"
@@ -155,6 +155,14 @@ def check_inputs(config: ForgetlessConfig) -> None:
         load_corpus(config.mix.sources, config.mix.limit_per_source, config.data_dir)
     else:
         load_section(config.data, config.data_dir)
+
+
+def plan_adapt(config: ForgetlessConfig) -> list[PlannedStage]:
+    """What :func:`run_adapt` would run and reuse, running nothing (``--dry-run``)."""
+    check_inputs(config)
+    plan = adapt_plan(config, progress=False)
+    runs = run_directory(config.run_dir, config)
+    return runs.plan({"": plan.stages}, keep=(plan.model_stage,))
 
 
 def run_adapt(

@@ -33,7 +33,7 @@ from forgetless.recipes.adapt import (
     retention_markdown,
     trackers_of,
 )
-from forgetless.runs import StageResult, run_directory
+from forgetless.runs import PlannedStage, StageResult, run_directory
 
 FRONTIER_DIR = "frontier"
 ARM_KEYS = ("sweep", "description")  # an arm's entries that are not config sections
@@ -214,6 +214,38 @@ class Comparison:
         return self.plans[folder], self.results[folder]
 
 
+def _tasks_and_axes(first: ForgetlessConfig) -> tuple[list[str], dict[str, str]]:
+    evaluate = first.evaluate
+    if not evaluate.domain_tasks or not evaluate.general_tasks:
+        raise ForgetlessError(
+            "a comparison needs evaluate.domain_tasks and evaluate.general_tasks: the frontier "
+            "plots domain gain against general retention"
+        )
+    tasks = list(dict.fromkeys([*evaluate.domain_tasks, *evaluate.general_tasks]))
+    axes = {
+        "x_task": first.compare.x_task or evaluate.domain_tasks[0],
+        "y_task": first.compare.y_task or evaluate.general_tasks[0],
+    }
+    for axis, task in axes.items():
+        if task not in tasks:
+            raise ForgetlessError(f"compare.{axis} {task!r} is not among the evaluated tasks")
+    return tasks, axes
+
+
+def _arm_plans(arms: list[Arm], progress: bool) -> dict[str, Plan]:
+    for arm in arms:
+        check_inputs(arm.config)
+    return {arm.folder: adapt_plan(arm.config, progress=progress) for arm in arms}
+
+
+def plan_comparison(arms: list[Arm], run_dir: str | Path) -> list[PlannedStage]:
+    """What :func:`compare` would run and reuse, running nothing (``--dry-run``)."""
+    _tasks_and_axes(arms[0].config)
+    plans = _arm_plans(arms, progress=False)
+    runs = run_directory(run_dir, arms[0].config)
+    return runs.plan({folder: plan.stages for folder, plan in plans.items()})
+
+
 def compare(
     arms: list[Arm],
     run_dir: str | Path,
@@ -231,22 +263,8 @@ def compare(
 
     first = arms[0].config
     evaluate = first.evaluate
-    if not evaluate.domain_tasks or not evaluate.general_tasks:
-        raise ForgetlessError(
-            "a comparison needs evaluate.domain_tasks and evaluate.general_tasks: the frontier "
-            "plots domain gain against general retention"
-        )
-    tasks = list(dict.fromkeys([*evaluate.domain_tasks, *evaluate.general_tasks]))
-    axes = {
-        "x_task": first.compare.x_task or evaluate.domain_tasks[0],
-        "y_task": first.compare.y_task or evaluate.general_tasks[0],
-    }
-    for axis, task in axes.items():
-        if task not in tasks:
-            raise ForgetlessError(f"compare.{axis} {task!r} is not among the evaluated tasks")
-    for arm in arms:
-        check_inputs(arm.config)
-    plans = {arm.folder: adapt_plan(arm.config, progress=progress) for arm in arms}
+    tasks, axes = _tasks_and_axes(first)
+    plans = _arm_plans(arms, progress)
     runs = run_directory(run_dir, first, on_event)
     results = runs.run_plans({folder: plan.stages for folder, plan in plans.items()})
     base = read_evaluation(results[arms[0].folder][BASE_EVAL].directory)
