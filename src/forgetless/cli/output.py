@@ -4,9 +4,11 @@ with --json); logs, progress and library messages go to standard error."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,21 +76,16 @@ def print_fields(summary: dict[str, Any]) -> None:
 def print_plan(planned: list, as_json: bool) -> None:
     """A dry run's result: every stage (a :class:`forgetless.runs.PlannedStage`) with its
     state, and on stderr how many are in each state."""
-    rows = [
-        {"folder": p.folder, "stage": p.stage, "fingerprint": p.fingerprint, "state": p.state}
-        for p in planned
-    ]
+    rows = [dataclasses.asdict(stage) for stage in planned]
 
     def show() -> None:
-        table = Table("folder", "stage", "fingerprint", "state")
+        table = Table(*(rows[0] if rows else ()))
         for row in rows:
             table.add_row(*row.values())
         print_table(table)
 
     emit(rows, show, as_json)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    counts = Counter(row["state"] for row in rows)
     err.print("dry run: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
 
 
