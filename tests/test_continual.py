@@ -9,7 +9,13 @@ import torch
 from forgetless.config import load_config
 from forgetless.data import get_dataset_spec
 from forgetless.errors import ForgetlessError
-from forgetless.recipes.continual import ORDERS, run_continual, sample_records, task_sequence
+from forgetless.recipes.continual import (
+    ORDERS,
+    plan_continual,
+    run_continual,
+    sample_records,
+    task_sequence,
+)
 from forgetless.report.continual import (
     average_accuracy,
     backward_transfer,
@@ -112,7 +118,20 @@ def _events():
 
 def test_seqft_run_builds_the_matrix_and_reuses_finished_stages(tmp_path, shared_data_dir):
     config = load_config(None, {**TINY, "run_dir": str(tmp_path)})
+    planned = plan_continual(config)
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    assert [p.folder for p in planned[:3]] == [
+        "fewshot-0_42/eval_base", "fewshot-0_42/order1-seqft/train_01_dbpedia",
+        "fewshot-0_42/order1-seqft/eval_01_dbpedia",
+    ]  # fmt: skip
+    assert {p.state for p in planned} == {"to run"} and planned[-1].stage == "report"
     results = run_continual(config)
+    # What the dry run listed is what ran, in the same folders.
+    assert [(p.folder, p.fingerprint) for p in planned] == [
+        (str(results[p.stage].directory.relative_to(tmp_path)), results[p.stage].fingerprint)
+        for p in planned
+    ]
+    assert {p.state for p in plan_continual(config)} == {"finished"}
     report_dir = results["report"].directory
     report = json.loads((report_dir / "continual.json").read_text())
     assert report["tasks"] == task_sequence("fewshot", 1)

@@ -400,6 +400,7 @@ def continual(
     ] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Learn a task sequence, evaluate every task after each, report BWT, FWT and forgetting.
 
@@ -419,8 +420,11 @@ def continual(
     packaged = resources.files("forgetless") / "configs" / "continual_fewshot.yaml"
     with resources.as_file(packaged) as default:
         cfg = cli_config(config or default, set_, flags)
-    from forgetless.recipes.continual import run_continual
+    from forgetless.recipes.continual import plan_continual, run_continual
 
+    if dry_run:
+        print_plan(plan_continual(cfg), json_)
+        return
     results = run_continual(cfg, on_event=stage_event)
     directory = results["report"].directory
     emit(

@@ -57,7 +57,14 @@ from forgetless.model_config import ModelConfig
 from forgetless.recipes.strategies import ContinualStrategy
 from forgetless.registry import lookup
 from forgetless.report.continual import short_name
-from forgetless.runs import RunDirectory, Stage, StageResult, StageSettings, run_directory
+from forgetless.runs import (
+    PlannedStage,
+    RunDirectory,
+    Stage,
+    StageResult,
+    StageSettings,
+    run_directory,
+)
 from forgetless.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -706,11 +713,9 @@ def base_directory(config: ForgetlessConfig) -> Path:
     return Path(config.run_dir) / f"{continual.benchmark}{suffix}"
 
 
-def run_continual(
-    config: ForgetlessConfig, on_event: Callable[[str, StageResult | str], None] | None = None
-) -> dict[str, StageResult]:
-    """Run (or resume) one continual-learning experiment; the ``report`` result holds
-    ``continual.{json,md,png}``."""
+def _checked_stages(config: ForgetlessConfig) -> tuple[list[Stage], list[Stage]]:
+    """The base stages (shared by every order and method) and the sequence's stages, once
+    every data or task-name mistake has been said, before a stage spends model time."""
     from forgetless.evaluate.tasks import load_tasks
 
     continual = config.continual
@@ -726,23 +731,55 @@ def run_continual(
             "merge.weights and merge.densities are per expert, but the continual sotu merge "
             "grows by one expert per task; use merge.keep (and merge.masks) instead"
         )
-    # Surface every data or task-name mistake before the first stage spends model time.
     data = TaskData(config)
     for task in tasks:
         data.train_records(task)
         data.eval_records(task)
     load_tasks(continual.retention_tasks, config.evaluate, data_dir=config.data_dir)
     RunDirectory(Path(config.run_dir))  # a file in its place is an error before any work
-
-    shared = run_directory(base_directory(config), config, on_event)
-    base_stages = [ContinualEvalStage("eval_base", config, data, tasks)]
+    base_stages: list[Stage] = [ContinualEvalStage("eval_base", config, data, tasks)]
     if continual.retention_tasks:
         base_stages.append(retention_stage("retention_base", config))
-    results = shared.run_all(base_stages)
-    sequence = run_directory(
-        shared.root / f"order{continual.order}-{continual.method}", config, on_event
-    )
-    stages = sequence_stages(config, data, tasks)
+    return base_stages, sequence_stages(config, data, tasks)
+
+
+def _sequence_directory(config: ForgetlessConfig) -> Path:
+    continual = config.continual
+    return base_directory(config) / f"order{continual.order}-{continual.method}"
+
+
+def run_continual(
+    config: ForgetlessConfig, on_event: Callable[[str, StageResult | str], None] | None = None
+) -> dict[str, StageResult]:
+    """Run (or resume) one continual-learning experiment; the ``report`` result holds
+    ``continual.{json,md,png}``."""
+    base_stages, stages = _checked_stages(config)
+    results = run_directory(base_directory(config), config, on_event).run_all(base_stages)
+    sequence = run_directory(_sequence_directory(config), config, on_event)
     results.update(sequence.run_all(stages, given=results))
     results["report"] = results[stages[-1].name]
     return results
+
+
+def plan_continual(config: ForgetlessConfig) -> list[PlannedStage]:
+    """What :func:`run_continual` would run and reuse, running nothing (``--dry-run``); the
+    folders are relative to ``run_dir``."""
+    base_stages, stages = _checked_stages(config)
+    shared = run_directory(base_directory(config), config)
+    base = shared.plan({"": base_stages})
+    # The sequence's stages consume the base ones by fingerprint; nothing of them is read.
+    given = {
+        planned.stage: StageResult(
+            planned.stage, planned.fingerprint, shared.root / planned.folder, {}, True
+        )
+        for planned in base
+    }
+    sequence = run_directory(_sequence_directory(config), config)
+
+    def from_run_dir(runs: RunDirectory, planned: PlannedStage) -> PlannedStage:
+        folder = (runs.root / planned.folder).relative_to(config.run_dir)
+        return dataclasses.replace(planned, folder=str(folder))
+
+    return [from_run_dir(shared, planned) for planned in base] + [
+        from_run_dir(sequence, planned) for planned in sequence.plan({"": stages}, given=given)
+    ]
