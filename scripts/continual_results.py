@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
 from forgetless.errors import ForgetlessError
-from forgetless.recipes.continual import run_continual
+from forgetless.recipes.continual import plan_continual, run_continual
 from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
 from forgetless.report.experiment import exit_with_error, print_event, write_results
 
@@ -107,8 +108,8 @@ def method_settings(items: list[str], method: str) -> dict:
     return settings
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict]:
-    reports = []
+def sweep_configs(args: argparse.Namespace):
+    """(label, config) of every run of the sweep, in the order it runs them."""
     for order, subset in sweep_runs(args):
         for name in args.methods:
             method, variant = method_and_variant(name)
@@ -125,13 +126,23 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                     "data_dir": args.data_dir,
                 }
             )
-            config = load_config(args.config, overrides)
-            print(f"== {name} on order {order}, split {subset}", flush=True)
-            results = run_continual(config, on_event=print_event)
-            report_file = results["report"].directory / "continual.json"
-            report = json.loads(report_file.read_text())
-            reports.append(report)
+            yield f"{name} on order {order}, split {subset}", load_config(args.config, overrides)
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict]:
+    reports = []
+    for label, config in sweep_configs(args):
+        print(f"== {label}", flush=True)
+        results = run_continual(config, on_event=print_event)
+        reports.append(json.loads((results["report"].directory / "continual.json").read_text()))
     return reports
+
+
+def print_plan(args: argparse.Namespace) -> None:
+    """--dry-run: how many stages of each run are finished, archived or left to run."""
+    for label, config in sweep_configs(args):
+        counts = Counter(planned.state for planned in plan_continual(config))
+        print(f"{label}: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
 
 
 def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
@@ -275,10 +286,16 @@ def main(argv: list[str] | None = None) -> None:
         help="METHOD:section.key=value, for one method only (e.g. lora:train.learning_rate=3e-4)",
     )  # fmt: skip
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="Print how many stages of each run are finished, archived or to run; run nothing.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for name in args.methods:
         method_and_variant(name)  # a misspelt method fails before any run
     try:
+        if args.dry_run:
+            return print_plan(args)
         reports = run_sweep(args)
     except ForgetlessError as error:
         exit_with_error(str(error))

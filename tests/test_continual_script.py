@@ -76,12 +76,19 @@ def test_runs_and_method_settings_are_checked(experiment_argv, script, user_erro
 
 
 def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
-    tmp_path, experiment_argv, script
+    tmp_path, experiment_argv, script, capsys
 ):
     flags = ("--methods", "sotu", "sotu@disjoint", "--subsets", "0_42")
     flags += ("--method-set", "sotu@disjoint:merge.masks=disjoint")
     script.main(experiment_argv("variants", TINY, *flags))
     reports = json.loads((tmp_path / "out" / "variants.json").read_text())
+    # A dry run of the finished sweep finds every stage, the shared experts included, done.
+    capsys.readouterr()
+    script.main(experiment_argv("variants", TINY, *flags, "--dry-run"))
+    assert capsys.readouterr().out.splitlines() == [
+        "sotu on order 1, split 0_42: 14 finished",
+        "sotu@disjoint on order 1, split 0_42: 14 finished",
+    ]
     assert [(r["method"], r["variant"]) for r in reports] == [("sotu", None), ("sotu", "disjoint")]
     plain, disjoint = ([entry["directory"] for entry in r["training"]] for r in reports)
     # The experts (train_*) are the same folders; each variant has merges of its own.
