@@ -33,14 +33,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import Counter
 from pathlib import Path
 
 from forgetless.config import load_config, parse_assignment
 from forgetless.errors import ForgetlessError
 from forgetless.recipes.continual import plan_continual, run_continual
 from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
-from forgetless.report.experiment import exit_with_error, print_event, write_results
+from forgetless.report.experiment import (
+    add_dry_run_flag,
+    exit_with_error,
+    print_event,
+    print_plan_counts,
+    write_results,
+)
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
@@ -141,8 +146,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def print_plan(args: argparse.Namespace) -> None:
     """--dry-run: how many stages of each run are finished, archived or left to run."""
     for label, config in sweep_configs(args):
-        counts = Counter(planned.state for planned in plan_continual(config))
-        print(f"{label}: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        print_plan_counts(label, plan_continual(config))
 
 
 def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
@@ -286,10 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         help="METHOD:section.key=value, for one method only (e.g. lora:train.learning_rate=3e-4)",
     )  # fmt: skip
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
-    parser.add_argument(
-        "--dry-run", action="store_true",
-        help="Print how many stages of each run are finished, archived or to run; run nothing.",
-    )  # fmt: skip
+    add_dry_run_flag(parser)
     args = parser.parse_args(argv)
     for name in args.methods:
         method_and_variant(name)  # a misspelt method fails before any run

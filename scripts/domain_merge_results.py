@@ -42,12 +42,14 @@ from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import arm_cells, contrast_cells, pooled_changes
 from forgetless.evaluate.stats import paired_task_change, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
-from forgetless.recipes.compare import compare, expand_arms
+from forgetless.recipes.compare import compare, expand_arms, plan_comparison
 from forgetless.report.experiment import (
+    add_dry_run_flag,
     exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
+    print_plan_counts,
     shared_overrides,
     write_results,
 )
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         help="difference A − B of two merges pooled over their mask seeds, each named by its "
         "spec without ':seed=N'; repeatable (default: those of DEFAULT_CONTRASTS present)",
     )
+    add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
     try:
         merges = [parse_merge(text) for text in args.merges]
@@ -414,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         for arm in arms:
             arm.config.merge.expert_keeps(len(args.domains))
         config = arms[0].config
+        if args.dry_run:
+            return print_plan_counts("domain merge", plan_comparison(arms, config.run_dir))
         run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:
         exit_with_error(str(error))

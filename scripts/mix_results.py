@@ -36,13 +36,15 @@ from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import arm_cells, contrast_cells, pooled_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
-from forgetless.recipes.compare import compare, expand_arms
+from forgetless.recipes.compare import compare, expand_arms, plan_comparison
 from forgetless.report.experiment import (
+    add_dry_run_flag,
     default_paths,
     exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
+    print_plan_counts,
     shared_overrides,
     write_results,
 )
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         help="Train every arm once per seed (compare.seeds; default: the config's).",
     )
+    add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
     if args.config.resolve() == PACKAGED_CONFIG:
         args.run_dir = args.run_dir or "runs/mix_experiment"
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         if SEARCHED not in ((raw.get("compare") or {}).get("arms") or {}):
             raise ForgetlessError(f"compare.arms must include {SEARCHED!r}, the searched mixture")
         arms = expand_arms(raw, args.config)
+        if args.dry_run:
+            return print_plan_counts("mix", plan_comparison(arms, arms[0].config.run_dir))
         run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
         exit_with_error(str(error))

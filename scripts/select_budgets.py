@@ -32,8 +32,9 @@ from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
-from forgetless.recipes.compare import compare, expand_arms
+from forgetless.recipes.compare import compare, expand_arms, plan_comparison
 from forgetless.report.experiment import (
+    add_dry_run_flag,
     add_quick_flag,
     default_paths,
     exit_with_error,
@@ -41,6 +42,7 @@ from forgetless.report.experiment import (
     experiment_parser,
     parse_experiment_args,
     print_event,
+    print_plan_counts,
     write_results,
 )
 
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--select-seeds", nargs="+", type=int)
     parser.add_argument("--train-seeds", nargs="+", type=int)
     add_quick_flag(parser)
+    add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
     for name, default in (QUICK_FLAGS if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -187,6 +190,8 @@ def run_domain(args, domain: str) -> dict[str, Any]:
     train = config.train
     per_step = train.batch_size * train.max_length * train.gradient_accumulation_steps
     arms = expand_arms(with_arms(raw, args, tokens, per_step), args.config)
+    if args.dry_run:
+        return print_plan_counts(domain, plan_comparison(arms, config.run_dir))
     run = compare(arms, config.run_dir, on_event=print_event, title=f"Selection on {domain}")
     return summarise(config, args, arms, run, tokens)
 
@@ -335,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         summaries = {domain: run_domain(args, domain) for domain in args.domains}
     except ForgetlessError as error:
         exit_with_error(str(error))
+    if args.dry_run:
+        return
     write_results(args.output, {"domains": summaries}, render(summaries, args))
 
 

@@ -31,12 +31,14 @@ from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.stats import format_correlation, read_evaluation
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL
-from forgetless.recipes.compare import Comparison, compare, expand_arms
+from forgetless.recipes.compare import Comparison, compare, expand_arms, plan_comparison
 from forgetless.report.experiment import (
+    add_dry_run_flag,
     exit_with_error,
     experiment_parser,
     parse_experiment_args,
     print_event,
+    print_plan_counts,
     shared_overrides,
     write_results,
 )
@@ -62,9 +64,9 @@ RETENTION_TASK = "c4"
 GAIN_TARGET, DROP_TARGET = 0.9, 1 / 3
 
 
-def run_domain(args, shared: dict, name: str) -> tuple[Comparison, list]:
-    """The packaged comparison (full pool and each selection, then training) on one domain,
-    in its own run directory."""
+def domain_arms(args, shared: dict, name: str) -> tuple[list, Path]:
+    """The packaged comparison's arms (full pool and each selection, then training) on one
+    domain, and its own run directory."""
     domain = DOMAINS[name]
     run_dir = Path(args.run_dir) / name
     raw = load_raw(
@@ -80,8 +82,7 @@ def run_domain(args, shared: dict, name: str) -> tuple[Comparison, list]:
         },
     )
     arms = [arm for arm in expand_arms(raw, args.config) if arm.name in ("full", *args.methods)]
-    run = compare(arms, run_dir, on_event=print_event, title=f"Selection on {name} data")
-    return run, arms
+    return arms, run_dir
 
 
 def summarise_domain(name: str, run: Comparison, arms: list) -> dict[str, Any]:
@@ -243,16 +244,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
     try:
         shared = shared_overrides(args)
         shared.pop("run_dir")  # one run directory per domain, below --run-dir
         domains = {}
         for name in args.domains:
-            run, arms = run_domain(args, shared, name)
+            arms, run_dir = domain_arms(args, shared, name)
+            if args.dry_run:
+                print_plan_counts(name, plan_comparison(arms, run_dir))
+                continue
+            title = f"Selection on {name} data"
+            run = compare(arms, run_dir, on_event=print_event, title=title)
             domains[name] = summarise_domain(name, run, arms)
     except ForgetlessError as error:
         exit_with_error(str(error))
+    if args.dry_run:
+        return
     config = arms[0].config
     summary = {
         "model": config.model.name,

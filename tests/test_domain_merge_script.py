@@ -61,8 +61,11 @@ def test_experts_merges_and_the_paired_table(tmp_path, experiment_argv, script, 
 
     # The experts trained once: each is an arm of its own and a part of every merge.
     assert summary["frontier"].endswith("frontier.html")
-    # Another merge reuses the base evaluation, the experts and their evaluations.
+    # Another merge reuses the base evaluation, the experts and their evaluations: a dry run
+    # counts the three stages of its own arm as left to run.
     capsys.readouterr()
+    script.main(tiny_argv(experiment_argv, "--merges", "dare:0.5", "--dry-run"))
+    assert capsys.readouterr().out.strip().endswith(", 3 to run")
     script.main(tiny_argv(experiment_argv, "--merges", "dare:0.5"))
     started = [line for line in capsys.readouterr().out.splitlines() if "start:" in line]
     assert [line.rsplit("/", 1)[-1].split()[-1] for line in started] == [

@@ -55,7 +55,9 @@ def test_selection_experiment_table(tmp_path, experiment_argv, script, capsys):
     assert set(target) >= {"gain_share_ok", "drop_share_ok", "not_dominated_by_random_or_less"}
     table = (tmp_path / "out" / "select.md").read_text()
     assert "| ogs |" in table and "cross-validated" in table
-    # Rerunning reuses every stage.
+    # Rerunning reuses every stage, as a dry run says beforehand.
     capsys.readouterr()
+    script.main([*argv, "--dry-run"])
+    assert capsys.readouterr().out.splitlines() == ["medical: 28 finished"]
     script.main(argv)
     assert "start:" not in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,6 +63,21 @@ def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
     shared = dict(parse_assignment(item) for item in args.set or [])
     shared.update({"run_dir": args.run_dir, "data_dir": args.data_dir})
     return shared
+
+
+def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print how many stages are finished, archived or left to run; run nothing.",
+    )
+
+
+def print_plan_counts(label: str, planned: list) -> None:
+    """A dry run's line: how many of ``planned`` (:class:`forgetless.runs.PlannedStage`) are
+    in each state."""
+    counts = Counter(stage.state for stage in planned)
+    print(f"{label}: " + ", ".join(f"{n} {state}" for state, n in counts.items()), flush=True)
 
 
 def print_event(event: str, info) -> None:
