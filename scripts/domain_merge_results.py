@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
             arm.config.merge.expert_keeps(len(args.domains))
         config = arms[0].config
         if args.dry_run:
-            return print_plan_counts("domain merge", plan_comparison(arms, config.run_dir))
+            print_plan_counts("domain merge", plan_comparison(arms, config.run_dir))
+            return
         run = compare(arms, config.run_dir, on_event=print_event, title="Domain experts merged")
     except ForgetlessError as error:
         exit_with_error(str(error))

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ForgetlessError(f"compare.arms must include {SEARCHED!r}, the searched mixture")
         arms = expand_arms(raw, args.config)
         if args.dry_run:
-            return print_plan_counts("mix", plan_comparison(arms, arms[0].config.run_dir))
+            print_plan_counts("mix", plan_comparison(arms, arms[0].config.run_dir))
+            return
         run = compare(arms, arms[0].config.run_dir, on_event=print_event)
     except ForgetlessError as error:
         exit_with_error(str(error))

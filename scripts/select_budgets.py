@@ -182,16 +182,19 @@ def with_arms(raw: dict, args, tokens: int, tokens_per_step: int) -> dict:
     return raw
 
 
-def run_domain(args, domain: str) -> dict[str, Any]:
+def domain_arms(args, domain: str) -> tuple[Any, list, int]:
+    """One domain's config, its comparison's arms and the pool's training tokens."""
     raw = domain_raw(args, domain)
     config = validate_config(raw, args.config)
     check_inputs(config)
     tokens = pool_tokens(config)
     train = config.train
     per_step = train.batch_size * train.max_length * train.gradient_accumulation_steps
-    arms = expand_arms(with_arms(raw, args, tokens, per_step), args.config)
-    if args.dry_run:
-        return print_plan_counts(domain, plan_comparison(arms, config.run_dir))
+    return config, expand_arms(with_arms(raw, args, tokens, per_step), args.config), tokens
+
+
+def run_domain(args, domain: str) -> dict[str, Any]:
+    config, arms, tokens = domain_arms(args, domain)
     run = compare(arms, config.run_dir, on_event=print_event, title=f"Selection on {domain}")
     return summarise(config, args, arms, run, tokens)
 
@@ -337,11 +340,14 @@ def render(summaries: dict[str, dict], args) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.dry_run:
+            for domain in args.domains:
+                config, arms, _ = domain_arms(args, domain)
+                print_plan_counts(domain, plan_comparison(arms, config.run_dir))
+            return
         summaries = {domain: run_domain(args, domain) for domain in args.domains}
     except ForgetlessError as error:
         exit_with_error(str(error))
-    if args.dry_run:
-        return
     write_results(args.output, {"domains": summaries}, render(summaries, args))
 
 

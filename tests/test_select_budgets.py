@@ -35,6 +35,9 @@ def test_select_budgets_on_the_tiny_model(tmp_path, experiment_argv, script, cap
     table = (tmp_path / "out" / "budgets.md").read_text()
     assert "### Budget 25% of the tokens" in table and "| ogs |" in table
     capsys.readouterr()
+    script.main([*argv, "--dry-run"])
+    dry = capsys.readouterr().out.splitlines()
+    assert len(dry) == 1 and dry[0].startswith("financial: ") and dry[0].endswith(" finished")
     script.main(argv)
     assert "start:" not in capsys.readouterr().out
     assert json.loads(output.read_text())["domains"]["financial"] == summary
