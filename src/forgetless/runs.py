@@ -30,6 +30,7 @@ import json
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -122,6 +123,12 @@ class PlannedStage:
     stage: str
     fingerprint: str
     state: str
+
+
+def count_states(planned: Sequence[PlannedStage]) -> str:
+    """How many planned stages are in each state: ``7 finished, 9 to run``."""
+    counts = Counter(stage.state for stage in planned)
+    return ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
 def _ignore(event: str, info: StageResult | str) -> None:

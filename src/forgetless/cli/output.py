@@ -8,13 +8,14 @@ import dataclasses
 import functools
 import json
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from forgetless.runs import count_states
 
 err = Console(stderr=True)
 # Where results go: the real standard output. While a command runs, everything else printed
@@ -85,8 +86,7 @@ def print_plan(planned: list, as_json: bool) -> None:
         print_table(table)
 
     emit(rows, show, as_json)
-    counts = Counter(row["state"] for row in rows)
-    err.print("dry run: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    err.print(f"dry run: {count_states(planned)}")
 
 
 def read_json(path: Path) -> Any:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
 from forgetless.config import parse_assignment
 from forgetless.io import write_json_atomic, write_text_atomic
+from forgetless.runs import count_states
 
 
 def exit_with_error(message: str) -> NoReturn:
@@ -76,8 +76,7 @@ def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
 def print_plan_counts(label: str, planned: list) -> None:
     """A dry run's line: how many of ``planned`` (:class:`forgetless.runs.PlannedStage`) are
     in each state."""
-    counts = Counter(stage.state for stage in planned)
-    print(f"{label}: " + ", ".join(f"{n} {state}" for state, n in counts.items()), flush=True)
+    print(f"{label}: {count_states(planned)}", flush=True)
 
 
 def print_event(event: str, info) -> None:
