@@ -49,6 +49,8 @@ from forgetless.report.experiment import (
 
 SUBSETS = ("0_42", "1_142", "2_242")
 METHODS = ("seqft", "lora", "osft", "multitask")
+# What every method is paired against by default: the lower and the upper bound.
+REFERENCES = ("seqft", "multitask")
 # Per-task experts merged after every task (compared with seqft in docs/merge.md), and the
 # baselines from the continual-learning literature.
 OPTIONAL_METHODS = ("sotu", "replay", "ewc", "olora")
@@ -149,12 +151,43 @@ def print_plan(args: argparse.Namespace) -> None:
         print_plan_counts(label, plan_continual(config))
 
 
-def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
-    """Each method's final average accuracy against seqft and multitask, paired on the same
-    items of every run both finished, pooled over those runs."""
-    runs = {(r["order"], r["subset"], label(r)): r for r in reports if r.get("final_items")}
-    references = [m for m in ("seqft", "multitask") if m in methods]
-    if not references or len(runs) < 2:  # e.g. the closed-form head keeps no outcomes
+def read_against(item: str) -> tuple[str, list[dict]]:
+    """--against NAME=RESULTS.json: the reports of another sweep, or a one-line error."""
+    name, _, path = item.partition("=")
+    if not name or not path:
+        exit_with_error(f"--against {item}: give NAME=RESULTS.json")
+    try:
+        reports = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        exit_with_error(f"--against {item}: cannot read {path}: {error}")
+    if not isinstance(reports, list) or not all(
+        isinstance(r, dict) and {"order", "subset", "method"} <= r.keys() for r in reports
+    ):
+        exit_with_error(f"--against {item}: {path} is not a continual_results.py results file")
+    return name, reports
+
+
+def paired_lines(
+    reports: list[dict],
+    methods: list[str],
+    references: list[str],
+    against: dict[str, list[dict]] | None = None,
+) -> list[str]:
+    """Each method's final average accuracy against each reference method, and against the
+    same method in each ``against`` results file (another sweep's JSON: the same runs under
+    other settings), paired on the same items of every run both finished, pooled over those
+    runs."""
+
+    def by_run(of: list[dict]) -> dict[tuple, dict]:
+        return {(r["order"], r["subset"], label(r)): r for r in of if r.get("final_items")}
+
+    runs = by_run(reports)
+    # (header, the runs to pair with, the method paired with; None: the same method)
+    columns = [(f"vs {reference}", runs, reference) for reference in references]
+    columns += [
+        (f"vs {name} (same method)", by_run(of), None) for name, of in (against or {}).items()
+    ]
+    if not columns or (len(runs) < 2 and not against):  # e.g. runs from before outcomes were kept
         return []
     lines = [
         "## Paired differences of final average accuracy (points, 95 % interval over items)",
@@ -162,21 +195,20 @@ def paired_lines(reports: list[dict], methods: list[str]) -> list[str]:
         "Each cell: the method's final average accuracy minus the reference's, on the same "
         "test items, pooled over the runs both have (their count in brackets).",
         "",
-        "| method | " + " | ".join(f"vs {reference}" for reference in references) + " |",
-        "|---" * (1 + len(references)) + "|",
+        "| method | " + " | ".join(header for header, _, _ in columns) + " |",
+        "|---" * (1 + len(columns)) + "|",
     ]
     for method in methods:
         cells = []
-        for reference in references:
+        for _, paired_runs, reference in columns:
             pairs = [
                 paired_average_accuracy(r["final_items"], other["final_items"])
                 for (order, subset, name), r in runs.items()
                 if name == method
-                and (other := runs.get((order, subset, reference))) is not None
-                and r.get("final_items")
-                and other.get("final_items")
+                and (other := paired_runs.get((order, subset, reference or method))) is not None
+                and other is not r
             ]
-            if method == reference or not pairs:
+            if not pairs:
                 cells.append("–")
                 continue
             mean, low, high = pooled_interval(pairs)
@@ -244,7 +276,7 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
             *order_table(of_order, args.methods),
             "",
         ]
-    lines += paired_lines(reports, args.methods)
+    lines += paired_lines(reports, args.methods, args.references, args.against)
     lines += ["## Accuracy matrices (rows: after training task i; columns: task j)", ""]
     for report in reports:
         lines.append(
@@ -289,11 +321,29 @@ def main(argv: list[str] | None = None) -> None:
         "--method-set", action="append",
         help="METHOD:section.key=value, for one method only (e.g. lora:train.learning_rate=3e-4)",
     )  # fmt: skip
+    parser.add_argument(
+        "--references",
+        nargs="+",
+        help="methods every other method's final average accuracy is paired against "
+        f"(default: those of {', '.join(REFERENCES)} among --methods)",
+    )
+    parser.add_argument(
+        "--against",
+        action="append",
+        metavar="NAME=RESULTS.json",
+        help="pair every method with the same method in another sweep's results file (the same "
+        "runs under other settings), in a column 'vs NAME' (repeatable)",
+    )
     parser.add_argument("--output", default="docs/results/continual_fewshot_order1")
     add_dry_run_flag(parser)
     args = parser.parse_args(argv)
     for name in args.methods:
         method_and_variant(name)  # a misspelt method fails before any run
+    for name in args.references or []:
+        if name not in args.methods:
+            exit_with_error(f"--references {name}: not among --methods")
+    args.references = args.references or [m for m in REFERENCES if m in args.methods]
+    args.against = dict(read_against(item) for item in args.against or [])
     try:
         if args.dry_run:
             return print_plan(args)

@@ -252,11 +252,12 @@ def with_arms(
         data.update(source=str(files[name]), kind="text")
         return {"data": data, "train": {"seed": seed}, "description": description}
 
+    # Seed by seed, so that a run stopped early has low, high and random at the same seeds.
     arms = {}
-    for name, labels in arm_labels(seeds).items():
-        for seed, label in zip(seeds, labels, strict=True):
+    for seed in seeds:
+        for name in ARMS:
             description = DESCRIPTIONS[name].format(share=f"{fraction:.0%}")
-            arms[label] = arm(name, seed, f"{description}, seed {seed}")
+            arms[f"{name}-s{seed}"] = arm(name, seed, f"{description}, seed {seed}")
     for name in files:
         if name not in ARMS:
             arms[name] = arm(name, seeds[0], f"a random {fraction:.0%} of the pool's tokens")
@@ -548,16 +549,17 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(config.run_dir)
         pool = pool_geometry(config, run_dir)
         chosen = build_subsets(pool, args, config.select.seed)
-        # Every subset trains the same steps, as many as the smallest one fills: at most one
-        # pass over any of them, and the same tokens for all.
-        smallest = int(min(pool.tokens[indices].sum() for indices in chosen.values()))
+        # Every subset trains the same steps: as many as the arms' common share of the tokens
+        # fills, which each subset reaches (its last record crosses the share), so nothing
+        # repeats and all train the same tokens. The budget depends on the share alone, not on
+        # which subsets exist, so fewer --seeds or --subsets (an interim report) reuse the
+        # same trainings.
+        share = int(args.fraction * pool.tokens[pool.usable].sum())
         train = config.train
-        steps = smallest // (
-            train.batch_size * train.max_length * train.gradient_accumulation_steps
-        )
+        steps = share // (train.batch_size * train.max_length * train.gradient_accumulation_steps)
         if steps < 1:
             raise ForgetlessError(
-                f"the smallest subset holds {smallest} tokens, less than one training step; "
+                f"a subset holds {share} tokens, less than one training step; "
                 "raise data.limit or --fraction"
             )
         files = {

@@ -226,6 +226,9 @@ def test_closed_form_head_accumulates_classes_task_after_task(tmp_path, shared_d
     # Tasks whose classes the head has not seen yet score 0; FWT is not reported.
     assert all(matrix[i][j] == 0.0 for i in range(4) for j in range(i + 1, 4))
     assert report["metrics"]["fwt"] is None and report["head"] == "closed_form"
+    # The final outcomes are kept for paired comparisons, and agree with the matrix.
+    finals = [sum(report["final_items"][task]) / 4 for task in report["tasks"]]
+    assert finals == pytest.approx(matrix[-1])
     state = torch.load(sequence / "cil_04_agnews" / "closed_form_head.pt", weights_only=True)
     # 14 DBpedia + 5 Amazon + 10 Yahoo + 4 AG News classes, in sequence order.
     assert state["cross"].shape[1] <= 33 and len(state["seen"]) > 4

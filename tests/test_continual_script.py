@@ -32,13 +32,32 @@ def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, experiment
     table = (tmp_path / "out" / "table.md").read_text()
     assert "Head: closed-form, class-incremental" in table
     summary = table[: table.index("## Accuracy matrices")]
-    assert "## Paired differences" not in summary  # the closed-form head keeps no outcomes
+    summary, paired = summary.split("## Paired differences")
+    sotu_row = next(line for line in paired.splitlines() if line.startswith("| sotu |"))
+    assert sotu_row.endswith("(1) |")  # the closed-form head keeps its outcomes too
     rows = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line[:2] == "| "}
     for report in reports:
         metrics, row = report["metrics"], rows[report["method"]]
         assert f"| {100 * metrics['average_accuracy']:.1f} |" in row
         assert metrics["fwt"] is None and "| n/a |" in row
     assert table.count("| base (LM head) |") == 2
+    # The same sweep with the statistics recomputed, paired with the first on the same items.
+    settings["continual.head_statistics"] = "recompute"
+    against = f"accumulate={tmp_path / 'out' / 'table.json'}"
+    script.main(experiment_argv("recompute", settings, *flags, "--against", against))
+    table = (tmp_path / "out" / "recompute.md").read_text()
+    paired = table[table.index("## Paired differences") :].splitlines()
+    assert "| method | vs seqft | vs accumulate (same method) |" in paired
+    assert next(line for line in paired if line.startswith("| seqft |")).endswith("(1) |")
+
+
+def test_results_to_pair_with_are_checked(tmp_path, experiment_argv, script, user_error):
+    with user_error("--against old: give NAME=RESULTS.json"):
+        script.main(experiment_argv("bad", TINY, "--against", "old"))
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with user_error("is not a continual_results.py results file"):
+        script.main(experiment_argv("bad", TINY, "--against", f"old={tmp_path / 'other.json'}"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
@@ -73,6 +92,8 @@ def test_runs_and_method_settings_are_checked(experiment_argv, script, user_erro
         script.main(experiment_argv("bad", TINY, "--runs", "1"))
     with user_error("METHOD:section.key=value"):
         script.main(experiment_argv("bad", TINY, "--method-set", "train.learning_rate=1"))
+    with user_error("--references lora: not among --methods"):
+        script.main(experiment_argv("bad", TINY, "--methods", "seqft", "--references", "lora"))
 
 
 def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
@@ -99,6 +120,13 @@ def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
     assert merge_report["masks"] == "disjoint"
     table = (tmp_path / "out" / "variants.md").read_text()
     assert "| sotu@disjoint |" in table and "**sotu@disjoint, order 1, split 0_42**" in table
+    # Paired against the plain variant instead of seqft (which did not run): the table only.
+    script.main(experiment_argv("variants", TINY, *flags, "--references", "sotu"))
+    assert "start:" not in capsys.readouterr().out
+    table = (tmp_path / "out" / "variants.md").read_text()
+    paired = table[table.index("## Paired differences") :].splitlines()
+    assert "| method | vs sotu |" in paired
+    assert next(line for line in paired if line.startswith("| sotu@disjoint |")).endswith("(1) |")
 
 
 def test_methods_and_variants_are_checked(tmp_path, experiment_argv, script, user_error):

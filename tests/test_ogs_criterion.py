@@ -175,3 +175,10 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     script.main(argv)
     assert "start:" not in capsys.readouterr().out
     assert json.loads(output.read_text()) == summary
+    # An interim report on the first seed reuses the same trainings: the step budget does
+    # not depend on which arms run.
+    script.main([*argv, "--seeds", "0"])
+    assert "start:" not in capsys.readouterr().out
+    interim = json.loads(output.read_text())
+    assert interim["models"]["low-s0"] == summary["models"]["low-s0"]
+    assert len(interim["changes"]["ppl:gsm8k@test"]["arms"]["low"]["per_seed"]) == 1

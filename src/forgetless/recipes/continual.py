@@ -507,6 +507,7 @@ class ClosedFormEvalStage(Stage):
             # the head's outputs: they score 0, as class-incremental learning implies.
             correct = head.predict(features(records)) == gold
             accuracy[task] = float(correct.float().mean())
+            write_json_atomic(items_path(workdir, task), {"correct": correct.int().tolist()})
             write_json_atomic(
                 workdir / "tasks" / f"{task}.json",
                 {"task": task, "metric": "acc", "value": accuracy[task], "n": len(records)},
@@ -579,8 +580,7 @@ class ContinualReportStage(Stage):
 
         def final_items() -> dict[str, list[int]] | None:
             """The last stage's per-item outcomes, for paired comparisons between methods on
-            the same items (absent for the closed-form head and for stages evaluated before
-            outcomes were kept)."""
+            the same items (absent for stages evaluated before outcomes were kept)."""
             folder = inputs[self.eval_stages[-1]].directory
             paths = {task: items_path(folder, task) for task in self.tasks}
             if not all(path.is_file() for path in paths.values()):
