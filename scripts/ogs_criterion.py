@@ -47,8 +47,9 @@ from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.io import write_text_atomic
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
-from forgetless.recipes.compare import compare, expand_arms
+from forgetless.recipes.compare import compare, expand_arms, plan_comparison
 from forgetless.report.experiment import (
+    add_dry_run_flag,
     add_quick_flag,
     default_paths,
     exit_with_error,
@@ -56,9 +57,10 @@ from forgetless.report.experiment import (
     experiment_parser,
     parse_experiment_args,
     print_event,
+    print_plan_counts,
     write_results,
 )
-from forgetless.runs import run_directory
+from forgetless.runs import FINISHED, run_directory
 from forgetless.select.criterion import (
     ARMS,
     fit_line,
@@ -141,6 +143,7 @@ def parse_args(argv: list[str] | None):
         help="Evaluate N items of TASK (repeatable); the packaged config sets each task's count.",
     )
     add_quick_flag(parser)
+    add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
     flags = QUICK_FLAGS if args.quick else DEFAULTS
     for name, default in flags.items():
@@ -175,18 +178,29 @@ def anchor_task(config) -> str:
     return task
 
 
-def pool_geometry(config, run_dir: Path) -> ScoredPool:
+def gradient_plan(config) -> tuple[Any, list, list[str]]:
+    """The gradient stages of ``forgetless select`` for the pool: (selection, stages, the
+    names of those whose files are read here; the warm-up is read only by them)."""
+    from forgetless.select.stages import Selection, gradient_stages
+
+    selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
+    stages = gradient_stages(selection)
+    return (
+        selection,
+        stages,
+        [stage.name for stage in stages if stage.name.startswith("gradients_")],
+    )
+
+
+def pool_geometry(config, run_dir: Path, on_event=print_event) -> ScoredPool:
     """Every candidate's gradient features (cached stages of ``forgetless select``), and its
     utility, cost and packed tokens."""
     from forgetless.models import load_tokenizer
     from forgetless.select.gradients import load_gradient_features
-    from forgetless.select.stages import Selection, gradient_stages, pool_scores
+    from forgetless.select.stages import pool_scores
 
-    selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
-    stages = gradient_stages(selection)
-    # The gradients are read here; the warm-up only by them.
-    keep = [stage.name for stage in stages if stage.name.startswith("gradients_")]
-    results = run_directory(run_dir, config, print_event).run_all(stages, keep=keep)
+    selection, stages, keep = gradient_plan(config)
+    results = run_directory(run_dir, config, on_event).run_all(stages, keep=keep)
     scores, valid, anchor = pool_scores(config.select, results, "gradients_pool")
     gradients = load_gradient_features(results["gradients_pool"].directory).dense()
     records = selection.data({}).candidates
@@ -224,13 +238,13 @@ def build_subsets(pool: ScoredPool, args, seed: int) -> dict[str, np.ndarray]:
     return chosen
 
 
-def write_subset(folder: Path, name: str, records: list[Record]) -> Path:
+def write_subset(folder: Path, name: str, records: list[Record], write: bool = True) -> Path:
     """The records as a data file named by its content, so that a changed subset can never
-    reuse another's cached training."""
+    reuse another's cached training (``write=False``: only its path)."""
     text = "".join(json.dumps(record_row(record), ensure_ascii=False) + "\n" for record in records)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = (folder / f"{name}-{digest}.jsonl").resolve()
-    if not path.is_file():
+    if write and not path.is_file():
         write_text_atomic(path, text)
     return path
 
@@ -534,6 +548,53 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
+def comparison_arms(raw: dict, config, args, pool: ScoredPool, write: bool = True):
+    """(the subsets as candidate indices, their records files under ``<run_dir>/subsets``,
+    the arms of the comparison, which read those files; ``write=False``: the files' paths
+    only, and no arms unless every file is there)."""
+    chosen = build_subsets(pool, args, config.select.seed)
+    # Every subset trains the same steps: as many as the arms' common share of the tokens
+    # fills, which each subset reaches (its last record crosses the share), so nothing
+    # repeats and all train the same tokens. The budget depends on the share alone, not on
+    # which subsets exist, so fewer --seeds or --subsets (an interim report) reuse the
+    # same trainings.
+    share = int(args.fraction * pool.tokens[pool.usable].sum())
+    train = config.train
+    steps = share // (train.batch_size * train.max_length * train.gradient_accumulation_steps)
+    if steps < 1:
+        raise ForgetlessError(
+            f"a subset holds {share} tokens, less than one training step; "
+            "raise data.limit or --fraction"
+        )
+    folder = Path(config.run_dir) / "subsets"
+    files = {
+        name: write_subset(folder, name, [pool.records[i] for i in indices], write)
+        for name, indices in chosen.items()
+    }
+    if not all(path.is_file() for path in files.values()):
+        return chosen, files, None
+    arms = expand_arms(with_arms(raw, files, args.seeds, steps, args.fraction), args.config)
+    return chosen, files, arms
+
+
+def print_plan(raw: dict, config, args) -> None:
+    """--dry-run: the gradient stages' states and, once they are all in the run directory
+    with the subsets' records files, the arms'. Writes nothing."""
+    run_dir = Path(config.run_dir)
+    _, stages, keep = gradient_plan(config)
+    planned = run_directory(run_dir, config).plan({"gradients": stages}, keep=keep)
+    print_plan_counts("gradients", planned)
+    if any(stage.state != FINISHED for stage in planned):
+        print("arms: planned once the gradients are in the run directory", flush=True)
+        return
+    pool = pool_geometry(config, run_dir, on_event=None)
+    _, _, arms = comparison_arms(raw, config, args, pool, write=False)
+    if arms is None:
+        print("arms: planned once the subsets' records are written", flush=True)
+        return
+    print_plan_counts("arms", plan_comparison(arms, run_dir))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -546,27 +607,11 @@ def main(argv: list[str] | None = None) -> None:
         anchor_task(config)
         # Every data and task-name mistake before the gradients' hours are spent.
         check_inputs(config)
+        if args.dry_run:
+            return print_plan(raw, config, args)
         run_dir = Path(config.run_dir)
         pool = pool_geometry(config, run_dir)
-        chosen = build_subsets(pool, args, config.select.seed)
-        # Every subset trains the same steps: as many as the arms' common share of the tokens
-        # fills, which each subset reaches (its last record crosses the share), so nothing
-        # repeats and all train the same tokens. The budget depends on the share alone, not on
-        # which subsets exist, so fewer --seeds or --subsets (an interim report) reuse the
-        # same trainings.
-        share = int(args.fraction * pool.tokens[pool.usable].sum())
-        train = config.train
-        steps = share // (train.batch_size * train.max_length * train.gradient_accumulation_steps)
-        if steps < 1:
-            raise ForgetlessError(
-                f"a subset holds {share} tokens, less than one training step; "
-                "raise data.limit or --fraction"
-            )
-        files = {
-            name: write_subset(run_dir / "subsets", name, [pool.records[i] for i in indices])
-            for name, indices in chosen.items()
-        }
-        arms = expand_arms(with_arms(raw, files, args.seeds, steps, args.fraction), args.config)
+        chosen, files, arms = comparison_arms(raw, config, args, pool)
         run = compare(
             arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"
         )

@@ -130,6 +130,12 @@ def test_the_packaged_config_is_valid(script):
 
 def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, script, capsys):
     argv = experiment_argv("criterion", {}, "--quick")
+    # A dry run before anything ran: the gradient stages to run; nothing is written.
+    script.main([*argv, "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gradients: ") and lines[0].endswith(" to run")
+    assert lines[1] == "arms: planned once the gradients are in the run directory"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
     script.main(argv)
     output = tmp_path / "out" / "criterion.json"
     summary = json.loads(output.read_text())
@@ -170,8 +176,15 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     table = (tmp_path / "out" / "criterion.md").read_text()
     assert "| low − high |" in table and "## Regression over 3 random subsets" in table
     assert "| mean_cost |" in table and "## Verdict" in table
-    # A rerun reuses every stage and writes the same results.
+    # A dry run of the finished experiment: every stage finished, nothing written.
     capsys.readouterr()
+    files = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")}
+    script.main([*argv, "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["gradients", "arms"]
+    assert all(line.split(": ")[1].split(" ", 1)[1] == "finished" for line in lines), lines
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")} == files
+    # A rerun reuses every stage and writes the same results.
     script.main(argv)
     assert "start:" not in capsys.readouterr().out
     assert json.loads(output.read_text()) == summary
