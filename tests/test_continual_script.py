@@ -20,6 +20,14 @@ TINY = {
 }
 
 
+def paired_section(table_file: Path) -> tuple[str, dict[str, str]]:
+    """The header line of a results table's paired differences and its rows by method."""
+    table = table_file.read_text()
+    section = table[table.index("## Paired differences") :].split("## Accuracy matrices")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return lines[0], {line.split(" | ")[0][2:]: line for line in lines[1:]}
+
+
 def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, experiment_argv, script):
     settings = {**TINY, "continual.head": "closed_form"}
     flags = ("--methods", "seqft", "sotu", "--subsets", "0_42")
@@ -45,10 +53,9 @@ def test_closed_form_sweep_writes_the_table_of_both_methods(tmp_path, experiment
     settings["continual.head_statistics"] = "recompute"
     against = f"accumulate={tmp_path / 'out' / 'table.json'}"
     script.main(experiment_argv("recompute", settings, *flags, "--against", against))
-    table = (tmp_path / "out" / "recompute.md").read_text()
-    paired = table[table.index("## Paired differences") :].splitlines()
-    assert "| method | vs seqft | vs accumulate (same method) |" in paired
-    assert next(line for line in paired if line.startswith("| seqft |")).endswith("(1) |")
+    header, rows = paired_section(tmp_path / "out" / "recompute.md")
+    assert header == "| method | vs seqft | vs accumulate (same method) |"
+    assert rows["seqft"].endswith("(1) |")
 
 
 def test_results_to_pair_with_are_checked(tmp_path, experiment_argv, script, user_error):
@@ -81,10 +88,9 @@ def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
         assert finals == pytest.approx(report["matrix"][-1])
     table = (tmp_path / "out" / "orders.md").read_text()
     assert "## Order 1:" in table and "## Order 2:" in table
-    paired = table[table.index("## Paired differences") :].splitlines()
-    osft_row = next(line for line in paired if line.startswith("| osft |"))
-    assert osft_row.endswith("(2) |")  # pooled over both orders
-    assert next(line for line in paired if line.startswith("| seqft |")) == "| seqft | – |"
+    _, rows = paired_section(tmp_path / "out" / "orders.md")
+    assert rows["osft"].endswith("(2) |")  # pooled over both orders
+    assert rows["seqft"] == "| seqft | – |"
 
 
 def test_runs_and_method_settings_are_checked(experiment_argv, script, user_error):
@@ -123,10 +129,9 @@ def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
     # Paired against the plain variant instead of seqft (which did not run): the table only.
     script.main(experiment_argv("variants", TINY, *flags, "--references", "sotu"))
     assert "start:" not in capsys.readouterr().out
-    table = (tmp_path / "out" / "variants.md").read_text()
-    paired = table[table.index("## Paired differences") :].splitlines()
-    assert "| method | vs sotu |" in paired
-    assert next(line for line in paired if line.startswith("| sotu@disjoint |")).endswith("(1) |")
+    header, rows = paired_section(tmp_path / "out" / "variants.md")
+    assert header == "| method | vs sotu |"
+    assert rows["sotu@disjoint"].endswith("(1) |")
 
 
 def test_methods_and_variants_are_checked(tmp_path, experiment_argv, script, user_error):
