@@ -2,8 +2,9 @@
 
 On a sample of a domain pool large enough that no arm repeats a record (medical_pool, 3000
 records), this computes every record's gradient features with ``forgetless select``'s stages
-(LoRA warm-up; the default anchor, 256 GSM8K training problems; utility towards the pool's
-validation split) and from them its cost under ``select.cost`` and its utility. Then it
+(in the packaged config, of every matrix full fine-tuning trains; the default anchor, 256
+GSM8K training problems; utility towards the pool's validation split) and from them its cost
+under ``select.cost`` and its utility. Then it
 trains the model in full, every run on the same number of tokens in at most one pass, on
 
 * low, high, random: the lowest-cost, the highest-cost and a random tenth of the pool, each
@@ -94,7 +95,7 @@ QUICK_SETTINGS = {
     "select.anchor.samples": 8,
     "select.validation.source": "financial_pool",
     "select.validation.samples": 6,
-    "select.gradient.projection_dim": 16,
+    "select.gradient.projection_dim": 1024,
     "select.gradient.warmup_steps": 1,
     "select.gradient.max_length": 400,
     "evaluate.domain_tasks": ["ppl:financial_pool@test"],
@@ -142,14 +143,29 @@ def parse_args(argv: list[str] | None):
         metavar="TASK=N",
         help="Evaluate N items of TASK (repeatable); the packaged config sets each task's count.",
     )
+    parser.add_argument(
+        "--retest",
+        type=int,
+        nargs="+",
+        metavar="D",
+        help="Instead of the experiment: how well the per-sample cost and utility agree with "
+        "themselves across two projection seeds (select.seed and the next), at each "
+        "projection dimension D. Featurises the pool in <run-dir>/d<D>/seed<k> (default "
+        "runs/ogs_criterion_retest), trains nothing, writes <output>.md/.json (default "
+        "docs/results/ogs_criterion_retest).",
+    )
     add_quick_flag(parser)
     add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
+    if any(dim < 1 for dim in args.retest or ()):
+        exit_with_error("--retest: projection dimensions must be positive")
+    if args.retest and args.dry_run:
+        exit_with_error("--retest trains nothing and has no plan: leave out --dry-run")
     flags = QUICK_FLAGS if args.quick else DEFAULTS
     for name, default in flags.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    default_paths(args, "ogs_criterion")
+    default_paths(args, "ogs_criterion_retest" if args.retest else "ogs_criterion")
     if args.subsets < 3:
         exit_with_error("--subsets must be at least 3: a line through fewer has no interval")
     return args
@@ -389,6 +405,24 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
     }
 
 
+def gradient_text(gradient: dict) -> str:
+    """Whose gradients the costs come from, and how they are projected."""
+    if gradient["parameters"] == "lora":
+        whose = (
+            f"a LoRA (r = {gradient['lora_r']} on {', '.join(gradient['lora_target_modules'])}) "
+            f"after {gradient['warmup_steps']} warm-up steps, {gradient['preconditioner']} "
+            "preconditioning"
+        )
+    elif gradient["parameters"] == "last_blocks":
+        whose = f"every linear weight of the last {gradient['last_blocks']} blocks"
+    else:
+        whose = "every linear weight of every block (what full fine-tuning trains)"
+    return (
+        f"{whose}; {gradient['projector']} projection to d = {gradient['projection_dim']}, "
+        f"at most {gradient['max_length']} tokens per record"
+    )
+
+
 def _interval_text(interval, digits: int) -> str:
     if interval is None:
         return "–"
@@ -409,7 +443,8 @@ def render(summary: dict, args) -> str:
         f"Pool: {pool['candidates']} records of {pool['source']} ({pool['split']}), "
         f"{pool['tokens']:,} tokens. Anchor: {summary['anchor']['samples']} "
         f"{summary['anchor']['source']} {summary['anchor']['split']} problems; its held-out "
-        f"loss is `{anchor}`. Arms: from each of {summary['strata']} utility strata, "
+        f"loss is `{anchor}`. Gradients: {gradient_text(summary['select']['gradient'])}. "
+        f"Arms: from each of {summary['strata']} utility strata, "
         f"{100 * summary['fraction']:.0f} % of its tokens: the lowest-cost records (low), the "
         "highest-cost (high), records in a random order (random). Random subsets: "
         f"{100 * summary['fraction']:.0f} % of the pool's tokens in a random order. Every "
@@ -577,6 +612,81 @@ def comparison_arms(raw: dict, config, args, pool: ScoredPool, write: bool = Tru
     return chosen, files, arms
 
 
+def retest(raw: dict, args) -> tuple[dict, str]:
+    """--retest: the per-sample cost's and utility's Spearman agreement between two projection
+    seeds at each dimension, on the usable records of both. Only the projection differs
+    between the seeds where the features need no warm-up (parameters other than lora), so the
+    agreement is the projection's reliability, the ceiling of any ranking by the cost."""
+    base = validate_config(raw, args.config)
+    seeds = [base.select.seed, base.select.seed + 1]
+    rows = []
+    for dim in args.retest:
+        pools = []
+        for seed in seeds:
+            seeded = copy.deepcopy(raw)
+            set_dotted(seeded, "select.gradient.projection_dim", dim)
+            set_dotted(seeded, "select.seed", seed)
+            config = validate_config(seeded, args.config)
+            pools.append(pool_geometry(config, Path(base.run_dir) / f"d{dim}" / f"seed{seed}"))
+        first, second = pools
+        usable = np.intersect1d(first.usable, second.usable)
+        costs = first.criterion[usable]
+        agreement = {
+            name: fit_line(ours[usable], theirs[usable], seed=base.select.seed)
+            for name, ours, theirs in (
+                ("cost", costs, second.criterion),
+                ("utility", first.utility, second.utility),
+            )
+        }
+        rows.append(
+            {
+                "projection_dim": dim,
+                "records": int(len(usable)),
+                **{
+                    name: {"spearman": fit["spearman"], "ci95": fit["spearman_ci95"]}
+                    for name, fit in agreement.items()
+                },
+                "cost_range": [float(costs.min()), float(costs.max())],
+                "gradient_seconds": [pool.gradient_seconds for pool in pools],
+            }
+        )
+    gradient = base.select.gradient.model_dump(mode="json")
+    summary = {
+        "model": base.model.name,
+        "pool": {**base.data.model_dump(mode="json"), "candidates": len(first.records)},
+        "cost": base.select.cost,
+        "select": base.select.model_dump(mode="json"),
+        "seeds": seeds,
+        "rows": rows,
+    }
+    lines = [
+        f"# How reliable is the cost? {base.model.name}, cost `{base.select.cost}`",
+        "",
+        f"Pool: {len(first.records)} records of {base.data.source} ({base.data.split}); "
+        f"anchor: {base.select.anchor.samples} {base.select.anchor.source} problems; "
+        f"gradients: {gradient_text({**gradient, 'projection_dim': 'D'})}. Spearman's rho "
+        f"between projection seeds {summary['seeds'][0]} and {summary['seeds'][1]}, with a 95 % "
+        "bootstrap interval over the records.",
+        "",
+        "| D | records | cost, seed vs seed | utility, seed vs seed | cost range (first seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        low, high = row["cost_range"]
+        lines.append(
+            f"| {row['projection_dim']} | {row['records']} | {_rho_value(row['cost'])} | "
+            f"{_rho_value(row['utility'])} | {low:.3f} to {high:.3f} |"
+        )
+    return summary, "\n".join(lines)
+
+
+def _rho_value(agreement: dict) -> str:
+    if agreement["spearman"] is None:
+        return "undefined"
+    low, high = agreement["ci95"]
+    return f"{agreement['spearman']:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def print_plan(raw: dict, config, args) -> None:
     """--dry-run: the gradient stages' states and, once they are all in the run directory
     with the subsets' records files, the arms'. Writes nothing."""
@@ -607,6 +717,9 @@ def main(argv: list[str] | None = None) -> None:
         anchor_task(config)
         # Every data and task-name mistake before the gradients' hours are spent.
         check_inputs(config)
+        if args.retest:
+            summary, table = retest(raw, args)
+            return write_results(args.output, summary, table)
         if args.dry_run:
             return print_plan(raw, config, args)
         run_dir = Path(config.run_dir)

@@ -195,3 +195,32 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     interim = json.loads(output.read_text())
     assert interim["models"]["low-s0"] == summary["models"]["low-s0"]
     assert len(interim["changes"]["ppl:gsm8k@test"]["arms"]["low"]["per_seed"]) == 1
+
+
+def test_retest_measures_the_costs_agreement_across_projection_seeds(
+    tmp_path, experiment_argv, script
+):
+    script.main(experiment_argv("retest", {}, "--quick", "--retest", "16", "64"))
+    summary = json.loads((tmp_path / "out" / "retest.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert [row["projection_dim"] for row in summary["rows"]] == [16, 64]
+    for row in summary["rows"]:
+        assert row["records"] > 10
+        for name in ("cost", "utility"):
+            rho, (low, high) = row[name]["spearman"], row[name]["ci95"]
+            # Two projections of the same gradients: related, not identical.
+            assert 0 < rho < 1 and -1 <= low <= high <= 1
+    # Each dimension and seed featurised in a run directory of its own; nothing trained.
+    run = tmp_path / "run"
+    assert sorted(path.name for path in run.iterdir()) == ["d16", "d64"]
+    assert sorted(path.name for path in (run / "d16").iterdir()) == ["seed0", "seed1"]
+    assert not list(run.glob("**/train"))
+    assert "| 16 |" in (tmp_path / "out" / "retest.md").read_text()
+
+
+def test_retest_flags_are_checked(tmp_path, experiment_argv, script, user_error):
+    with user_error("--retest: projection dimensions must be positive"):
+        script.main(experiment_argv("bad", {}, "--quick", "--retest", "0"))
+    with user_error("leave out --dry-run"):
+        script.main(experiment_argv("bad", {}, "--quick", "--retest", "16", "--dry-run"))
+    assert not (tmp_path / "run").exists()
