@@ -117,6 +117,11 @@ class ScoredPool:
     criterion: np.ndarray  # the per-sample cost under test
     tokens: np.ndarray  # tokens each record adds to the packed training stream
     gradient_seconds: float  # the warm-up and gradient stages' compute, when they ran
+    # --exact: the cost and utility without a sketch (forgetless.select.exact), and their
+    # stages' compute
+    exact_cost: np.ndarray | None = None
+    exact_utility: np.ndarray | None = None
+    exact_seconds: float = 0.0
 
 
 def parse_args(argv: list[str] | None):
@@ -153,6 +158,15 @@ def parse_args(argv: list[str] | None):
         "projection dimension D. Featurises the pool in <run-dir>/d<D>/seed<k> (default "
         "runs/ogs_criterion_retest), trains nothing, writes <output>.md/.json (default "
         "docs/results/ogs_criterion_retest).",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="Also compute every record's cost and utility exactly, without a sketch (cost "
+        "conflict, parameters blocks or last_blocks; about one more gradient pass, and two "
+        "copies of the featured weights in memory). The report adds the sketch's agreement "
+        "with them and each subset's exact mean cost as a predictor; with --retest, the "
+        "agreement at each D.",
     )
     add_quick_flag(parser)
     add_dry_run_flag(parser)
@@ -234,6 +248,56 @@ def pool_geometry(config, run_dir: Path, on_event=print_event) -> ScoredPool:
     )
 
 
+def check_exact(config) -> None:
+    """--exact's mistakes, before any gradient is computed."""
+    from forgetless.select.exact import exact_settings
+
+    if config.select.cost != "conflict":
+        raise ForgetlessError(
+            f"--exact: the cost {config.select.cost!r} needs the anchor subspace, which only a "
+            "sketch gives; exact costs exist for select.cost=conflict"
+        )
+    exact_settings(config.select.gradient)
+
+
+def with_exact(config, run_dir: Path, pool: ScoredPool, on_event=print_event) -> ScoredPool:
+    """``pool`` with its exact cost and utility (cached stages in ``run_dir``)."""
+    from forgetless.select.exact_stages import exact_pool_cosines, exact_stages
+
+    selection, _, _ = gradient_plan(config)
+    # Only the pool's products are read here (the directions' norms are in their record), so
+    # an archive that keeps the 0.8 GB of directions as a record only needs no rerun.
+    results = run_directory(run_dir, config, on_event).run_all(exact_stages(selection))
+    alignment, utility, valid = exact_pool_cosines(results)
+    if not np.array_equal(np.flatnonzero(valid), pool.usable):
+        raise ForgetlessError("the exact and the sketched gradients disagree on usable records")
+    pool.exact_cost, pool.exact_utility = -alignment, utility
+    pool.exact_seconds = sum(result.seconds or 0.0 for result in results.values())
+    return pool
+
+
+def sketch_agreement(pool: ScoredPool, seed: int) -> dict[str, Any]:
+    """Spearman's rho of the sketched cost and utility with the exact ones, over the usable
+    records, with bootstrap intervals: how much of the exact ranking the sketch keeps."""
+    usable = pool.usable
+    return {
+        "records": int(len(usable)),
+        "cost": _agreement(fit_line(pool.criterion[usable], pool.exact_cost[usable], seed=seed)),
+        "utility": _agreement(
+            fit_line(pool.utility[usable], pool.exact_utility[usable], seed=seed)
+        ),
+        "exact_cost_range": [
+            float(pool.exact_cost[usable].min()),
+            float(pool.exact_cost[usable].max()),
+        ],
+        "exact_seconds": pool.exact_seconds,
+    }
+
+
+def _agreement(fit: dict) -> dict[str, Any]:
+    return {"spearman": fit["spearman"], "ci95": fit["spearman_ci95"]}
+
+
 def build_subsets(pool: ScoredPool, args, seed: int) -> dict[str, np.ndarray]:
     """The three matched arms and the random subsets (candidate indices), each holding
     ``args.fraction`` of the usable pool's tokens."""
@@ -309,7 +373,14 @@ def describe_subset(pool: ScoredPool, indices: np.ndarray, file: Path) -> dict[s
             np.average(pool.utility[indices], weights=pool.tokens[indices])
         ),
         "sources": dict(sorted(sources.items())),
-        "predicted": asdict(predict(pool.gradients, pool.anchor, pool.criterion, indices)),
+        "predicted": {
+            **asdict(predict(pool.gradients, pool.anchor, pool.criterion, indices)),
+            **(
+                {}
+                if pool.exact_cost is None
+                else {"exact_mean_cost": float(pool.exact_cost[indices].mean())}
+            ),
+        },
     }
 
 
@@ -397,8 +468,12 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
         "regression": regression,
         "verdict": verdict,
         "models": models,
+        "sketch_vs_exact": (
+            None if pool.exact_cost is None else sketch_agreement(pool, config.select.seed)
+        ),
         "compute_seconds": {
             "gradients": pool.gradient_seconds,
+            "exact": pool.exact_seconds,
             "training": sum(model["training"]["seconds"] for model in models.values()),
         },
         "frontier": str(run.directory / "frontier.html"),
@@ -436,6 +511,7 @@ def render(summary: dict, args) -> str:
     random_names = [name for name in subsets if name not in ARMS]
     training = next(iter(summary["models"].values()))["training"]
     steps, trained = training["steps"], training["input_tokens_seen"]
+    exact = summary.get("sketch_vs_exact")
     lines = [
         f"# Does the selection cost predict forgetting? {summary['model']}, cost "
         f"`{summary['cost']}`",
@@ -456,9 +532,10 @@ def render(summary: dict, args) -> str:
         "",
         "## The trained subsets",
         "",
-        "| subset | records | tokens | mean utility (per token) | mean cost | first-order | "
-        "anchor-subspace energy | sources |",
-        "|---|---|---|---|---|---|---|---|",
+        "| subset | records | tokens | mean utility (per token) | mean cost | "
+        + ("exact mean cost | " if exact else "")
+        + "first-order | anchor-subspace energy | sources |",
+        "|---" * (8 + bool(exact)) + "|",
     ]
     for name, subset in subsets.items():
         predicted = subset["predicted"]
@@ -469,7 +546,8 @@ def render(summary: dict, args) -> str:
             f"| {name} | {subset['records']} | {subset['tokens']:,} | "
             f"{subset['mean_utility']:.3f} ({subset['token_mean_utility']:.3f}) | "
             f"{predicted['mean_cost']:+.4f} | "
-            f"{predicted['first_order']:+.3g} | {predicted['subset_energy']:.4f} | {sources} |"
+            + (f"{predicted['exact_mean_cost']:+.4f} | " if exact else "")
+            + f"{predicted['first_order']:+.3g} | {predicted['subset_energy']:.4f} | {sources} |"
         )
     lines += [
         "",
@@ -477,6 +555,7 @@ def render(summary: dict, args) -> str:
         f"{matched['utility_smd_max']:.3f} pool standard deviations; every subset holds "
         f"{matched['tokens_min']:,}–{matched['tokens_max']:,} tokens and trains on "
         f"{trained:,} of them.",
+        *([] if not exact else ["", *exact_lines(exact)]),
         "",
         "## Arms: mean ± sd over seeds [95 % interval]",
         "",
@@ -573,6 +652,18 @@ def render(summary: dict, args) -> str:
     return "\n".join(lines)
 
 
+def exact_lines(exact: dict) -> list[str]:
+    """The sketch's agreement with the exact cost and utility (--exact)."""
+    low, high = exact["exact_cost_range"]
+    return [
+        f"Sketched against exact (`--exact`, {exact['exact_seconds'] / 60:.0f} min): over "
+        f"the {exact['records']} usable records, Spearman's rho of the sketched cost with the "
+        f"exact cost is {_rho_value(exact['cost'])} and of the sketched utility with the exact "
+        f"utility {_rho_value(exact['utility'])}. The exact costs span {low:+.4f} to "
+        f"{high:+.4f}; the column exact mean cost is each subset's mean of them.",
+    ]
+
+
 def _rho(fit: dict) -> str:
     if fit["spearman"] is None:
         return "–"
@@ -629,6 +720,10 @@ def retest(raw: dict, args) -> tuple[dict, str]:
             config = validate_config(seeded, args.config)
             pools.append(pool_geometry(config, Path(base.run_dir) / f"d{dim}" / f"seed{seed}"))
         first, second = pools
+        exact = {}
+        if args.exact:
+            with_exact(base, Path(base.run_dir) / "exact", first)
+            exact = {"first_seed_vs_exact": sketch_agreement(first, base.select.seed)}
         usable = np.intersect1d(first.usable, second.usable)
         costs = first.criterion[usable]
         agreement = {
@@ -648,6 +743,7 @@ def retest(raw: dict, args) -> tuple[dict, str]:
                 },
                 "cost_range": [float(costs.min()), float(costs.max())],
                 "gradient_seconds": [pool.gradient_seconds for pool in pools],
+                **exact,
             }
         )
     gradient = base.select.gradient.model_dump(mode="json")
@@ -666,17 +762,35 @@ def retest(raw: dict, args) -> tuple[dict, str]:
         f"anchor: {base.select.anchor.samples} {base.select.anchor.source} problems; "
         f"gradients: {gradient_text({**gradient, 'projection_dim': 'D'})}. Spearman's rho "
         f"between projection seeds {summary['seeds'][0]} and {summary['seeds'][1]}, with a 95 % "
-        "bootstrap interval over the records.",
+        "bootstrap interval over the records."
+        + (
+            " With --exact, also the first seed's sketch against the exact cost and utility "
+            "(no projection; forgetless.select.exact)."
+            if args.exact
+            else ""
+        ),
         "",
-        "| D | records | cost, seed vs seed | utility, seed vs seed | cost range (first seed) |",
-        "|---|---|---|---|---|",
+        "| D | records | cost, seed vs seed | utility, seed vs seed | "
+        + ("cost, sketch vs exact | utility, sketch vs exact | " if args.exact else "")
+        + "cost range (first seed) |",
+        "|---" * (5 + 2 * args.exact) + "|",
     ]
     for row in rows:
         low, high = row["cost_range"]
+        versus = row.get("first_seed_vs_exact")
         lines.append(
             f"| {row['projection_dim']} | {row['records']} | {_rho_value(row['cost'])} | "
-            f"{_rho_value(row['utility'])} | {low:.3f} to {high:.3f} |"
+            f"{_rho_value(row['utility'])} | "
+            + (
+                f"{_rho_value(versus['cost'])} | {_rho_value(versus['utility'])} | "
+                if versus
+                else ""
+            )
+            + f"{low:.3f} to {high:.3f} |"
         )
+    if args.exact:
+        low, high = rows[0]["first_seed_vs_exact"]["exact_cost_range"]
+        lines += ["", f"The exact costs span {low:.3f} to {high:.3f}."]
     return summary, "\n".join(lines)
 
 
@@ -694,6 +808,12 @@ def print_plan(raw: dict, config, args) -> None:
     _, stages, keep = gradient_plan(config)
     planned = run_directory(run_dir, config).plan({"gradients": stages}, keep=keep)
     print_plan_counts("gradients", planned)
+    if args.exact:
+        from forgetless.select.exact_stages import exact_stages
+
+        selection, _, _ = gradient_plan(config)
+        exact = run_directory(run_dir, config).plan({"exact": exact_stages(selection)})
+        print_plan_counts("exact", exact)
     if any(stage.state != FINISHED for stage in planned):
         print("arms: planned once the gradients are in the run directory", flush=True)
         return
@@ -717,6 +837,8 @@ def main(argv: list[str] | None = None) -> None:
         anchor_task(config)
         # Every data and task-name mistake before the gradients' hours are spent.
         check_inputs(config)
+        if args.exact:
+            check_exact(config)
         if args.retest:
             summary, table = retest(raw, args)
             return write_results(args.output, summary, table)
@@ -724,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
             return print_plan(raw, config, args)
         run_dir = Path(config.run_dir)
         pool = pool_geometry(config, run_dir)
+        if args.exact:
+            with_exact(config, run_dir, pool)
         chosen, files, arms = comparison_arms(raw, config, args, pool)
         run = compare(
             arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"

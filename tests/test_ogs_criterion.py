@@ -195,6 +195,19 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     interim = json.loads(output.read_text())
     assert interim["models"]["low-s0"] == summary["models"]["low-s0"]
     assert len(interim["changes"]["ppl:gsm8k@test"]["arms"]["low"]["per_seed"]) == 1
+    # --exact adds the exact costs' stages and nothing else: the trainings are reused.
+    script.main([*argv, "--exact", "--dry-run"])
+    assert capsys.readouterr().out.splitlines()[1] == "exact: 2 to run"
+    script.main([*argv, "--exact"])
+    started = [line for line in capsys.readouterr().out.splitlines() if "start:" in line]
+    assert [line.split("start: ")[1] for line in started] == ["exact_directions", "exact_pool"]
+    exact = json.loads(output.read_text())
+    assert exact["models"] == summary["models"]
+    assert exact["sketch_vs_exact"]["records"] == summary["pool"]["usable"]
+    assert -1 <= exact["sketch_vs_exact"]["cost"]["spearman"] <= 1
+    assert all("exact_mean_cost" in subset["predicted"] for subset in exact["subsets"].values())
+    assert exact["regression"]["ppl:gsm8k@test"]["exact_mean_cost"]["points"] == 3
+    assert "Sketched against exact" in (tmp_path / "out" / "criterion.md").read_text()
 
 
 def test_retest_measures_the_costs_agreement_across_projection_seeds(
@@ -216,6 +229,36 @@ def test_retest_measures_the_costs_agreement_across_projection_seeds(
     assert sorted(path.name for path in (run / "d16").iterdir()) == ["seed0", "seed1"]
     assert not list(run.glob("**/train"))
     assert "| 16 |" in (tmp_path / "out" / "retest.md").read_text()
+
+
+def test_the_sketch_approaches_the_exact_cost_as_d_grows(tmp_path, experiment_argv, script):
+    script.main(experiment_argv("retest", {}, "--quick", "--retest", "16", "4096", "--exact"))
+    summary = json.loads((tmp_path / "out" / "retest.json").read_text())
+    small, large = (row["first_seed_vs_exact"] for row in summary["rows"])
+    assert small["records"] == large["records"] > 10
+    # The tiny model's 4096-dimensional sketch is nearly its exact gradient.
+    assert large["cost"]["spearman"] > 0.9 and large["utility"]["spearman"] > 0.9
+    assert small["cost"]["spearman"] < large["cost"]["spearman"]
+    # The exact stages ran once, in a run directory of their own, for every D.
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["d16", "d4096", "exact"]
+    assert "sketch vs exact" in (tmp_path / "out" / "retest.md").read_text()
+
+
+def test_exact_costs_need_the_conflict_cost_and_the_models_weights(
+    tmp_path, experiment_argv, script, user_error
+):
+    with user_error("exact costs exist for select.cost=conflict"):
+        script.main(experiment_argv("bad", {"select.cost": "energy"}, "--quick", "--exact"))
+    with user_error("set select.gradient.parameters to blocks or last_blocks"):
+        script.main(
+            experiment_argv(
+                "bad",
+                {"select.gradient.parameters": "lora", "select.gradient.projector": "rademacher"},
+                "--quick",
+                "--exact",
+            )
+        )
+    assert not (tmp_path / "run").exists()
 
 
 def test_retest_flags_are_checked(tmp_path, experiment_argv, script, user_error):

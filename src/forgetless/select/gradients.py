@@ -128,6 +128,16 @@ class GraphStart:
         self._handle.remove()
 
 
+def flat_per_sample(x: torch.Tensor, grad: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """(batch, out * in [+ out]): each sample's weight gradient sum_t dy_t x_t^T in the
+    weight's row-major layout, its bias gradient after it. x: (batch, T, in), grad:
+    (batch, T, out)."""
+    per_sample = torch.einsum("bto,bti->boi", grad, x).reshape(grad.shape[0], -1)
+    if has_bias:
+        per_sample = torch.cat([per_sample, grad.sum(1)], dim=1)
+    return per_sample
+
+
 class RandomProjector:
     """A seeded d-column random matrix per layer, applied to flattened per-sample gradients.
 
@@ -135,6 +145,9 @@ class RandomProjector:
     derived from (seed, layer, block), so the features are identical on every device and in
     every run; blocks are kept until ``cache_bytes`` is used up, later ones are regenerated.
     """
+
+    # Stored in half precision: the projection's own error is far larger than its rounding.
+    dtype = np.float16
 
     def __init__(
         self, dim: int, kind: str, seed: int, device: torch.device, cache_bytes: int = 1 << 30
@@ -181,9 +194,7 @@ class RandomProjector:
         """Add the layer's projected per-sample gradients to ``total`` (batch, d); return
         their exact squared norms. x: (batch, T, in), grad: (batch, T, out). ``precondition``
         (name, per-sample gradients) -> features, applied before the projection."""
-        per_sample = torch.einsum("bto,bti->boi", grad, x).reshape(grad.shape[0], -1)
-        if has_bias:
-            per_sample = torch.cat([per_sample, grad.sum(1)], dim=1)
+        per_sample = flat_per_sample(x, grad, has_bias)
         if precondition is not None:
             per_sample = precondition(name, per_sample)
         total += self.project(name, per_sample)
@@ -202,6 +213,8 @@ class KroneckerSketch:
     ``projection_dim`` is shared evenly by the layers. A bias is the weight of a constant-1
     input column. The stored norm is the sketch's, an unbiased estimate of the squared norm.
     """
+
+    dtype = np.float16  # as RandomProjector's
 
     def __init__(self, modules: dict[str, nn.Linear], dim: int, seed: int, device: torch.device):
         if not modules:
@@ -401,6 +414,7 @@ def extract_gradient_features(
     description: str = "gradients",
     adam_moments: dict[str, torch.Tensor] | None = None,
     within_last_blocks: int | None = None,
+    projector: RandomProjector | KroneckerSketch | None = None,
 ) -> GradientFeatures:
     """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
 
@@ -409,14 +423,17 @@ def extract_gradient_features(
     Adam-preconditioned before the projection. The work is cut into shards; a rerun with the
     same inputs skips the finished ones. ``within_last_blocks`` keeps only the featured
     layers of the last N blocks (same projection per layer, so the result is their part of
-    the whole features) and stops the backward pass below them.
+    the whole features) and stops the backward pass below them. A given ``projector``
+    (e.g. ``forgetless.select.exact.ReferenceProducts``) replaces the one the settings
+    describe; its ``identity`` joins the shards' identity and its ``dtype`` is the storage's.
     """
     ids = [record.id or str(index) for index, record in enumerate(records)]
     device = next(model.parameters()).device
     modules = gradient_modules(model, settings.parameters, settings.last_blocks, within_last_blocks)
-    if settings.projector == "kronecker":
+    extra = {} if projector is None else {"projector": projector.identity}
+    if projector is None and settings.projector == "kronecker":
         projector = KroneckerSketch(modules, settings.projection_dim, seed, device)
-    else:
+    elif projector is None:
         projector = RandomProjector(
             settings.projection_dim,
             settings.projector,
@@ -424,6 +441,7 @@ def extract_gradient_features(
             device,
             cache_bytes=settings.projector_cache_mb << 20,
         )
+    storage = projector.dtype
     store = ShardedRows(
         output_dir,
         ids,
@@ -432,10 +450,11 @@ def extract_gradient_features(
             "seed": seed,
             "preconditioned": adam_moments is not None,
             **({} if within_last_blocks is None else {"within_last_blocks": within_last_blocks}),
+            **extra,
         },
         shard_size=settings.shard_size,
         width=projector.dim,
-        dtype=np.float16,
+        dtype=storage,
         columns={"loss": np.float32, "norm": np.float32, "tokens": np.int32},
     )
     vectors, stats = store.matrix, store.columns
@@ -468,7 +487,7 @@ def extract_gradient_features(
                 loss, counts = per_sample_losses(logits, labels)
                 # A sum of per-sample means: each sample's hooks see its own loss's gradient.
                 torch.autograd.grad(loss.sum(), graph_start.leaf)
-                vectors[batch] = hooks.projected.cpu().numpy().astype(np.float16)
+                vectors[batch] = hooks.projected.cpu().numpy().astype(storage)
                 stats["loss"][batch] = loss.detach().cpu().numpy()
                 stats["norm"][batch] = hooks.squared_norm.sqrt().cpu().numpy()
                 stats["tokens"][batch] = counts.cpu().numpy()
