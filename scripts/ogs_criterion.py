@@ -737,10 +737,7 @@ def retest(raw: dict, args) -> tuple[dict, str]:
             {
                 "projection_dim": dim,
                 "records": int(len(usable)),
-                **{
-                    name: {"spearman": fit["spearman"], "ci95": fit["spearman_ci95"]}
-                    for name, fit in agreement.items()
-                },
+                **{name: _agreement(fit) for name, fit in agreement.items()},
                 "cost_range": [float(costs.min()), float(costs.max())],
                 "gradient_seconds": [pool.gradient_seconds for pool in pools],
                 **exact,

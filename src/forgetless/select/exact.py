@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.data.features import sample_example
 from forgetless.data.records import Record
 from forgetless.errors import ForgetlessError
 from forgetless.select.config import GradientConfig
@@ -97,10 +96,11 @@ def summed_gradient(
     *,
     progress: bool = True,
     description: str = "gradient sum",
-) -> Direction:
-    """sum_i weights[i] * (gradient of record i's mean token loss), per featured layer in the
-    layout of ``flat_per_sample``, accumulated in float32 from ordinary backward passes (in
-    eval mode, as the per-sample features are)."""
+) -> tuple[Direction, int]:
+    """(sum_i weights[i] * (gradient of record i's mean token loss), the number of records
+    with a target token, which are the only ones that have a gradient): per featured layer
+    in the layout of ``flat_per_sample``, accumulated in float32 from ordinary backward
+    passes (in eval mode, as the per-sample features are)."""
     modules = gradient_modules(model, settings.parameters, settings.last_blocks)
     device = next(model.parameters()).device
     trained = {
@@ -125,6 +125,7 @@ def summed_gradient(
         tokenizer, records, range(len(records)), settings.max_length, settings.batch_size, device
     )
     bar = tqdm(total=len(records), desc=description, disable=not progress, unit="sample")
+    used = 0
     try:
         for batch, ids, mask, labels in batches:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -134,6 +135,7 @@ def summed_gradient(
                 total[name] += torch.cat([p.grad.float().reshape(-1) for p in params])
                 for param in params:
                     param.grad = None
+            used += len(batch)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -141,12 +143,7 @@ def summed_gradient(
             param.requires_grad_(requires[name])
             param.grad = None
         model.train(was_training)
-    return total
-
-
-def usable_count(tokenizer, records: Sequence[Record], max_length: int) -> int:
-    """How many records have a target token within ``max_length`` (those that get a gradient)."""
-    return sum(sample_example(tokenizer, record, max_length) is not None for record in records)
+    return total, used
 
 
 def exact_directions(
@@ -163,16 +160,16 @@ def exact_directions(
     ``anchor_from_gradients`` takes it from sketches) and the mean unit gradient of the
     usable validation records (as ``domain_direction`` does). The validation records' exact
     norms, which the unit gradients need, come from one featuring pass into ``workdir``."""
-    anchor_usable = usable_count(tokenizer, anchor, settings.max_length)
+    anchor_sum, anchor_usable = summed_gradient(
+        model, tokenizer, anchor, settings, np.ones(len(anchor)), progress=progress,
+        description="anchor mean",
+    )  # fmt: skip
     if anchor_usable == 0:
         raise ForgetlessError(
             "no usable anchor gradients: the anchor data is empty or every sample's prompt "
             "fills select.gradient.max_length"
         )
-    weights = np.full(len(anchor), 1.0 / anchor_usable)
-    anchor_mean = summed_gradient(
-        model, tokenizer, anchor, settings, weights, progress=progress, description="anchor mean"
-    )
+    anchor_mean = {name: part / anchor_usable for name, part in anchor_sum.items()}
     device = next(model.parameters()).device
     norms = extract_gradient_features(
         model,
@@ -190,7 +187,7 @@ def exact_directions(
             "prompt fills select.gradient.max_length"
         )
     unit = np.where(norms.valid, 1.0 / np.maximum(norms.norm, EPS), 0.0) / norms.valid.sum()
-    target = summed_gradient(
+    target, _ = summed_gradient(
         model, tokenizer, validation, settings, unit, progress=progress, description="g_V"
     )
     return anchor_mean, target

@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -126,6 +127,18 @@ class GraphStart:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class Projection(Protocol):
+    """What turns a layer's per-sample gradients into feature columns: the random projector,
+    the Kronecker sketch, or exact products with given directions (``select.exact``)."""
+
+    dim: int  # feature columns
+    dtype: type  # storage type of the features
+
+    def add_into(
+        self, total: torch.Tensor, name: str, x, grad, has_bias: bool, precondition=None
+    ) -> torch.Tensor: ...
 
 
 def flat_per_sample(x: torch.Tensor, grad: torch.Tensor, has_bias: bool) -> torch.Tensor:
@@ -294,7 +307,7 @@ class PerSampleGradients:
     def __init__(
         self,
         modules: dict[str, nn.Linear],
-        projector: RandomProjector | KroneckerSketch,
+        projector: Projection,
         precondition=None,
     ):
         self.modules, self.projector, self.precondition = modules, projector, precondition
@@ -414,7 +427,7 @@ def extract_gradient_features(
     description: str = "gradients",
     adam_moments: dict[str, torch.Tensor] | None = None,
     within_last_blocks: int | None = None,
-    projector: RandomProjector | KroneckerSketch | None = None,
+    projector: Projection | None = None,
 ) -> GradientFeatures:
     """Projected per-sample gradients of ``records`` under ``model``, written to ``output_dir``.
 
