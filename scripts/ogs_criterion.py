@@ -346,15 +346,20 @@ def with_arms(
         data.update(source=str(files[name]), kind="text")
         return {"data": data, "train": {"seed": seed}, "description": description}
 
-    # Seed by seed, so that a run stopped early has low, high and random at the same seeds.
+    # Seed by seed, each seed's arms followed by its share of the random subsets, so that a
+    # run stopped early has low, high and random at the same seeds and already a few subsets
+    # (an interim report needs three).
+    subsets = [name for name in files if name not in ARMS]
+    shares = np.array_split(np.arange(len(subsets)), len(seeds))
     arms = {}
-    for seed in seeds:
+    for seed, share in zip(seeds, shares, strict=True):
         for name in ARMS:
             description = DESCRIPTIONS[name].format(share=f"{fraction:.0%}")
             arms[f"{name}-s{seed}"] = arm(name, seed, f"{description}, seed {seed}")
-    for name in files:
-        if name not in ARMS:
-            arms[name] = arm(name, seeds[0], f"a random {fraction:.0%} of the pool's tokens")
+        for index in share.tolist():
+            arms[subsets[index]] = arm(
+                subsets[index], seeds[0], f"a random {fraction:.0%} of the pool's tokens"
+            )
     raw.setdefault("compare", {})["arms"] = arms
     return raw
 
