@@ -15,6 +15,8 @@ of 386-dimensional inputs (embedding + length + loss); target >= 1000 samples/s:
     python benchmarks/grad_features.py                       # SmolLM2-135M, LoRA r=8 q/v
     python benchmarks/grad_features.py --parameters blocks --projector kronecker \
         --projection-dim 8192                                 # every matrix, LoGra sketch
+    python benchmarks/grad_features.py --parameters blocks --projector exact
+                                      # every matrix, exact products with two directions
     python benchmarks/grad_features.py --model tiny-llama --samples 64
 """
 
@@ -58,12 +60,37 @@ def feature_model(args):
     return model.eval(), loaded.tokenizer
 
 
-def time_batched(model, tokenizer, records, settings):
+def exact_products(model, settings):
+    """forgetless.select.exact's featuriser with two random full-size directions (their
+    values do not change the work), as g_ref and g_V would be."""
+    import torch
+
+    from forgetless.select.exact import ReferenceProducts
+    from forgetless.select.gradients import gradient_modules
+
+    modules = gradient_modules(model, settings.parameters, settings.last_blocks)
+    generator = torch.Generator().manual_seed(0)
+    directions = [
+        {
+            name: torch.randn(
+                module.weight.numel() + (module.bias.numel() if module.bias is not None else 0),
+                generator=generator,
+            )
+            for name, module in modules.items()
+        }
+        for _ in range(2)
+    ]
+    return ReferenceProducts(directions, next(model.parameters()).device)
+
+
+def time_batched(model, tokenizer, records, settings, projector=None):
     from forgetless.select.gradients import extract_gradient_features
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        extract_gradient_features(model, tokenizer, records, settings, folder, progress=False)
+        extract_gradient_features(
+            model, tokenizer, records, settings, folder, progress=False, projector=projector
+        )
         return _finished(model) - started
 
 
@@ -76,7 +103,7 @@ def _batches(tokenizer, records, settings):
     return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
-def time_batch1(model, tokenizer, records, settings):
+def time_batch1(model, tokenizer, records, settings, exact=None):
     import torch
 
     from forgetless.select.gradients import (
@@ -90,7 +117,12 @@ def time_batch1(model, tokenizer, records, settings):
     modules = gradient_modules(model, settings.parameters, settings.last_blocks)
     weights = [module.weight for module in modules.values()]
     device = next(model.parameters()).device
-    if settings.projector == "kronecker":
+    if exact is not None:
+
+        def project(name, grad):
+            return grad.reshape(1, -1) @ exact.references[name].T
+
+    elif settings.projector == "kronecker":
         sketch = KroneckerSketch(modules, settings.projection_dim, 0, device)
 
         def project(name, grad):
@@ -168,7 +200,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--projection-dim", type=int, default=1024)
     parser.add_argument(
-        "--projector", default="rademacher", choices=["rademacher", "gaussian", "kronecker"]
+        "--projector",
+        default="rademacher",
+        choices=["rademacher", "gaussian", "kronecker", "exact"],
+        help="exact: inner products with two full-size directions (forgetless.select.exact) "
+        "instead of a projection; needs --parameters blocks or last_blocks.",
     )
     parser.add_argument("--pool", type=int, default=100_000, help="Navigator scoring pool.")
     parser.add_argument("--data-dir", default=None)
@@ -186,24 +222,29 @@ def main() -> None:
     settings = GradientConfig(
         parameters=args.parameters,
         projection_dim=args.projection_dim,
-        projector=args.projector,
+        projector="rademacher" if args.projector == "exact" else args.projector,
         batch_size=args.batch_size,
         max_length=args.max_length,
         shard_size=max(args.samples, 1),
     )
+    exact = exact_products(model, settings) if args.projector == "exact" else None
     # One untimed pass: first-call allocations and the projection cache are not measured.
-    time_batched(model, tokenizer, records[: args.batch_size], settings)
+    time_batched(model, tokenizer, records[: args.batch_size], settings, exact)
     seconds = {
-        "batched": time_batched(model, tokenizer, records, settings),
-        "batch1": time_batch1(model, tokenizer, records, settings),
+        "batched": time_batched(model, tokenizer, records, settings, exact),
+        "batch1": time_batch1(model, tokenizer, records, settings, exact),
         "plain": time_plain(model, tokenizer, records, settings),
     }
     count = len(records)
     print(
         f"model {args.model}, parameters {args.parameters}, {count} samples of <= "
-        f"{args.max_length} tokens, batch {args.batch_size}, d = {args.projection_dim} "
-        f"({args.projector}), "
-        f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads"
+        f"{args.max_length} tokens, batch {args.batch_size}, "
+        + (
+            "exact products with two directions, "
+            if exact is not None
+            else f"d = {args.projection_dim} ({args.projector}), "
+        )
+        + f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads"
     )
     print(f"{'way':<10}{'samples/s':>12}{'batched speed vs this':>24}")
     for way, elapsed in seconds.items():

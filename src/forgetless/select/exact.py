@@ -12,7 +12,7 @@ gradient is then formed as the random projector forms it and multiplied with the
 cosines are exact for about the price of a sketch.
 
 The price is memory, two float32 copies of the featured weights (0.4 GB each for SmolLM2-135M's
-blocks, 26 GB for an 8B model's), and scope: OGS's energy cost needs the anchor subspace,
+blocks, 28 GB for Llama-3-8B's), and scope: OGS's energy cost needs the anchor subspace,
 which has no such form, so it stays sketched. No library computes this (Opacus's per-sample
 gradients and LESS/LoGra's projections both materialise or sketch every sample), hence the
 few lines here.
