@@ -260,18 +260,27 @@ def check_exact(config) -> None:
     exact_settings(config.select.gradient)
 
 
-def with_exact(config, run_dir: Path, pool: ScoredPool, on_event=print_event) -> ScoredPool:
-    """``pool`` with its exact cost and utility (cached stages in ``run_dir``)."""
-    from forgetless.select.exact_stages import exact_pool_cosines, exact_stages
+def exact_config(config):
+    """``config`` with exact gradient products instead of its sketch."""
+    exact = config.model_copy(deep=True)
+    exact.select.gradient.projector = "exact"
+    return exact
 
-    selection, _, _ = gradient_plan(config)
+
+def with_exact(config, run_dir: Path, pool: ScoredPool, on_event=print_event) -> ScoredPool:
+    """``pool`` with its exact cost and utility (cached stages in ``run_dir``): the stages of
+    ``select.gradient.projector=exact``, which share nothing with the sketched ones."""
+    from forgetless.select.stages import pool_scores
+
+    exact = exact_config(config)
+    _, stages, _ = gradient_plan(exact)
     # Only the pool's products are read here (the directions' norms are in their record), so
     # an archive that keeps the 0.8 GB of directions as a record only needs no rerun.
-    results = run_directory(run_dir, config, on_event).run_all(exact_stages(selection))
-    alignment, utility, valid = exact_pool_cosines(results)
+    results = run_directory(run_dir, config, on_event).run_all(stages)
+    scores, valid, _ = pool_scores(exact.select, results, stages[-1].name)
     if not np.array_equal(np.flatnonzero(valid), pool.usable):
         raise ForgetlessError("the exact and the sketched gradients disagree on usable records")
-    pool.exact_cost, pool.exact_utility = -alignment, utility
+    pool.exact_cost, pool.exact_utility = -scores.alignment, scores.utility
     pool.exact_seconds = sum(result.seconds or 0.0 for result in results.values())
     return pool
 
@@ -811,10 +820,8 @@ def print_plan(raw: dict, config, args) -> None:
     planned = run_directory(run_dir, config).plan({"gradients": stages}, keep=keep)
     print_plan_counts("gradients", planned)
     if args.exact:
-        from forgetless.select.exact_stages import exact_stages
-
-        selection, _, _ = gradient_plan(config)
-        exact = run_directory(run_dir, config).plan({"exact": exact_stages(selection)})
+        _, exact_stages, _ = gradient_plan(exact_config(config))
+        exact = run_directory(run_dir, config).plan({"exact": exact_stages})
         print_plan_counts("exact", exact)
     if any(stage.state != FINISHED for stage in planned):
         print("arms: planned once the gradients are in the run directory", flush=True)
@@ -837,6 +844,11 @@ def main(argv: list[str] | None = None) -> None:
                 "the criterion test matches the arms on packed text tokens: set data.kind=text"
             )
         anchor_task(config)
+        if config.select.gradient.projector == "exact":
+            raise ForgetlessError(
+                "the criterion test's arms and predictions need sketched features: keep a "
+                "projector other than exact and add --exact for the exact costs beside them"
+            )
         # Every data and task-name mistake before the gradients' hours are spent.
         check_inputs(config)
         if args.exact:

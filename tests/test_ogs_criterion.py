@@ -249,6 +249,8 @@ def test_exact_costs_need_the_conflict_cost_and_the_models_weights(
 ):
     with user_error("exact costs exist for select.cost=conflict"):
         script.main(experiment_argv("bad", {"select.cost": "energy"}, "--quick", "--exact"))
+    with user_error("keep a projector other than exact and add --exact"):
+        script.main(experiment_argv("bad", {"select.gradient.projector": "exact"}, "--quick"))
     with user_error("set select.gradient.parameters to blocks or last_blocks"):
         script.main(
             experiment_argv(

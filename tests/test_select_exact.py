@@ -1,4 +1,5 @@
-"""Exact mean-direction cosines (forgetless.select.exact) against per-sample autograd."""
+"""Exact mean-direction scores (forgetless.select.exact): against per-sample autograd, and
+selections with select.gradient.projector=exact end to end."""
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from forgetless.select.config import GradientConfig
 from forgetless.select.exact import (
     ReferenceProducts,
     direction_norm,
-    exact_cosines,
     exact_directions,
+    exact_scores,
     exact_settings,
 )
 from forgetless.select.gradients import (
@@ -76,9 +77,9 @@ def test_exact_cosines_equal_those_of_explicit_gradients(tmp_path, parameters):
         progress=False,
         projector=ReferenceProducts([anchor_mean, target], torch.device("cpu")),
     )
-    alignment, utility = exact_cosines(
-        features, direction_norm(anchor_mean), direction_norm(target)
-    )
+    scores = exact_scores(features, direction_norm(anchor_mean), direction_norm(target))
+    alignment, utility = scores.alignment, scores.utility
+    assert scores.orthogonality is None
     for row, gradient in enumerate(explicit(pool)):
         cosine = torch.nn.functional.cosine_similarity
         assert features.norm[row] == pytest.approx(gradient.norm().item(), rel=1e-4)
@@ -109,4 +110,62 @@ def test_non_finite_products_are_refused():
         norm = np.array([1.0], dtype=np.float32)
 
     with pytest.raises(ForgetlessError, match="non-finite"):
-        exact_cosines(Features(), 1.0, 1.0)
+        exact_scores(Features(), 1.0, 1.0)
+
+
+def test_an_exact_selection_needs_a_cost_without_the_anchor_subspace_and_a_models_weights():
+    from forgetless.config import load_config
+
+    exact = {"select.gradient.projector": "exact", "select.gradient.parameters": "blocks"}
+    with pytest.raises(ForgetlessError, match="set select.cost to conflict"):
+        load_config(None, exact)
+    with pytest.raises(ForgetlessError, match="set parameters to blocks or last_blocks"):
+        load_config(
+            None, {**exact, "select.gradient.parameters": "lora", "select.cost": "conflict"}
+        )
+
+
+@pytest.mark.parametrize("method", ["orthogonal", "ogs", "less"])
+def test_an_exact_selection_is_reproducible_and_meets_its_bound(method, tmp_path, shared_data_dir):
+    from forgetless.config import load_config
+    from forgetless.select import run_selection
+
+    settings = {
+        "model.name": "tiny-llama",
+        "data.source": "pubmedqa",
+        "data.limit": 40,
+        "select.method": method,
+        "select.budget": 0.25,
+        "select.cost": "conflict",
+        "select.anchor.samples": 8,
+        "select.validation.samples": 6,
+        "select.featured_samples": 24,
+        "select.gradient.parameters": "blocks",
+        "select.gradient.projector": "exact",
+        "select.gradient.max_length": 400,
+        "select.gradient.shard_size": 16,
+        "select.navigator.iterations": 20,
+        "select.navigator.candidates": 12,
+    }
+    outputs = []
+    for run in ("first", "second"):
+        results = run_selection(load_config(None, settings), tmp_path / run, progress=False)
+        selection = results[f"selection_{method}"]
+        outputs.append((selection.directory / "selected.jsonl").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert {"exact_directions", "exact_featured" if method == "ogs" else "exact_pool"} <= set(
+        results
+    )
+    assert not any(name.startswith("gradients_") for name in results)
+    summary = selection.summary
+    # No anchor subspace: no orthogonality and no captured energy, the rest as usual.
+    assert set(summary["gradient_metrics"]) >= {"conflict", "utility"}
+    assert "orthogonality" not in summary["gradient_metrics"]
+    assert "anchor_energy_captured" not in summary
+    assert summary["selected"] == round(0.25 * 34)
+    metrics = summary["gradient_metrics"]
+    if method == "orthogonal":
+        # The exact constrained choice meets its bound on the exact costs.
+        assert metrics["conflict"]["selected_mean"] <= summary["cost_limit"] + 1e-9
+    if method == "less":
+        assert metrics["utility"]["selected_mean"] > metrics["utility"]["pool_mean"]

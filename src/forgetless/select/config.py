@@ -68,13 +68,17 @@ class GradientConfig(Section):
     projection_dim: int = Field(
         1024, ge=1, description="Dimension d of the random projection of each gradient."
     )
-    projector: Literal["rademacher", "gaussian", "kronecker"] = Field(
+    projector: Literal["rademacher", "gaussian", "kronecker", "exact"] = Field(
         "rademacher",
         description="rademacher or gaussian: one dense d-column projection of each sample's "
         "whole gradient (scaled by 1/sqrt(d)); kronecker: each layer's gradient G sketched as "
         "P_out G P_in^T from projected activations and output gradients, never forming G "
         "(LoGra), d shared evenly by the layers: how every matrix (parameters=blocks) is "
-        "featurised at the cost of a backward pass.",
+        "featurised at the cost of a backward pass. exact: no projection; each sample's "
+        "exact cosines with the anchor's mean gradient and the validation direction, both "
+        "held in full (two float32 copies of the featured weights in memory; "
+        "forgetless.select.exact). It needs parameters blocks or last_blocks, and a cost "
+        "other than energy (there is no anchor subspace).",
     )
     batch_size: int = Field(8, ge=1, description="Samples per forward/backward pass.")
     max_length: int = Field(256, ge=8, description="Tokens per sample (longer ones are cut).")
@@ -97,6 +101,11 @@ class GradientConfig(Section):
             raise ValueError(
                 f"{self.checkpoints} checkpoints need at least as many warmup_steps "
                 f"({self.warmup_steps})"
+            )
+        if self.parameters == "lora" and self.projector == "exact":
+            raise ValueError(
+                "projector exact takes the gradients of the model's own weights: set "
+                "parameters to blocks or last_blocks"
             )
         if self.parameters == "lora" and self.projector == "kronecker":
             if self.preconditioner == "adam":
@@ -219,3 +228,12 @@ class SelectConfig(Section):
     navigator: NavigatorConfig = Field(
         default_factory=NavigatorConfig, description="The OGS Navigator and its RL training."
     )
+
+    @model_validator(mode="after")
+    def _cost_exists_for_the_features(self) -> SelectConfig:
+        if self.gradient.projector == "exact" and self.cost == "energy":
+            raise ValueError(
+                "select.gradient.projector exact keeps no anchor subspace, so there is no "
+                "energy cost: set select.cost to conflict, abs_cosine or norm_conflict"
+            )
+        return self

@@ -40,7 +40,7 @@ from forgetless.select.gradients import (
     length_sorted_batches,
     per_sample_losses,
 )
-from forgetless.select.metrics import EPS
+from forgetless.select.metrics import EPS, SampleScores
 
 Direction = dict[str, torch.Tensor]  # featured layer -> its flattened weight (and bias) part
 
@@ -197,15 +197,22 @@ def direction_norm(direction: Direction) -> float:
     return float(sum(part.double().pow(2).sum() for part in direction.values()) ** 0.5)
 
 
-def exact_cosines(
+def exact_scores(
     features: GradientFeatures, anchor_norm: float, target_norm: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(alignment cos(g_i, g_ref), utility cos(g_i, g_V)) of each row of features made with
-    ``ReferenceProducts([g_ref, g_V])``; 0 for a sample without a gradient."""
+) -> SampleScores:
+    """The per-sample scores of features made with ``ReferenceProducts([g_ref, g_V])``:
+    utility cos(g_i, g_V), alignment cos(g_i, g_ref) and the length of g_i along g_ref, all
+    exact, and no orthogonality (it needs the anchor subspace). 0 for a sample without a
+    gradient."""
     products = np.asarray(features.vectors, dtype=np.float64)
     norms = np.maximum(features.norm.astype(np.float64), EPS)
-    alignment = products[:, 0] / (norms * max(anchor_norm, EPS))
-    utility = products[:, 1] / (norms * max(target_norm, EPS))
-    if not (np.isfinite(alignment).all() and np.isfinite(utility).all()):
+    component = products[:, 0] / max(anchor_norm, EPS)
+    scores = SampleScores(
+        utility=products[:, 1] / (norms * max(target_norm, EPS)),
+        orthogonality=None,
+        alignment=component / norms,
+        anchor_component=component,
+    )
+    if not all(np.isfinite(part).all() for part in (scores.utility, component)):
         raise ForgetlessError("non-finite exact cosines: a gradient overflowed")
-    return alignment, utility
+    return scores

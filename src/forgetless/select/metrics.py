@@ -86,7 +86,7 @@ COSTS = ("energy", "conflict", "abs_cosine", "norm_conflict")
 @dataclass(frozen=True)
 class SampleScores:
     utility: np.ndarray
-    orthogonality: np.ndarray
+    orthogonality: np.ndarray | None  # None for exact products: no anchor subspace
     alignment: np.ndarray  # cos(g_i, g_ref), signed
     anchor_component: np.ndarray  # <g_i, g_ref / |g_ref|>: the length of g_i along g_ref
 
@@ -97,6 +97,10 @@ class SampleScores:
     def cost(self, kind: str) -> np.ndarray:
         """The per-sample cost a selection bounds (see ``select.cost``)."""
         if kind == "energy":
+            if self.orthogonality is None:
+                raise ForgetlessError(
+                    "exact gradient products have no anchor subspace, so no energy cost"
+                )
             return 1.0 - self.orthogonality
         if kind == "conflict":
             return self.conflict

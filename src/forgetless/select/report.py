@@ -69,6 +69,7 @@ def _compare(scores, valid, featured, ranking, workdir: Path) -> dict[str, Any]:
         "conflict": scores.conflict,
         "utility": scores.utility,
     }
+    metrics = {name: values for name, values in metrics.items() if values is not None}
     result: dict[str, Any] = {
         "pool_with_gradients": int(len(rows)),
         "selected_with_gradients": int(len(picked)),

@@ -310,6 +310,111 @@ class PartialGradientStage(GradientStage):
         )
 
 
+ANCHOR_MEAN_FILE = "anchor_mean.safetensors"
+TARGET_FILE = "validation_direction.safetensors"
+
+
+class ExactDirectionsSettings(StageSettings):
+    model: ModelConfig
+    anchor: AnchorConfig
+    pool: PoolSettings
+    gradient: GradientConfig
+
+
+class ExactDirectionsStage(Stage):
+    """g_ref and g_V in full, for exact costs (``forgetless.select.exact``). Its settings
+    leave out the projection, so every projection dimension and seed shares it."""
+
+    name = "exact_directions"
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.depends_on = selection.upstream
+
+    def settings(self) -> ExactDirectionsSettings:
+        from forgetless.select.exact import exact_settings
+
+        select = self.selection.select
+        return ExactDirectionsSettings(
+            model=self.selection.model,
+            anchor=select.anchor,
+            pool=self.selection.pool,
+            gradient=exact_settings(select.gradient),
+        )
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.io import save_tensors
+        from forgetless.select.exact import direction_norm, exact_directions
+
+        started = time.perf_counter()
+        selection = self.selection
+        loaded = load_feature_model(selection, None)
+        anchor_mean, target = exact_directions(
+            loaded.model,
+            loaded.tokenizer,
+            load_anchor(selection.select.anchor, selection.data_dir),
+            selection.data(inputs).validation,
+            self.settings().gradient,
+            workdir / "validation_norms",
+            progress=selection.progress,
+        )
+        save_tensors(workdir / ANCHOR_MEAN_FILE, anchor_mean)
+        save_tensors(workdir / TARGET_FILE, target)
+        return {
+            "anchor_norm": direction_norm(anchor_mean),
+            "target_norm": direction_norm(target),
+            "seconds": time.perf_counter() - started,
+        }
+
+
+class ExactGradientStage(GradientStage):
+    """Each candidate's exact inner products with g_ref and g_V and its exact gradient norm
+    (stage ``exact_<role>``, role pool or featured)."""
+
+    def __init__(self, selection: Selection, role: str):
+        super().__init__(selection, role)
+        self.name = f"exact_{role}"
+        self.depends_on = ("exact_directions", *selection.upstream)
+
+    def settings(self) -> PoolGradientSettings:
+        from forgetless.select.exact import exact_settings
+
+        return (
+            super()
+            .settings()
+            .model_copy(update={"gradient": exact_settings(self.selection.select.gradient)})
+        )
+
+    def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.io import load_tensors
+        from forgetless.select.exact import ReferenceProducts
+        from forgetless.select.gradients import extract_gradient_features
+
+        started = time.perf_counter()
+        loaded = load_feature_model(self.selection, None)
+        device = next(loaded.model.parameters()).device
+        folder = inputs["exact_directions"].directory
+        projector = ReferenceProducts(
+            [load_tensors(folder / name, device) for name in (ANCHOR_MEAN_FILE, TARGET_FILE)],
+            device,
+        )
+        features = extract_gradient_features(
+            loaded.model,
+            loaded.tokenizer,
+            self.records(inputs),
+            self.settings().gradient,
+            workdir,
+            progress=self.selection.progress,
+            description=self.name,
+            projector=projector,
+        )
+        return {
+            "samples": len(features.ids),
+            "usable": int(features.valid.sum()),
+            "seconds": time.perf_counter() - started,
+        }
+
+
 class NavigatorInputsSettings(StageSettings):
     pool: PoolSettings
     inputs: NavigatorInputsConfig
@@ -371,13 +476,21 @@ def pool_scores(
     pool_stage: str,
     columns: slice = slice(None),
 ):
-    """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor.
+    """Per-sample utility/orthogonality/conflict of the featured pool, and the anchor (None,
+    and no orthogonality, where the features are exact products).
 
     ``columns`` scores from part of the projected features only: each column is an
     independent random projection, so two disjoint parts are two smaller projections of the
     same gradients (what the projection alone adds to a score's noise)."""
     from forgetless.select.gradients import load_gradient_features
     from forgetless.select.metrics import anchor_from_gradients, domain_direction, score_samples
+
+    if select.gradient.projector == "exact":
+        from forgetless.select.exact import exact_scores
+
+        pool = load_gradient_features(inputs[pool_stage].directory)
+        norms = inputs["exact_directions"].summary
+        return exact_scores(pool, norms["anchor_norm"], norms["target_norm"]), pool.valid, None
 
     def features(role: str):
         return load_gradient_features(inputs[f"gradients_{role}"].directory)
@@ -416,9 +529,7 @@ class NavigatorStage(Stage):
     def __init__(self, selection: Selection, pool_stage: str):
         self.selection, self.pool_stage = selection, pool_stage
         self.depends_on = (
-            "gradients_anchor",
-            "gradients_validation",
-            pool_stage,
+            *feature_inputs(selection, pool_stage),
             "navigator_inputs",
             *selection.upstream,
         )
@@ -520,7 +631,7 @@ class SelectionStage(Stage):
         self.name = f"selection_{selection.select.method}"
         depends: tuple[str, ...] = ()
         if method.gradients:
-            depends = ("gradients_anchor", "gradients_validation", pool_stage)
+            depends = feature_inputs(selection, pool_stage)
         if method.navigator:
             depends += ("navigator_inputs", "navigator")
         self.depends_on = (*depends, *selection.upstream)
@@ -553,9 +664,9 @@ class SelectionStage(Stage):
             ranking_inputs.cost_limit = allowed_cost(
                 scores.utility[valid], cost[valid], k, select.cost_limit, select.cost_limit_basis
             )
-            ranking_inputs.extra.update(
-                anchor_energy_captured=anchor.captured, cost_limit=ranking_inputs.cost_limit
-            )
+            ranking_inputs.extra["cost_limit"] = ranking_inputs.cost_limit
+            if anchor is not None:
+                ranking_inputs.extra["anchor_energy_captured"] = anchor.captured
         if method.navigator:
             ranking_inputs.navigator_logits = lambda: self._navigator_logits(inputs)
         ranking, ranked_scores = method.rank(ranking_inputs)
@@ -587,26 +698,38 @@ def candidate_tokens(selection: Selection, records: list[Record]) -> np.ndarray:
 def selection_stages(selection: Selection) -> list[Stage]:
     """The stages of one selection, in order; the last is ``selection_<method>``."""
     method = selection.method
-    pool_role = selection.pool_role()
-    pool_stage = f"gradients_{pool_role}"
-    stages: list[Stage] = []
-    if method.gradients:
-        if selection.select.gradient.parameters == "lora":
-            stages.append(WarmupStage(selection))
-        stages += [GradientStage(selection, role) for role in ("anchor", "validation", pool_role)]
+    features = feature_stages(selection, selection.pool_role())
+    pool_stage = features[-1].name
+    stages: list[Stage] = features if method.gradients else []
     if method.navigator:
         stages += [NavigatorInputsStage(selection), NavigatorStage(selection, pool_stage)]
     stages.append(SelectionStage(selection, pool_stage))
     return stages
 
 
-def gradient_stages(selection: Selection) -> list[Stage]:
-    """The warm-up and the anchor, validation and whole-pool gradient stages, choosing
-    nothing: what an analysis of the pool's gradient geometry reads
-    (``scripts/ogs_criterion.py``). They are the stages of ``less`` and ``orthogonal``, so a
-    run directory shares them with those selections."""
+def feature_stages(selection: Selection, role: str) -> list[Stage]:
+    """The stages that featurise the ``role`` part of the pool (pool or featured) and what
+    its scores need besides: the warm-up (a LoRA's gradients only) and the anchor's and the
+    validation's sketched gradients, or with ``projector=exact`` the two full directions.
+    The last is the pool's."""
+    if selection.select.gradient.projector == "exact":
+        return [ExactDirectionsStage(selection), ExactGradientStage(selection, role)]
     warmup = [WarmupStage(selection)] if selection.select.gradient.parameters == "lora" else []
-    return [*warmup, *(GradientStage(selection, role) for role in ("anchor", "validation", "pool"))]
+    return [*warmup, *(GradientStage(selection, name) for name in ("anchor", "validation", role))]
+
+
+def feature_inputs(selection: Selection, pool_stage: str) -> tuple[str, ...]:
+    """The feature stages that ``pool_scores`` reads for ``pool_stage``."""
+    if selection.select.gradient.projector == "exact":
+        return ("exact_directions", pool_stage)
+    return ("gradients_anchor", "gradients_validation", pool_stage)
+
+
+def gradient_stages(selection: Selection) -> list[Stage]:
+    """The feature stages of the whole pool, choosing nothing: what an analysis of the pool's
+    gradient geometry reads (``scripts/ogs_criterion.py``). They are the stages of ``less``
+    and ``orthogonal``, so a run directory shares them with those selections."""
+    return feature_stages(selection, "pool")
 
 
 def run_selection(config, output_dir: str | Path, *, progress: bool = True, on_event=None):
