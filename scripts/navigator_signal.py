@@ -155,6 +155,11 @@ def measure(args) -> dict[str, Any]:
             "the measurement needs select.method=ogs with every record featured "
             "(select.featured_samples >= data.limit)"
         )
+    if config.select.gradient.projector == "exact":
+        raise ForgetlessError(
+            "the measurement compares sketched features across seeds and their parts: "
+            "select.gradient.projector=exact has neither"
+        )
     run_dir = Path(config.run_dir)
     per_seed, choices, seed_results, valid = {}, {}, {}, None
     for position, seed in enumerate(args.seeds):

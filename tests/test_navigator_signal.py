@@ -76,6 +76,17 @@ def test_the_two_seeds_must_differ(script, user_error):
         script.parse_args(["--quick", "--seeds", "3", "3"])
 
 
+def test_exact_features_are_refused(tmp_path, experiment_argv, script, user_error):
+    settings = {
+        "select.gradient.projector": "exact",
+        "select.gradient.parameters": "blocks",
+        "select.cost": "conflict",
+    }
+    with user_error("select.gradient.projector=exact has neither"):
+        script.main(experiment_argv("bad", settings, "--quick"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_partial_blocks_must_be_positive(script, user_error):
     with user_error("--partial-blocks must be positive"):
         script.parse_args(["--quick", "--partial-blocks", "0"])
