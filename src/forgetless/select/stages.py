@@ -3,6 +3,9 @@
     warmup (lora only) -> gradients_{anchor,validation,pool|featured} -> [navigator_inputs
     -> navigator] (ogs only) -> selection_<method>
 
+With ``select.gradient.projector=exact`` the gradient stages are exact_directions (g_ref and
+g_V in full) -> exact_{pool|featured} (each candidate's exact products with them).
+
 The pool is the data section (or records an upstream stage wrote, in a recipe). Unless a
 validation set is given, ``select.validation.samples`` records are held out of the pool
 (seeded) and never selected. ``ogs`` featurises only a seeded ``featured_samples`` part of
