@@ -75,7 +75,10 @@ from forgetless.select.metrics import Anchor
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/ogs_criterion.yaml"
 CONTRASTS = (("low", "high"), ("low", "random"), ("high", "random"))
-PRIMARY = "mean_cost"  # the prediction the verdict rests on: what OGS's constraint bounds
+# The prediction the verdict's regression rests on: the subset's mean cost, what OGS's
+# constraint bounds; its exact value where --exact computed it (the same quantity without the
+# sketch's noise), else the sketched one.
+PRIMARY, EXACT_PRIMARY = "mean_cost", "exact_mean_cost"
 DESCRIPTIONS = {
     "low": "the lowest-cost {share} of every utility stratum's tokens",
     "high": "the highest-cost {share} of every utility stratum's tokens",
@@ -450,7 +453,8 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
         }
         for arm in arms
     }
-    arms_change, slope = changes[anchor]["contrasts"]["low-high"], regression[anchor][PRIMARY]
+    primary = EXACT_PRIMARY if pool.exact_cost is not None else PRIMARY
+    arms_change, slope = changes[anchor]["contrasts"]["low-high"], regression[anchor][primary]
     verdict = {
         "low_forgets_less_than_high": arms_change["ci95"][1] < 0,
         "slope_above_zero": slope["slope_ci95"] is not None and slope["slope_ci95"][0] > 0,
@@ -481,6 +485,7 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
         "subset_changes": subset_changes,
         "regression": regression,
         "verdict": verdict,
+        "primary_predictor": primary,
         "models": models,
         "sketch_vs_exact": (
             None if pool.exact_cost is None else sketch_agreement(pool, config.select.seed)
@@ -619,9 +624,10 @@ def render(summary: dict, args) -> str:
             f"| {predictor} | {slope} {interval} | {r} | "
             f"{rho} {_interval_text(fit['spearman_ci95'], 2)} |"
         )
+    primary = summary["primary_predictor"]
     lines += [
         "",
-        "| random subset | mean cost | anchor loss change (nats/token) | "
+        f"| random subset | {primary.replace('_', ' ')} | anchor loss change (nats/token) | "
         + " | ".join(f"{task} vs base [95 %]" for task in tasks)
         + " |",
         "|---" * (len(tasks) + 3) + "|",
@@ -633,17 +639,18 @@ def render(summary: dict, args) -> str:
             for task in tasks
         ]
         lines.append(
-            f"| {name} | {subsets[name]['predicted'][PRIMARY]:+.4f} | "
+            f"| {name} | {subsets[name]['predicted'][primary]:+.4f} | "
             f"{summary['subset_changes'][anchor][name]:+.4f} | " + " | ".join(cells) + " |"
         )
-    costs = [subsets[name]["predicted"][PRIMARY] for name in random_names]
+    costs = [subsets[name]["predicted"][primary] for name in random_names]
+    named = primary.replace("_", " ")
     lines += [
         "",
-        f"The random subsets' mean cost spans {min(costs):+.4f} to {max(costs):+.4f}; the "
-        f"low and high arms sit at {subsets['low']['predicted'][PRIMARY]:+.4f} and "
-        f"{subsets['high']['predicted'][PRIMARY]:+.4f}. Spearman of the mean cost with each "
+        f"The random subsets' {named} spans {min(costs):+.4f} to {max(costs):+.4f}; the "
+        f"low and high arms sit at {subsets['low']['predicted'][primary]:+.4f} and "
+        f"{subsets['high']['predicted'][primary]:+.4f}. Spearman of the {named} with each "
         "task's change over the random subsets: "
-        + "; ".join(f"{task} {_rho(summary['regression'][task][PRIMARY])}" for task in tasks)
+        + "; ".join(f"{task} {_rho(summary['regression'][task][primary])}" for task in tasks)
         + ".",
         "",
         "## Verdict",
@@ -653,7 +660,7 @@ def render(summary: dict, args) -> str:
     lines += [
         f"- Low-cost arm forgets the anchor less than the high-cost arm (interval below 0): "
         f"{_yes(verdict['low_forgets_less_than_high'])}.",
-        f"- Over random subsets the anchor-loss change rises with the mean cost (slope interval "
+        f"- Over random subsets the anchor-loss change rises with the {named} (slope interval "
         f"above 0): {_yes(verdict['slope_above_zero'])}.",
         f"- The cost (`{summary['cost']}`) predicts forgetting on this run: "
         f"**{_yes(verdict['cost_predicts_forgetting'])}**.",

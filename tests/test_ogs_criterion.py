@@ -168,6 +168,7 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     fit = summary["regression"]["ppl:gsm8k@test"]["mean_cost"]
     assert fit["points"] == 3
     assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
+    assert summary["primary_predictor"] == "mean_cost"
     assert set(summary["verdict"]) == {
         "low_forgets_less_than_high",
         "slope_above_zero",
@@ -207,6 +208,8 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     assert -1 <= exact["sketch_vs_exact"]["cost"]["spearman"] <= 1
     assert all("exact_mean_cost" in subset["predicted"] for subset in exact["subsets"].values())
     assert exact["regression"]["ppl:gsm8k@test"]["exact_mean_cost"]["points"] == 3
+    # The verdict's regression is on the exact mean cost, the same quantity without noise.
+    assert exact["primary_predictor"] == "exact_mean_cost"
     assert "Sketched against exact" in (tmp_path / "out" / "criterion.md").read_text()
 
 
