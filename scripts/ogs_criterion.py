@@ -503,7 +503,7 @@ def gradient_text(gradient: dict) -> str:
     """Whose gradients the costs come from, and how they are projected."""
     if gradient["parameters"] == "lora":
         whose = (
-            f"a LoRA (r = {gradient['lora_r']} on {', '.join(gradient['lora_target_modules'])}) "
+            f"a LoRA (r = {gradient['lora_r']} on {_modules(gradient['lora_target_modules'])}) "
             f"after {gradient['warmup_steps']} warm-up steps, {gradient['preconditioner']} "
             "preconditioning"
         )
@@ -515,6 +515,10 @@ def gradient_text(gradient: dict) -> str:
         f"{whose}; {gradient['projector']} projection to d = {gradient['projection_dim']}, "
         f"at most {gradient['max_length']} tokens per record"
     )
+
+
+def _modules(targets: list[str] | str) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
 
 
 def _interval_text(interval, digits: int) -> str:

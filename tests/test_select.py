@@ -604,3 +604,82 @@ def test_checkpoints_need_a_lora_warmup_long_enough():
         GradientConfig(parameters="blocks", checkpoints=2)
     with pytest.raises(ValueError, match="at least as many warmup_steps"):
         GradientConfig(checkpoints=4, warmup_steps=3)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("full", {"parameters": "blocks"}),
+        ("osft", {"parameters": "blocks"}),
+        (
+            "lora",
+            {
+                "parameters": "lora",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_target_modules": "all-linear",
+            },
+        ),
+    ],
+)
+def test_target_gradients_are_those_the_training_method_trains(method, expected):
+    config = load_config(
+        None,
+        {
+            "select.gradient.parameters": "target",
+            "train.method": method,
+            "train.lora.r": 4,
+            "train.lora.alpha": 8,
+        },
+    )
+    gradient = config.select.gradient.model_dump()
+    assert {key: gradient[key] for key in expected} == expected
+    # Resolved once: the same stages (and cache) as the set named outright.
+    named = load_config(
+        None,
+        {
+            **{f"select.gradient.{k}": v for k, v in expected.items()},
+            "train.method": method,
+            "train.lora.r": 4,
+            "train.lora.alpha": 8,
+        },
+    )
+    assert named.select == config.select
+
+
+def test_target_gradients_that_do_not_fit_the_other_settings_are_refused():
+    with pytest.raises(ForgetlessError, match="parameters=target is lora for train.method lora"):
+        load_config(
+            None,
+            {
+                "select.gradient.parameters": "target",
+                "train.method": "lora",
+                "select.gradient.projector": "kronecker",
+            },
+        )
+
+
+def test_a_lora_targets_warmup_adapts_every_linear_layer(tmp_path, shared_data_dir):
+    from forgetless.select import run_selection
+
+    config = load_config(
+        None,
+        {
+            "select.gradient.parameters": "target",
+            "train.method": "lora",
+            "train.lora.r": 2,
+            "model.name": "tiny-llama",
+            "data.source": "pubmedqa",
+            "data.limit": 40,
+            "select.method": "less",
+            "select.anchor.samples": 4,
+            "select.validation.samples": 6,
+            "select.gradient.projection_dim": 32,
+            "select.gradient.warmup_steps": 1,
+            "select.gradient.max_length": 400,
+        },
+    )
+    results = run_selection(config, tmp_path / "run", progress=False)
+    moments = load_tensors(results["warmup"].directory / "adam_moments.safetensors")
+    adapted = {key.split(".lora_A.")[0].rsplit(".", 1)[-1] for key in moments if ".lora_A." in key}
+    assert adapted >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

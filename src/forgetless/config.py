@@ -124,6 +124,25 @@ class ForgetlessConfig(Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _selection_gradients_follow_the_target(self) -> ForgetlessConfig:
+        gradient = self.select.gradient
+        if gradient.parameters != "target":
+            return self
+        method = registry.lookup("train", self.train.method).implementation
+        trained = method.trained_gradients(self.train)
+        # Validated again: the resolved set must fit the other gradient settings.
+        try:
+            resolved = type(gradient).model_validate({**gradient.model_dump(), **trained})
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(
+                f"select.gradient.parameters=target is {trained['parameters']} for train.method "
+                f"{self.train.method}, and then {reason}"
+            ) from None
+        self.select.gradient = resolved
+        return self
+
 
 def _dump(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value

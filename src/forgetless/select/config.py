@@ -29,19 +29,21 @@ class AnchorConfig(Section):
 
 
 class GradientConfig(Section):
-    parameters: Literal["lora", "last_blocks", "blocks"] = Field(
+    parameters: Literal["lora", "last_blocks", "blocks", "target"] = Field(
         "lora",
         description="Whose per-sample gradients are features. lora: a LoRA adapter after a "
         "short warm-up on the pool (as in LESS); last_blocks: every linear weight of the last "
         "`last_blocks` transformer blocks; blocks: every linear weight of every block (no "
-        "embeddings or LM head).",
+        "embeddings or LM head); target: where train.method trains, resolved when the config "
+        "is read: blocks for full and osft, and for lora a LoRA with train.lora's rank, alpha "
+        "and target modules.",
     )
     last_blocks: int = Field(2, ge=1, description="Blocks used by parameters=last_blocks.")
     lora_r: int = Field(8, ge=1, description="Rank of the warm-up LoRA adapter.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator of the adapter.")
-    lora_target_modules: list[str] = Field(
+    lora_target_modules: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="Modules the warm-up adapter wraps.",
+        description="Modules the warm-up adapter wraps, or 'all-linear' (PEFT's shorthand).",
     )
     warmup_steps: int = Field(
         20,

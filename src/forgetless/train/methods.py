@@ -44,9 +44,23 @@ class TrainMethod:
     def finish(self, model, output: Path, *, main_process: bool):
         return model
 
+    def trained_gradients(self, config: TrainConfig) -> dict[str, Any]:
+        """The select.gradient settings whose per-sample gradients are those this method
+        trains (``select.gradient.parameters=target``): every matrix of every block."""
+        return {"parameters": "blocks"}
+
 
 class LoraMethod(TrainMethod):
     """A PEFT LoRA adapter; merged into the weights at the end (the adapter is kept too)."""
+
+    def trained_gradients(self, config: TrainConfig) -> dict[str, Any]:
+        lora = config.lora
+        return {
+            "parameters": "lora",
+            "lora_r": lora.r,
+            "lora_alpha": lora.alpha,
+            "lora_target_modules": lora.target_modules,
+        }
 
     def prepare(self, model, config: TrainConfig):
         from peft import LoraConfig, get_peft_model
