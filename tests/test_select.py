@@ -648,6 +648,20 @@ def test_target_gradients_are_those_the_training_method_trains(method, expected)
 
 
 def test_target_gradients_that_do_not_fit_the_other_settings_are_refused():
+    # LESS's checkpoints need a LoRA warm-up: fine for a LoRA target, not for a full one.
+    lora = load_config(
+        None,
+        {
+            "select.gradient.parameters": "target",
+            "train.method": "lora",
+            "select.gradient.checkpoints": 2,
+        },
+    )
+    assert lora.select.gradient.parameters == "lora"
+    with pytest.raises(ForgetlessError, match="is blocks for train.method full, and then"):
+        load_config(
+            None, {"select.gradient.parameters": "target", "select.gradient.checkpoints": 2}
+        )
     with pytest.raises(ForgetlessError, match="parameters=target is lora for train.method lora"):
         load_config(
             None,

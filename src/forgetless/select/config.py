@@ -97,6 +97,8 @@ class GradientConfig(Section):
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> GradientConfig:
+        if self.parameters == "target":
+            return self  # checked once the whole config resolves it
         if self.checkpoints > 1 and self.parameters != "lora":
             raise ValueError("checkpoints are the LoRA warm-up's: set parameters to lora")
         if self.checkpoints > self.warmup_steps:
