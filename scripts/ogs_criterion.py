@@ -22,7 +22,10 @@ and the regression of the random subsets' anchor-loss change on their predicted 
 
 The experiment is the packaged config ``src/forgetless/configs/ogs_criterion.yaml``; this
 script adds the arms, whose records it writes under ``<run-dir>/subsets/`` (named by their
-content). Every stage is cached in the run directory, so an interrupted run resumes. Default
+content). Every stage is cached in the run directory, so an interrupted run resumes; with an
+archive (``--set archive_dir=...``) a run on another machine resumes from it without a single
+gradient, since what the arms need of the gradients is a stage of a few hundred kilobytes
+(``criterion_arms``) that the archive keeps whole. Default
 run directory and output: runs/ogs_criterion and docs/results/ogs_criterion, or
 runs/ogs_criterion_quick and runs/ogs_criterion_quick/ogs_criterion with --quick.
 """
@@ -33,7 +36,7 @@ import copy
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,6 @@ import numpy as np
 
 from forgetless.config import load_raw, set_dotted, validate_config
 from forgetless.data.config import DataConfig
-from forgetless.data.features import training_tokens
 from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
@@ -62,16 +64,7 @@ from forgetless.report.experiment import (
     write_results,
 )
 from forgetless.runs import FINISHED, run_directory
-from forgetless.select.criterion import (
-    ARMS,
-    fit_line,
-    matched_arms,
-    predict,
-    random_subsets,
-    sample_criterion,
-    utility_strata,
-)
-from forgetless.select.metrics import Anchor
+from forgetless.select.criterion import ARMS, fit_line
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "src/forgetless/configs/ogs_criterion.yaml"
 CONTRASTS = (("low", "high"), ("low", "random"), ("high", "random"))
@@ -114,12 +107,12 @@ class ScoredPool:
 
     records: list[Record]
     usable: np.ndarray  # candidates with a gradient (something to learn)
-    gradients: np.ndarray  # projected per-sample gradients, (candidates, d)
-    anchor: Anchor
-    utility: np.ndarray
-    criterion: np.ndarray  # the per-sample cost under test
+    utility: np.ndarray  # NaN where not usable
+    criterion: np.ndarray  # the per-sample cost under test; NaN where not usable
     tokens: np.ndarray  # tokens each record adds to the packed training stream
-    gradient_seconds: float  # the warm-up and gradient stages' compute, when they ran
+    subsets: dict[str, np.ndarray]  # the arms and random subsets, as candidate indices
+    predicted: dict[str, dict[str, float]]  # each subset's predictions (criterion.predict)
+    gradient_seconds: float  # the warm-up and gradient stages' compute
     # --exact: the cost and utility without a sketch (forgetless.select.exact), and their
     # stages' compute
     exact_cost: np.ndarray | None = None
@@ -211,43 +204,64 @@ def anchor_task(config) -> str:
     return task
 
 
-def gradient_plan(config) -> tuple[Any, list, list[str]]:
-    """The gradient stages of ``forgetless select`` for the pool: (selection, stages, the
-    names of those whose files are read here; the warm-up is read only by them)."""
+def gradient_plan(config) -> tuple[Any, list]:
+    """The gradient stages of ``forgetless select`` for the pool: (selection, stages)."""
     from forgetless.select.stages import Selection, gradient_stages
 
     selection = Selection(config.model, config.data, config.select, data_dir=config.data_dir)
-    stages = gradient_stages(selection)
-    return (
-        selection,
-        stages,
-        [stage.name for stage in stages if stage.name.startswith("gradients_")],
+    return selection, gradient_stages(selection)
+
+
+def arms_plan(config, args) -> tuple[Any, list]:
+    """The gradient stages and the stage that draws the arms from them (whose small output
+    an archive keeps, so that the gradients are not needed again): (selection, stages)."""
+    from forgetless.select.criterion_stage import ArmsSettings, CriterionArmsStage
+
+    selection, stages = gradient_plan(config)
+    settings = ArmsSettings(
+        tokenizer=config.model,
+        max_length=config.train.max_length,
+        fraction=args.fraction,
+        strata=args.strata,
+        # Random subsets are drawn one after another, so fewer are the first of more: drawing
+        # at least the full run's lets an interim --subsets 3 read the same archived stage.
+        subsets=max(args.subsets, DEFAULTS["subsets"]),
+        seed=config.select.seed,
     )
+    return selection, [*stages, CriterionArmsStage(selection, settings)]
 
 
-def pool_geometry(config, run_dir: Path, on_event=print_event) -> ScoredPool:
-    """Every candidate's gradient features (cached stages of ``forgetless select``), and its
-    utility, cost and packed tokens."""
-    from forgetless.models import load_tokenizer
-    from forgetless.select.gradients import load_gradient_features
-    from forgetless.select.stages import pool_scores
+def pool_geometry(config, args, run_dir: Path, on_event=print_event) -> ScoredPool:
+    """Every candidate's utility, cost and packed tokens, and the subsets drawn from them
+    (cached stages: ``forgetless select``'s gradients, then the arms)."""
+    from forgetless.select.criterion_stage import ARMS_FILE
 
-    selection, stages, keep = gradient_plan(config)
-    results = run_directory(run_dir, config, on_event).run_all(stages, keep=keep)
-    scores, valid, anchor = pool_scores(config.select, results, "gradients_pool")
-    gradients = load_gradient_features(results["gradients_pool"].directory).dense()
+    selection, stages = arms_plan(config, args)
+    results = run_directory(run_dir, config, on_event).run_all(stages)
+    arms = json.loads((results[stages[-1].name].directory / ARMS_FILE).read_text())
     records = selection.data({}).candidates
-    model = config.model
-    tokenizer = load_tokenizer(model.name, model.trust_remote_code, model.revision)
+    if arms["candidates"] != len(records):
+        raise ForgetlessError(
+            f"{results[stages[-1].name].directory}: drawn from {arms['candidates']} records, "
+            f"but the pool holds {len(records)}"
+        )
+    usable = np.asarray(arms["usable"], dtype=np.int64)
+    names = [*ARMS, *(f"subset{i:02d}" for i in range(args.subsets))]
+
+    def per_candidate(values: list[float]) -> np.ndarray:
+        full = np.full(len(records), np.nan)
+        full[usable] = values
+        return full
+
     return ScoredPool(
         records=records,
-        usable=np.flatnonzero(valid),
-        gradients=gradients,
-        anchor=anchor,
-        utility=scores.utility,
-        criterion=sample_criterion(gradients, anchor, config.select.cost),
-        tokens=training_tokens(tokenizer, records, config.train.max_length),
-        gradient_seconds=sum(result.seconds or 0.0 for result in results.values()),
+        usable=usable,
+        utility=per_candidate(arms["utility"]),
+        criterion=per_candidate(arms["cost"]),
+        tokens=np.asarray(arms["tokens"], dtype=np.int64),
+        subsets={name: np.asarray(arms["subsets"][name]["indices"]) for name in names},
+        predicted={name: arms["subsets"][name]["predicted"] for name in names},
+        gradient_seconds=arms["gradient_seconds"],
     )
 
 
@@ -276,7 +290,7 @@ def with_exact(config, run_dir: Path, pool: ScoredPool, on_event=print_event) ->
     from forgetless.select.stages import pool_scores
 
     exact = exact_config(config)
-    _, stages, _ = gradient_plan(exact)
+    _, stages = gradient_plan(exact)
     # Only the pool's products are read here (the directions' norms are in their record), so
     # an archive that keeps the 0.8 GB of directions as a record only needs no rerun.
     results = run_directory(run_dir, config, on_event).run_all(stages)
@@ -308,26 +322,6 @@ def sketch_agreement(pool: ScoredPool, seed: int) -> dict[str, Any]:
 
 def _agreement(fit: dict) -> dict[str, Any]:
     return {"spearman": fit["spearman"], "ci95": fit["spearman_ci95"]}
-
-
-def build_subsets(pool: ScoredPool, args, seed: int) -> dict[str, np.ndarray]:
-    """The three matched arms and the random subsets (candidate indices), each holding
-    ``args.fraction`` of the usable pool's tokens."""
-    usable = pool.usable
-    tokens = pool.tokens[usable]
-    arms = matched_arms(
-        pool.criterion[usable],
-        utility_strata(pool.utility[usable], args.strata),
-        tokens,
-        args.fraction,
-        np.random.default_rng([seed, 0]),
-    )
-    chosen = {name: usable[indices] for name, indices in arms.items()}
-    draws = random_subsets(
-        tokens, args.fraction * tokens.sum(), args.subsets, np.random.default_rng([seed, 1])
-    )
-    chosen.update({f"subset{i:02d}": usable[indices] for i, indices in enumerate(draws)})
-    return chosen
 
 
 def write_subset(folder: Path, name: str, records: list[Record], write: bool = True) -> Path:
@@ -376,8 +370,9 @@ def with_arms(
     return raw
 
 
-def describe_subset(pool: ScoredPool, indices: np.ndarray, file: Path) -> dict[str, Any]:
+def describe_subset(pool: ScoredPool, name: str, file: Path) -> dict[str, Any]:
     """What a trained subset is: its records file, size, make-up and predicted cost."""
+    indices = pool.subsets[name]
     # A record's source is its id less the record number (a pool's member, e.g. medquad).
     sources = Counter(pool.records[i].id.rpartition("/")[0] for i in indices.tolist())
     return {
@@ -391,7 +386,7 @@ def describe_subset(pool: ScoredPool, indices: np.ndarray, file: Path) -> dict[s
         ),
         "sources": dict(sorted(sources.items())),
         "predicted": {
-            **asdict(predict(pool.gradients, pool.anchor, pool.criterion, indices)),
+            **pool.predicted[name],
             **(
                 {}
                 if pool.exact_cost is None
@@ -703,7 +698,7 @@ def comparison_arms(raw: dict, config, args, pool: ScoredPool, write: bool = Tru
     """(the subsets as candidate indices, their records files under ``<run_dir>/subsets``,
     the arms of the comparison, which read those files; ``write=False``: the files' paths
     only, and no arms unless every file is there)."""
-    chosen = build_subsets(pool, args, config.select.seed)
+    chosen = pool.subsets
     # Every subset trains the same steps: as many as the arms' common share of the tokens
     # fills, which each subset reaches (its last record crosses the share), so nothing
     # repeats and all train the same tokens. The budget depends on the share alone, not on
@@ -743,7 +738,8 @@ def retest(raw: dict, args) -> tuple[dict, str]:
             set_dotted(seeded, "select.gradient.projection_dim", dim)
             set_dotted(seeded, "select.seed", seed)
             config = validate_config(seeded, args.config)
-            pools.append(pool_geometry(config, Path(base.run_dir) / f"d{dim}" / f"seed{seed}"))
+            run_dir = Path(base.run_dir) / f"d{dim}" / f"seed{seed}"
+            pools.append(pool_geometry(config, args, run_dir))
         first, second = pools
         exact = {}
         if args.exact:
@@ -827,17 +823,18 @@ def print_plan(raw: dict, config, args) -> None:
     """--dry-run: the gradient stages' states and, once they are all in the run directory
     with the subsets' records files, the arms'. Writes nothing."""
     run_dir = Path(config.run_dir)
-    _, stages, keep = gradient_plan(config)
-    planned = run_directory(run_dir, config).plan({"gradients": stages}, keep=keep)
+    _, stages = arms_plan(config, args)
+    planned = run_directory(run_dir, config).plan({"gradients": stages})
     print_plan_counts("gradients", planned)
     if args.exact:
-        _, exact_stages, _ = gradient_plan(exact_config(config))
+        _, exact_stages = gradient_plan(exact_config(config))
         exact = run_directory(run_dir, config).plan({"exact": exact_stages})
         print_plan_counts("exact", exact)
-    if any(stage.state != FINISHED for stage in planned):
-        print("arms: planned once the gradients are in the run directory", flush=True)
+    if planned[-1].state != FINISHED:
+        # The arms come from criterion_arms's file, which a dry run does not restore.
+        print(f"arms: planned once {planned[-1].stage} is in the run directory", flush=True)
         return
-    pool = pool_geometry(config, run_dir, on_event=None)
+    pool = pool_geometry(config, args, run_dir, on_event=None)
     _, _, arms = comparison_arms(raw, config, args, pool, write=False)
     if arms is None:
         print("arms: planned once the subsets' records are written", flush=True)
@@ -870,16 +867,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             return print_plan(raw, config, args)
         run_dir = Path(config.run_dir)
-        pool = pool_geometry(config, run_dir)
+        pool = pool_geometry(config, args, run_dir)
         if args.exact:
             with_exact(config, run_dir, pool)
         chosen, files, arms = comparison_arms(raw, config, args, pool)
         run = compare(
             arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"
         )
-        subsets = {
-            name: describe_subset(pool, indices, files[name]) for name, indices in chosen.items()
-        }
+        subsets = {name: describe_subset(pool, name, files[name]) for name in chosen}
         summary = summarise(config, args, pool, subsets, run, arms)
     except ForgetlessError as error:
         exit_with_error(str(error))

@@ -3,6 +3,7 @@ and tokens, intervals over items and seeds, the regression, and the script end t
 tiny model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     script.main([*argv, "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gradients: ") and lines[0].endswith(" to run")
-    assert lines[1] == "arms: planned once the gradients are in the run directory"
+    assert lines[1] == "arms: planned once criterion_arms is in the run directory"
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
     script.main(argv)
     output = tmp_path / "out" / "criterion.json"
@@ -211,6 +212,36 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     # The verdict's regression is on the exact mean cost, the same quantity without noise.
     assert exact["primary_predictor"] == "exact_mean_cost"
     assert "Sketched against exact" in (tmp_path / "out" / "criterion.md").read_text()
+
+
+def test_a_new_machine_resumes_from_the_archive_without_gradients(
+    tmp_path, experiment_argv, script, capsys
+):
+    # An archive too small for the gradients (and models) keeps their records only, as the
+    # real run's 1.5 GB of features; the arms' stage, evaluations and reports it keeps whole.
+    archive = {"archive_dir": tmp_path / "archive", "archive_max_mb": 0.05}
+    argv = experiment_argv("criterion", archive, "--quick", "--seeds", "0")
+    script.main([*argv, "--subsets", "4"])
+    first = json.loads((tmp_path / "out" / "criterion.json").read_text())
+    kept_whole = {
+        json.loads((folder / "stage.json").read_text())["stage"]
+        for folder in (tmp_path / "archive").iterdir()
+        if not (folder / "RECORD_ONLY").exists()
+    }
+    assert "criterion_arms" in kept_whole and "gradients_pool" not in kept_whole
+    shutil.rmtree(tmp_path / "run")
+    capsys.readouterr()
+    script.main([*argv, "--dry-run"])
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "arms: planned once criterion_arms is in the run directory"
+    )
+    # The same subsets, from the archived arms alone: no gradient, no training, the same
+    # arms; fewer subsets (an interim report) are the first of the same draws.
+    script.main([*argv, "--subsets", "3"])
+    assert "start:" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "out" / "criterion.json").read_text())
+    del first["subsets"]["subset03"]
+    assert again["subsets"] == first["subsets"] and again["changes"] == first["changes"]
 
 
 def test_retest_measures_the_costs_agreement_across_projection_seeds(
