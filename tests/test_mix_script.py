@@ -93,3 +93,14 @@ def test_the_searched_arm_is_required(tmp_path, experiment_argv, script, user_er
     with user_error("compare.arms must include 'climb'"):
         script.main(argv)
     assert not (tmp_path / "run").exists()
+
+
+def test_another_config_plans_without_run_dir_or_output_flags(
+    tmp_path, monkeypatch, shared_data_dir, script, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "mix_retention.yaml"
+    script.main(["--config", str(config), "--data-dir", str(shared_data_dir), "--dry-run"])
+    assert capsys.readouterr().out.startswith("mix: ")
+    # A dry run writes nothing, not even the default runs/mix_retention.
+    assert list(tmp_path.iterdir()) == []

@@ -47,10 +47,11 @@ def add_quick_flag(parser: argparse.ArgumentParser) -> None:
 
 def default_paths(args: argparse.Namespace, name: str) -> None:
     """--run-dir and --output when not given: runs/<name> and docs/results/<name>, or with
-    --quick runs/<name>_quick and a result inside it (never over the published one)."""
-    quick_dir = f"runs/{name}_quick"
-    args.run_dir = args.run_dir or (quick_dir if args.quick else f"runs/{name}")
-    args.output = args.output or (f"{quick_dir}/{name}" if args.quick else f"docs/results/{name}")
+    --quick (where the script has the flag) runs/<name>_quick and a result inside it (never
+    over the published one)."""
+    quick, quick_dir = getattr(args, "quick", False), f"runs/{name}_quick"
+    args.run_dir = args.run_dir or (quick_dir if quick else f"runs/{name}")
+    args.output = args.output or (f"{quick_dir}/{name}" if quick else f"docs/results/{name}")
 
 
 def experiment_overrides(args: argparse.Namespace, quick: dict[str, Any]) -> dict[str, Any]:
