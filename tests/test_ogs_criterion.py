@@ -218,7 +218,7 @@ def test_a_new_machine_resumes_from_the_archive_without_gradients(
     tmp_path, experiment_argv, script, capsys
 ):
     # An archive too small for the gradients (and models) keeps their records only, as the
-    # real run's 1.5 GB of features; the arms' stage, evaluations and reports it keeps whole.
+    # real run's 0.7 GB of features; the arms' stage, evaluations and reports it keeps whole.
     archive = {"archive_dir": tmp_path / "archive", "archive_max_mb": 0.05}
     argv = experiment_argv("criterion", archive, "--quick", "--seeds", "0")
     script.main([*argv, "--subsets", "4"])

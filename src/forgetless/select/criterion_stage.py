@@ -3,7 +3,7 @@
 The criterion test (``scripts/ogs_criterion.py``) reads a pool's gradient features for three
 things only: each record's cost and utility, the subsets it builds from them, and what each
 subset is predicted to cost. The features themselves are large (3,000 records at d = 131,072
-are 1.5 GB), so an archive keeps their stages as records only, and a run directory lost with
+take 0.7 GB), so an archive keeps their stages as records only, and a run directory lost with
 its machine would need their hour of gradients again before a single arm could train. This
 stage reduces them to those numbers (``arms.json``): archived in full, it lets a rerun
 anywhere rebuild the same subsets and train the arms left without computing a gradient.
