@@ -170,6 +170,8 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     assert fit["points"] == 3
     assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
     assert summary["primary_predictor"] == "mean_cost"
+    # Descriptive: the same fit over every trained model, the arms at each seed included.
+    assert summary["regression_all_models"]["ppl:gsm8k@test"]["mean_cost"]["points"] == 9
     assert set(summary["verdict"]) == {
         "low_forgets_less_than_high",
         "slope_above_zero",
