@@ -164,9 +164,21 @@ def parse_args(argv: list[str] | None):
         "with them and each subset's exact mean cost as a predictor; with --retest, the "
         "agreement at each D.",
     )
+    parser.add_argument(
+        "--trajectory",
+        type=int,
+        nargs="+",
+        metavar="STEP",
+        help="Also train low, high and random at the first seed once more, scoring the "
+        "perplexity tasks among evaluate.general_tasks (the anchor's held-out loss, C4) after "
+        "each of these optimizer steps (0: before the first); the report adds their changes "
+        "by step, which tell an early, first-order effect of the arms' gradients from drift.",
+    )
     add_quick_flag(parser)
     add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
+    if any(step < 0 for step in args.trajectory or ()):
+        exit_with_error("--trajectory: steps must be zero or positive")
     if any(dim < 1 for dim in args.retest or ()):
         exit_with_error("--retest: projection dimensions must be positive")
     if args.retest and args.dry_run:
@@ -509,6 +521,130 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
     }
 
 
+def trajectory_stages(config, args, arms) -> list:
+    """--trajectory: low, high and random at the first seed, trained as their arms are."""
+    from forgetless.evaluate.tasks import parse_task
+    from forgetless.train.trajectory import TrajectoryStage
+
+    tasks = [
+        task
+        for task in config.evaluate.general_tasks
+        if parse_task(task, config.evaluate.tasks).kind == "perplexity"
+    ]
+    by_label = {arm.label: arm.config for arm in arms}
+    stages = []
+    for name in ARMS:
+        arm = by_label[f"{name}-s{args.seeds[0]}"]
+        stages.append(
+            TrajectoryStage(
+                f"trajectory-{name}-s{args.seeds[0]}",
+                arm.model,
+                arm.train,
+                arm.data,
+                tasks,
+                args.trajectory,
+                arm.evaluate,
+                data_dir=arm.data_dir,
+            )
+        )
+    return stages
+
+
+def trajectories(config, args, stages: list, run, run_dir: Path) -> dict:
+    """Each arm's change of every scored task against step 0, by step, and the contrasts'
+    differences, with intervals that resample the documents (one seed: paired, items only)."""
+    from forgetless.train.trajectory import TRAJECTORY_FILE
+
+    results = run_directory(run_dir, config, print_event).run_all(stages)
+    measured = {
+        name: json.loads((results[stage.name].directory / TRAJECTORY_FILE).read_text())
+        for name, stage in zip(ARMS, stages, strict=True)
+    }
+    tasks, steps = stages[0].settings().tasks, stages[0].settings().steps
+    by_task = {}
+    for task in tasks:
+        start = {name: measured[name][str(steps[0])][task] for name in ARMS}
+        first = start[ARMS[0]]
+        if any(other["document_nll"] != first["document_nll"] for other in start.values()):
+            raise ForgetlessError(f"{task}: the arms' runs differ before their first update")
+        by_step = {}
+        for step in steps[1:]:
+            items = TaskItems(
+                "nats/token",
+                np.asarray(first["document_nll"]),
+                {
+                    name: np.asarray(measured[name][str(step)][task]["document_nll"])
+                    for name in ARMS
+                },
+                np.asarray(first["document_tokens"], dtype=np.float64),
+            )
+            by_step[str(step)] = seeded_changes(
+                items, {name: [name] for name in ARMS}, CONTRASTS, seed=config.select.seed
+            )
+        by_task[task] = by_step
+    # Scored at the run's last step, an arm is its arm's trained model: the check that
+    # scoring on the way left the updates as they were.
+    final = None
+    if steps[-1] == stages[0].settings().run.train.max_steps:
+        final = {}
+        for name in ARMS:
+            metrics, _ = read_evaluation(
+                run.of(f"{name}-s{args.seeds[0]}")[1][ADAPTED_EVAL].directory
+            )
+            last = measured[name][str(steps[-1])]
+            final[name] = {
+                task: last[task]["mean_nll"] - metrics[task]["details"]["mean_nll"]
+                for task in tasks
+            }
+    return {
+        "seed": args.seeds[0],
+        "steps": steps,
+        "changes": by_task,
+        "train_seconds": {
+            name: results[s.name].summary["train_seconds"]
+            for name, s in zip(ARMS, stages, strict=True)
+        },
+        "last_step_minus_evaluation": final,
+    }
+
+
+def trajectory_lines(trajectory: dict, steps_run: int) -> list[str]:
+    """One table per task: each arm's change against step 0 by step, and the contrasts."""
+    contrasts = [f"{a}-{b}" for a, b in CONTRASTS]
+    lines = [
+        f"## Held-out losses during training (seed {trajectory['seed']})",
+        "",
+        "Low, high and random trained once more as their arms are, each task scored after "
+        "the given optimizer steps (of " + str(steps_run) + "); % perplexity against the model "
+        "before its first update, with 95 % intervals that resample the documents.",
+    ]
+    for task, by_step in trajectory["changes"].items():
+        lines += [
+            "",
+            f"`{task}`:",
+            "",
+            "| step | "
+            + " | ".join(ARMS)
+            + " | "
+            + " | ".join(c.replace("-", " − ") for c in contrasts)
+            + " |",
+            "|---" * (1 + len(ARMS) + len(contrasts)) + "|",
+        ]
+        for step, changes in by_step.items():
+            cells = [format_change(changes["arms"][name], changes["unit"]) for name in ARMS]
+            cells += [format_change(changes["contrasts"][c], changes["unit"]) for c in contrasts]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    final = trajectory["last_step_minus_evaluation"]
+    if final is not None:
+        worst = max(abs(v) for per_task in final.values() for v in per_task.values())
+        lines += [
+            "",
+            f"Scored at the last step, the arms' losses are at most {worst:.1e} nats/token "
+            "from their own evaluations: scoring on the way left the updates as they were.",
+        ]
+    return lines
+
+
 def gradient_text(gradient: dict) -> str:
     """Whose gradients the costs come from, and how they are projected."""
     if gradient["parameters"] == "lora":
@@ -669,6 +805,10 @@ def render(summary: dict, args) -> str:
         )
         + ".",
         "",
+    ]
+    if "trajectory" in summary:
+        lines += [*trajectory_lines(summary["trajectory"], steps), ""]
+    lines += [
         "## Verdict",
         "",
     ]
@@ -875,6 +1015,9 @@ def print_plan(raw: dict, config, args) -> None:
         print("arms: planned once the subsets' records are written", flush=True)
         return
     print_plan_counts("arms", plan_comparison(arms, run_dir))
+    if args.trajectory:
+        stages = trajectory_stages(config, args, arms)
+        print_plan_counts("trajectory", run_directory(run_dir, config).plan({"trajectory": stages}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -906,11 +1049,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.exact:
             with_exact(config, run_dir, pool)
         chosen, files, arms = comparison_arms(raw, config, args, pool)
+        follow_up = trajectory_stages(config, args, arms) if args.trajectory else []
         run = compare(
             arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"
         )
         subsets = {name: describe_subset(pool, name, files[name]) for name in chosen}
         summary = summarise(config, args, pool, subsets, run, arms)
+        if args.trajectory:
+            summary["trajectory"] = trajectories(config, args, follow_up, run, run_dir)
     except ForgetlessError as error:
         exit_with_error(str(error))
     write_results(args.output, summary, render(summary, args))

@@ -90,3 +90,22 @@ def experiment_argv(tmp_path, shared_data_dir):
         return argv
 
     return build
+
+
+@pytest.fixture
+def select_twice(tmp_path):
+    """``select_twice(config, method)`` runs the selection in two fresh run directories, checks
+    that both wrote the same ``selected.jsonl`` bytes, and returns (stage results, its bytes)."""
+    from forgetless.select import run_selection
+
+    def run(config, method: str):
+        outputs = []
+        for run_name in ("first", "second"):
+            results = run_selection(config, tmp_path / run_name, progress=False)
+            outputs.append(
+                (results[f"selection_{method}"].directory / "selected.jsonl").read_bytes()
+            )
+        assert outputs[0] == outputs[1]
+        return results, outputs[0]
+
+    return run

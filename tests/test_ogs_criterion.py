@@ -246,6 +246,44 @@ def test_a_new_machine_resumes_from_the_archive_without_gradients(
     assert again["subsets"] == first["subsets"] and again["changes"] == first["changes"]
 
 
+def test_a_trajectory_retrains_the_arms_and_scores_them_on_the_way(
+    tmp_path, experiment_argv, script, capsys, user_error
+):
+    argv = experiment_argv("criterion", {}, "--quick", "--seeds", "0")
+    script.main(argv)
+    steps = json.loads((tmp_path / "out" / "criterion.json").read_text())["models"]["low-s0"][
+        "training"
+    ]["steps"]
+    with user_error("trajectory steps [0, 999] must lie within train.max_steps"):
+        script.main([*argv, "--trajectory", "0", "999"])
+    capsys.readouterr()
+    script.main([*argv, "--trajectory", "0", "1", str(steps)])
+    started = [
+        line.split("start: ")[1]
+        for line in capsys.readouterr().out.splitlines()
+        if "start:" in line
+    ]
+    assert started == ["trajectory-low-s0", "trajectory-high-s0", "trajectory-random-s0"]
+    summary = json.loads((tmp_path / "out" / "criterion.json").read_text())
+    trajectory = summary["trajectory"]
+    assert trajectory["steps"] == [0, 1, steps]
+    # The perplexity tasks among the general ones, by step after the first.
+    assert set(trajectory["changes"]) == {"ppl:gsm8k@test", "c4"}
+    by_step = trajectory["changes"]["c4"]
+    assert list(by_step) == ["1", str(steps)]
+    assert set(by_step["1"]["contrasts"]) == {"low-high", "low-random", "high-random"}
+    assert by_step["1"]["arms"]["low"]["mean"] != 0.0
+    # Scoring on the way leaves the updates as they were: the last step is the arm's model.
+    for per_task in trajectory["last_step_minus_evaluation"].values():
+        assert all(abs(value) < 1e-9 for value in per_task.values())
+    assert (
+        "## Held-out losses during training (seed 0)"
+        in (tmp_path / "out" / "criterion.md").read_text()
+    )
+    script.main([*argv, "--trajectory", "0", "1", str(steps)])
+    assert "start:" not in capsys.readouterr().out
+
+
 def test_retest_measures_the_costs_agreement_across_projection_seeds(
     tmp_path, experiment_argv, script
 ):

@@ -400,19 +400,16 @@ def test_each_selection_stage_reruns_only_for_the_settings_it_uses(
 
 
 @pytest.mark.parametrize("method", ["ogs", "orthogonal", "less", "random"])
-def test_selection_runs_end_to_end_and_is_reproducible(method, tmp_path, shared_data_dir):
+def test_selection_runs_end_to_end_and_is_reproducible(
+    method, tmp_path, shared_data_dir, select_twice
+):
     from forgetless.data import load_records
-    from forgetless.select import run_selection
 
-    outputs = []
-    for run in ("first", "second"):
-        results = run_selection(_select_config(method, tmp_path), tmp_path / run, progress=False)
-        selection = results[f"selection_{method}"]
-        outputs.append((selection.directory / "selected.jsonl").read_bytes())
-    assert outputs[0] == outputs[1]
+    results, selected = select_twice(_select_config(method, tmp_path), method)
+    selection = results[f"selection_{method}"]
     summary = selection.summary
-    assert summary["selected"] == round(0.25 * 34) == len(outputs[0].splitlines())
-    rows = [json.loads(line) for line in outputs[0].splitlines()]
+    assert summary["selected"] == round(0.25 * 34) == len(selected.splitlines())
+    rows = [json.loads(line) for line in selected.splitlines()]
     assert [row["rank"] for row in rows] == list(range(len(rows)))
     # The selection is a trainable data file.
     records = load_records(str(selection.directory / "selected.jsonl"))

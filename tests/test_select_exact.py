@@ -126,9 +126,10 @@ def test_an_exact_selection_needs_a_cost_without_the_anchor_subspace_and_a_model
 
 
 @pytest.mark.parametrize("method", ["orthogonal", "ogs", "less"])
-def test_an_exact_selection_is_reproducible_and_meets_its_bound(method, tmp_path, shared_data_dir):
+def test_an_exact_selection_is_reproducible_and_meets_its_bound(
+    method, shared_data_dir, select_twice
+):
     from forgetless.config import load_config
-    from forgetless.select import run_selection
 
     settings = {
         "model.name": "tiny-llama",
@@ -147,12 +148,8 @@ def test_an_exact_selection_is_reproducible_and_meets_its_bound(method, tmp_path
         "select.navigator.iterations": 20,
         "select.navigator.candidates": 12,
     }
-    outputs = []
-    for run in ("first", "second"):
-        results = run_selection(load_config(None, settings), tmp_path / run, progress=False)
-        selection = results[f"selection_{method}"]
-        outputs.append((selection.directory / "selected.jsonl").read_bytes())
-    assert outputs[0] == outputs[1]
+    results, _ = select_twice(load_config(None, settings), method)
+    selection = results[f"selection_{method}"]
     assert {"exact_directions", "exact_featured" if method == "ogs" else "exact_pool"} <= set(
         results
     )
