@@ -408,6 +408,21 @@ def describe_subset(pool: ScoredPool, name: str, file: Path) -> dict[str, Any]:
     }
 
 
+def by_source(pool: ScoredPool) -> dict[str, dict[str, float]]:
+    """The usable records of each pool member: how many, their mean tokens and mean cost
+    (what a cost that goes with a member's format or length selects with it)."""
+    members = np.array([pool.records[i].id.rpartition("/")[0] for i in pool.usable.tolist()])
+    tokens, costs = pool.tokens[pool.usable], pool.criterion[pool.usable]
+    return {
+        member: {
+            "records": int((members == member).sum()),
+            "mean_tokens": float(tokens[members == member].mean()),
+            "mean_cost": float(costs[members == member].mean()),
+        }
+        for member in sorted(set(members.tolist()))
+    }
+
+
 def matching(pool: ScoredPool, subsets: dict[str, dict]) -> dict[str, Any]:
     """How well the arms are matched: the largest difference between two arms' token-weighted
     mean utilities in pool standard deviations (a standardised mean difference; below 0.1 is
@@ -461,6 +476,14 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
         }
 
     regression = regress(random_names)
+    # What any prediction from a subset's records could explain at most: the anchor-loss
+    # change's spread between random subsets, against one subset's spread between training
+    # seeds (which change only the order of its records).
+    seed_sd = {name: changes[anchor]["arms"][name]["sd"] for name in ARMS}
+    spread = {
+        "between_subsets_sd": float(np.std(list(subset_changes[anchor].values()), ddof=1)),
+        "between_seeds_sd": seed_sd if len(args.seeds) > 1 else None,
+    }
     points = {point["label"]: point for point in run.frontier["arms"]}
     models = {
         arm.label: {
@@ -488,6 +511,7 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
             "tokens": int(pool.tokens.sum()),
             "mean_utility": float(pool.utility[pool.usable].mean()),
             "mean_cost": float(pool.criterion[pool.usable].mean()),
+            "sources": by_source(pool),
         },
         "cost": config.select.cost,
         "anchor": config.select.anchor.model_dump(mode="json"),
@@ -502,6 +526,7 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
         "matching": matching(pool, subsets),
         "changes": changes,
         "subset_changes": subset_changes,
+        "anchor_change_spread": spread,
         "regression": regression,
         # Descriptive, not part of the verdict (added once seed 0 showed how little the
         # random subsets' costs vary).
@@ -723,7 +748,13 @@ def render(summary: dict, args) -> str:
         f"Matching: the arms' token-weighted mean utilities differ by at most "
         f"{matched['utility_smd_max']:.3f} pool standard deviations; every subset holds "
         f"{matched['tokens_min']:,}–{matched['tokens_max']:,} tokens and trains on "
-        f"{trained:,} of them.",
+        f"{trained:,} of them. The pool's usable records by member: "
+        + "; ".join(
+            f"{member.rpartition('/')[2]} {row['records']} records, "
+            f"{row['mean_tokens']:.0f} tokens each, mean cost {row['mean_cost']:+.4f}"
+            for member, row in pool["sources"].items()
+        )
+        + ".",
         *([] if not exact else ["", *exact_lines(exact)]),
         "",
         "## Arms: mean ± sd over seeds [95 % interval]",
@@ -790,6 +821,7 @@ def render(summary: dict, args) -> str:
         + "; ".join(f"{task} {_rho(summary['regression'][task][primary])}" for task in tasks)
         + ".",
         "",
+        *spread_lines(summary["anchor_change_spread"]),
         f"## Across every trained model ({len(summary['models'])}: the arms at each seed and "
         "the random subsets)",
         "",
@@ -827,6 +859,21 @@ def render(summary: dict, args) -> str:
         f"Command: `python scripts/ogs_criterion.py {' '.join(args.argv)}`",
     ]
     return "\n".join(lines)
+
+
+def spread_lines(spread: dict) -> list[str]:
+    """The anchor-loss change's spread between subsets and between seeds, where both exist."""
+    if spread["between_seeds_sd"] is None:
+        return []
+    seeds = ", ".join(f"{sd:.4f} ({name})" for name, sd in spread["between_seeds_sd"].items())
+    return [
+        "Spread of the anchor-loss change: sd "
+        f"{spread['between_subsets_sd']:.4f} nats/token between the random subsets; between "
+        f"one arm's training seeds, which change only the order of its records, {seeds}. "
+        "Where the two are alike, which records a subset holds explains little of its change "
+        "beyond the order's noise.",
+        "",
+    ]
 
 
 def regression_table(fits: dict[str, dict]) -> list[str]:

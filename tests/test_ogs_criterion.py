@@ -170,6 +170,12 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     assert fit["points"] == 3
     assert fit["slope_ci95"][0] <= fit["slope"] <= fit["slope_ci95"][1]
     assert summary["primary_predictor"] == "mean_cost"
+    sources = summary["pool"]["sources"]
+    assert sum(row["records"] for row in sources.values()) == summary["pool"]["usable"]
+    # The change's spread between subsets beside one arm's spread between seeds.
+    spread = summary["anchor_change_spread"]
+    assert spread["between_subsets_sd"] > 0
+    assert set(spread["between_seeds_sd"]) == {"low", "high", "random"}
     # Descriptive: the same fit over every trained model, the arms at each seed included.
     assert summary["regression_all_models"]["ppl:gsm8k@test"]["mean_cost"]["points"] == 9
     assert set(summary["verdict"]) == {
@@ -180,6 +186,7 @@ def test_criterion_experiment_on_the_tiny_model(tmp_path, experiment_argv, scrip
     table = (tmp_path / "out" / "criterion.md").read_text()
     assert "| low − high |" in table and "## Regression over 3 random subsets" in table
     assert "| mean_cost |" in table and "## Verdict" in table
+    assert "Spread of the anchor-loss change" in table
     # A dry run of the finished experiment: every stage finished, nothing written.
     capsys.readouterr()
     files = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")}
