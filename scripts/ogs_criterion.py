@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None):
         type=int,
         nargs="+",
         metavar="STEP",
-        help="Also train low, high and random at the first seed once more, scoring the "
+        help="Also train low, high and random at every seed once more, scoring the "
         "perplexity tasks among evaluate.general_tasks (the anchor's held-out loss, C4) after "
         "each of these optimizer steps (0: before the first); the report adds their changes "
         "by step, which tell an early, first-order effect of the arms' gradients from drift.",
@@ -546,8 +546,9 @@ def summarise(config, args, pool: ScoredPool, subsets: dict, run, arms) -> dict:
     }
 
 
-def trajectory_stages(config, args, arms) -> list:
-    """--trajectory: low, high and random at the first seed, trained as their arms are."""
+def trajectory_stages(config, args, arms) -> dict[str, Any]:
+    """--trajectory: low, high and random at every seed, trained as their arms are (by the
+    arm's label)."""
     from forgetless.evaluate.tasks import parse_task
     from forgetless.train.trajectory import TrajectoryStage
 
@@ -557,77 +558,74 @@ def trajectory_stages(config, args, arms) -> list:
         if parse_task(task, config.evaluate.tasks).kind == "perplexity"
     ]
     by_label = {arm.label: arm.config for arm in arms}
-    stages = []
-    for name in ARMS:
-        arm = by_label[f"{name}-s{args.seeds[0]}"]
-        stages.append(
-            TrajectoryStage(
-                f"trajectory-{name}-s{args.seeds[0]}",
-                arm.model,
-                arm.train,
-                arm.data,
-                tasks,
-                args.trajectory,
-                arm.evaluate,
-                data_dir=arm.data_dir,
-            )
+    # Seed by seed, so that a run stopped early has every arm at the same seeds.
+    labels = [f"{name}-s{seed}" for seed in args.seeds for name in ARMS]
+    return {
+        label: TrajectoryStage(
+            f"trajectory-{label}",
+            by_label[label].model,
+            by_label[label].train,
+            by_label[label].data,
+            tasks,
+            args.trajectory,
+            by_label[label].evaluate,
+            data_dir=by_label[label].data_dir,
         )
-    return stages
+        for label in labels
+    }
 
 
-def trajectories(config, args, stages: list, run, run_dir: Path) -> dict:
-    """Each arm's change of every scored task against step 0, by step, and the contrasts'
-    differences, with intervals that resample the documents (one seed: paired, items only)."""
+def trajectories(config, args, stages: dict[str, Any], run, run_dir: Path) -> dict:
+    """Each arm's change of every scored task against step 0, by step (mean over seeds), and
+    the contrasts' differences, with intervals that resample the documents (paired) and each
+    arm's seeds, as the arms' own."""
     from forgetless.train.trajectory import TRAJECTORY_FILE
 
-    results = run_directory(run_dir, config, print_event).run_all(stages)
+    results = run_directory(run_dir, config, print_event).run_all(list(stages.values()))
     measured = {
-        name: json.loads((results[stage.name].directory / TRAJECTORY_FILE).read_text())
-        for name, stage in zip(ARMS, stages, strict=True)
+        label: json.loads((results[stage.name].directory / TRAJECTORY_FILE).read_text())
+        for label, stage in stages.items()
     }
-    tasks, steps = stages[0].settings().tasks, stages[0].settings().steps
+    settings = next(iter(stages.values())).settings()
+    tasks, steps = settings.tasks, settings.steps
     by_task = {}
     for task in tasks:
-        start = {name: measured[name][str(steps[0])][task] for name in ARMS}
-        first = start[ARMS[0]]
-        if any(other["document_nll"] != first["document_nll"] for other in start.values()):
+        start = [measured[label][str(steps[0])][task] for label in stages]
+        if any(other["document_nll"] != start[0]["document_nll"] for other in start):
             raise ForgetlessError(f"{task}: the arms' runs differ before their first update")
         by_step = {}
         for step in steps[1:]:
             items = TaskItems(
                 "nats/token",
-                np.asarray(first["document_nll"]),
+                np.asarray(start[0]["document_nll"]),
                 {
-                    name: np.asarray(measured[name][str(step)][task]["document_nll"])
-                    for name in ARMS
+                    label: np.asarray(measured[label][str(step)][task]["document_nll"])
+                    for label in stages
                 },
-                np.asarray(first["document_tokens"], dtype=np.float64),
+                np.asarray(start[0]["document_tokens"], dtype=np.float64),
             )
             by_step[str(step)] = seeded_changes(
-                items, {name: [name] for name in ARMS}, CONTRASTS, seed=config.select.seed
+                items, arm_labels(args.seeds), CONTRASTS, seed=config.select.seed
             )
         by_task[task] = by_step
     # Scored at the run's last step, an arm is its arm's trained model: the check that
     # scoring on the way left the updates as they were.
     final = None
-    if steps[-1] == stages[0].settings().run.train.max_steps:
+    if steps[-1] == settings.run.train.max_steps:
         final = {}
-        for name in ARMS:
-            metrics, _ = read_evaluation(
-                run.of(f"{name}-s{args.seeds[0]}")[1][ADAPTED_EVAL].directory
-            )
-            last = measured[name][str(steps[-1])]
-            final[name] = {
+        for label in stages:
+            metrics, _ = read_evaluation(run.of(label)[1][ADAPTED_EVAL].directory)
+            last = measured[label][str(steps[-1])]
+            final[label] = {
                 task: last[task]["mean_nll"] - metrics[task]["details"]["mean_nll"]
                 for task in tasks
             }
     return {
-        "seed": args.seeds[0],
+        "seeds": args.seeds,
         "steps": steps,
         "changes": by_task,
         "train_seconds": {
-            name: results[s.name].summary["train_seconds"]
-            for name, s in zip(ARMS, stages, strict=True)
+            label: results[stage.name].summary["train_seconds"] for label, stage in stages.items()
         },
         "last_step_minus_evaluation": final,
     }
@@ -636,12 +634,15 @@ def trajectories(config, args, stages: list, run, run_dir: Path) -> dict:
 def trajectory_lines(trajectory: dict, steps_run: int) -> list[str]:
     """One table per task: each arm's change against step 0 by step, and the contrasts."""
     contrasts = [f"{a}-{b}" for a, b in CONTRASTS]
+    seeds = ", ".join(str(seed) for seed in trajectory["seeds"])
     lines = [
-        f"## Held-out losses during training (seed {trajectory['seed']})",
+        f"## Held-out losses during training (seeds {seeds})",
         "",
         "Low, high and random trained once more as their arms are, each task scored after "
-        "the given optimizer steps (of " + str(steps_run) + "); % perplexity against the model "
-        "before its first update, with 95 % intervals that resample the documents.",
+        f"the given optimizer steps (of {steps_run}); % perplexity against the model before "
+        "its first update, mean ± sd over seeds, with 95 % intervals that resample the "
+        "documents (paired) and each arm's seeds. The warm-up's first step has a learning "
+        "rate of 0 (the Trainer's linear warm-up starts there), so step 1 is the base model.",
     ]
     for task, by_step in trajectory["changes"].items():
         lines += [
@@ -656,7 +657,9 @@ def trajectory_lines(trajectory: dict, steps_run: int) -> list[str]:
             "|---" * (1 + len(ARMS) + len(contrasts)) + "|",
         ]
         for step, changes in by_step.items():
-            cells = [format_change(changes["arms"][name], changes["unit"]) for name in ARMS]
+            cells = [
+                format_change(changes["arms"][name], changes["unit"], spread=True) for name in ARMS
+            ]
             cells += [format_change(changes["contrasts"][c], changes["unit"]) for c in contrasts]
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
     final = trajectory["last_step_minus_evaluation"]
@@ -1063,7 +1066,7 @@ def print_plan(raw: dict, config, args) -> None:
         return
     print_plan_counts("arms", plan_comparison(arms, run_dir))
     if args.trajectory:
-        stages = trajectory_stages(config, args, arms)
+        stages = list(trajectory_stages(config, args, arms).values())
         print_plan_counts("trajectory", run_directory(run_dir, config).plan({"trajectory": stages}))
 
 
@@ -1096,7 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.exact:
             with_exact(config, run_dir, pool)
         chosen, files, arms = comparison_arms(raw, config, args, pool)
-        follow_up = trajectory_stages(config, args, arms) if args.trajectory else []
+        follow_up = trajectory_stages(config, args, arms) if args.trajectory else {}
         run = compare(
             arms, run_dir, on_event=print_event, title="Does the selection cost predict forgetting?"
         )

@@ -16,7 +16,13 @@ from forgetless.evaluate.seeded import (
     perplexity_percent,
     seeded_changes,
 )
-from forgetless.select.criterion import fit_line, matched_arms, random_subsets, utility_strata
+from forgetless.select.criterion import (
+    ARMS,
+    fit_line,
+    matched_arms,
+    random_subsets,
+    utility_strata,
+)
 
 SCRIPT_NAME = "ogs_criterion"
 
@@ -256,7 +262,7 @@ def test_a_new_machine_resumes_from_the_archive_without_gradients(
 def test_a_trajectory_retrains_the_arms_and_scores_them_on_the_way(
     tmp_path, experiment_argv, script, capsys, user_error
 ):
-    argv = experiment_argv("criterion", {}, "--quick", "--seeds", "0")
+    argv = experiment_argv("criterion", {}, "--quick")
     script.main(argv)
     steps = json.loads((tmp_path / "out" / "criterion.json").read_text())["models"]["low-s0"][
         "training"
@@ -270,7 +276,7 @@ def test_a_trajectory_retrains_the_arms_and_scores_them_on_the_way(
         for line in capsys.readouterr().out.splitlines()
         if "start:" in line
     ]
-    assert started == ["trajectory-low-s0", "trajectory-high-s0", "trajectory-random-s0"]
+    assert started == [f"trajectory-{arm}-s{seed}" for seed in (0, 1) for arm in ARMS]
     summary = json.loads((tmp_path / "out" / "criterion.json").read_text())
     trajectory = summary["trajectory"]
     assert trajectory["steps"] == [0, 1, steps]
@@ -279,12 +285,13 @@ def test_a_trajectory_retrains_the_arms_and_scores_them_on_the_way(
     by_step = trajectory["changes"]["c4"]
     assert list(by_step) == ["1", str(steps)]
     assert set(by_step["1"]["contrasts"]) == {"low-high", "low-random", "high-random"}
+    assert len(by_step["1"]["arms"]["low"]["per_seed"]) == 2
     assert by_step["1"]["arms"]["low"]["mean"] != 0.0
     # Scoring on the way leaves the updates as they were: the last step is the arm's model.
     for per_task in trajectory["last_step_minus_evaluation"].values():
         assert all(abs(value) < 1e-9 for value in per_task.values())
     assert (
-        "## Held-out losses during training (seed 0)"
+        "## Held-out losses during training (seeds 0, 1)"
         in (tmp_path / "out" / "criterion.md").read_text()
     )
     script.main([*argv, "--trajectory", "0", "1", str(steps)])
