@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from forgetless.errors import ForgetlessError
@@ -73,6 +74,9 @@ class HeldOutLosses(TrainerCallback):
         write_json_atomic(self.output, self.measured)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # One process scores while the others wait; a sharded model cannot run alone.
+            raise ForgetlessError("held-out losses during training need a single process")
         if state.is_world_process_zero and state.global_step == 0:
             self._measure(model, 0)
 
