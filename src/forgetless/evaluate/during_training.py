@@ -41,12 +41,8 @@ class HeldOutLosses(TrainerCallback):
         data_dir: str | None = None,
         progress: bool = False,
     ):
-        self.tokenizer, self.config, self.output, self.progress = (
-            tokenizer,
-            config,
-            output,
-            progress,
-        )
+        self.tokenizer, self.config = tokenizer, config
+        self.output, self.progress = output, progress
         self.steps = sorted(set(steps))
         if not self.steps or self.steps[0] < 0:
             raise ForgetlessError("held-out loss steps must be zero or positive")
