@@ -46,7 +46,7 @@ from forgetless.config import load_raw, set_dotted, validate_config
 from forgetless.data.config import DataConfig
 from forgetless.data.records import Record, record_row
 from forgetless.errors import ForgetlessError
-from forgetless.evaluate.seeded import TaskItems, format_change, seeded_changes
+from forgetless.evaluate.seeded import LOSS_UNIT, TaskItems, format_change, seeded_changes
 from forgetless.evaluate.stats import read_evaluation
 from forgetless.io import write_text_atomic
 from forgetless.recipes.adapt import ADAPTED_EVAL, BASE_EVAL, check_inputs
@@ -177,8 +177,10 @@ def parse_args(argv: list[str] | None):
     add_quick_flag(parser)
     add_dry_run_flag(parser)
     args = parse_experiment_args(parser, argv)
-    if any(step < 0 for step in args.trajectory or ()):
-        exit_with_error("--trajectory: steps must be zero or positive")
+    if args.trajectory and (min(args.trajectory) != 0 or len(args.trajectory) < 2):
+        exit_with_error(
+            "--trajectory: give step 0, which the changes are measured from, and later steps"
+        )
     if any(dim < 1 for dim in args.retest or ()):
         exit_with_error("--retest: projection dimensions must be positive")
     if args.retest and args.dry_run:
@@ -596,7 +598,7 @@ def trajectories(config, args, stages: dict[str, Any], run, run_dir: Path) -> di
         by_step = {}
         for step in steps[1:]:
             items = TaskItems(
-                "nats/token",
+                LOSS_UNIT,
                 np.asarray(start[0]["document_nll"]),
                 {
                     label: np.asarray(measured[label][str(step)][task]["document_nll"])

@@ -269,6 +269,8 @@ def test_a_trajectory_retrains_the_arms_and_scores_them_on_the_way(
     ]["steps"]
     with user_error("trajectory steps [0, 999] must lie within train.max_steps"):
         script.main([*argv, "--trajectory", "0", "999"])
+    with user_error("--trajectory: give step 0"):
+        script.main([*argv, "--trajectory", "1", "2"])
     capsys.readouterr()
     script.main([*argv, "--trajectory", "0", "1", str(steps)])
     started = [
