@@ -183,6 +183,8 @@ def parse_args(argv: list[str] | None):
         )
     if any(dim < 1 for dim in args.retest or ()):
         exit_with_error("--retest: projection dimensions must be positive")
+    if args.retest and args.trajectory:
+        exit_with_error("--retest trains nothing: leave out --trajectory")
     if args.retest and args.dry_run:
         exit_with_error("--retest trains nothing and has no plan: leave out --dry-run")
     flags = QUICK_FLAGS if args.quick else DEFAULTS

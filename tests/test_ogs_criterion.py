@@ -358,4 +358,8 @@ def test_retest_flags_are_checked(tmp_path, experiment_argv, script, user_error)
         script.main(experiment_argv("bad", {}, "--quick", "--retest", "0"))
     with user_error("leave out --dry-run"):
         script.main(experiment_argv("bad", {}, "--quick", "--retest", "16", "--dry-run"))
+    with user_error("--retest trains nothing: leave out --trajectory"):
+        script.main(
+            experiment_argv("bad", {}, "--quick", "--retest", "16", "--trajectory", "0", "2")
+        )
     assert not (tmp_path / "run").exists()
