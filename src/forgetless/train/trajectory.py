@@ -63,7 +63,7 @@ class TrajectoryStage(Stage):
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.during_training import HeldOutLosses
         from forgetless.models import load_configured_model
-        from forgetless.train.sft import train_model
+        from forgetless.train.sft import CHECKPOINTS_DIR, train_model
 
         settings = self._settings
         loaded = load_configured_model(settings.run.model, for_training=True)
@@ -84,7 +84,7 @@ class TrajectoryStage(Stage):
             callbacks=[losses],
             data_dir=self.training.data_dir,
         )
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(workdir / CHECKPOINTS_DIR, ignore_errors=True)
         shutil.rmtree(workdir / MODEL_DIR, ignore_errors=True)
         measured = json.loads((workdir / TRAJECTORY_FILE).read_text())
         missing = [step for step in settings.steps if str(step) not in measured]
