@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ class TrainStage(Stage):
         return read_records(records_file(inputs[self.records_from]))
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
+        from forgetless.train.sft import CHECKPOINTS_DIR
+
         summary = train_into(
             self._settings,
             self.records(inputs),
@@ -89,7 +92,7 @@ class TrainStage(Stage):
         )
         # Checkpoints exist only to resume an interrupted run; the finished stage keeps the
         # final model and drops them to save disk.
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(workdir / CHECKPOINTS_DIR, ignore_errors=True)
         return summary
 
 
@@ -102,13 +105,16 @@ def train_into(
     records_from: str | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
+    make_callbacks: Callable[[Any], list] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the settings' model on ``records`` into ``output_dir/model``; resumable.
 
     ``records_from`` names the upstream stage that handed the records on (for the model
-    card). With ``push_to_hub`` (a repository id) the access is checked before anything is
-    loaded, and the finished model folder is uploaded (``private`` if the repository is new);
-    the summary then holds its ``hub_url``.
+    card). ``make_callbacks`` receives the loaded tokenizer and returns Trainer callbacks
+    to add (they may need the tokenizer, which exists only once the model is loaded). With
+    ``push_to_hub`` (a repository id) the access is checked before anything is loaded, and
+    the finished model folder is uploaded (``private`` if the repository is new); the
+    summary then holds its ``hub_url``.
     """
     from forgetless.models import load_configured_model
     from forgetless.train.sft import train_model
@@ -124,6 +130,7 @@ def train_into(
         records,
         settings.train,
         output_dir,
+        callbacks=make_callbacks(loaded.tokenizer) if make_callbacks else (),
         data_dir=data_dir,
         provenance=_provenance(settings, records_from),
     )

@@ -20,7 +20,7 @@ from forgetless.evaluate.config import EvalConfig
 from forgetless.model_config import ModelConfig
 from forgetless.runs import Stage, StageResult, StageSettings
 from forgetless.train.config import TrainConfig
-from forgetless.train.stages import MODEL_DIR, TrainSettings, TrainStage
+from forgetless.train.stages import MODEL_DIR, TrainSettings, TrainStage, train_into
 
 TRAJECTORY_FILE = "trajectory.json"
 
@@ -62,27 +62,24 @@ class TrajectoryStage(Stage):
 
     def run(self, workdir: Path, inputs: dict[str, StageResult]) -> dict[str, Any]:
         from forgetless.evaluate.during_training import HeldOutLosses
-        from forgetless.models import load_configured_model
-        from forgetless.train.sft import CHECKPOINTS_DIR, train_model
+        from forgetless.train.sft import CHECKPOINTS_DIR
 
         settings = self._settings
-        loaded = load_configured_model(settings.run.model, for_training=True)
-        losses = HeldOutLosses(
-            loaded.tokenizer,
-            settings.tasks,
-            settings.steps,
-            settings.evaluate,
-            workdir / TRAJECTORY_FILE,
-            data_dir=self.training.data_dir,
-        )
-        _, result = train_model(
-            loaded.model,
-            loaded.tokenizer,
+        summary = train_into(
+            settings.run,
             self.training.records({}),
-            settings.run.train,
             workdir,
-            callbacks=[losses],
-            data_dir=self.training.data_dir,
+            self.training.data_dir,
+            make_callbacks=lambda tokenizer: [
+                HeldOutLosses(
+                    tokenizer,
+                    settings.tasks,
+                    settings.steps,
+                    settings.evaluate,
+                    workdir / TRAJECTORY_FILE,
+                    data_dir=self.training.data_dir,
+                )
+            ],
         )
         shutil.rmtree(workdir / CHECKPOINTS_DIR, ignore_errors=True)
         shutil.rmtree(workdir / MODEL_DIR, ignore_errors=True)
@@ -91,9 +88,9 @@ class TrajectoryStage(Stage):
         if missing:
             raise ForgetlessError(f"the run ended without scoring steps {missing}")
         return {
-            "steps": result.steps,
-            "input_tokens_seen": result.input_tokens_seen,
-            "train_seconds": result.seconds,
+            "steps": summary["steps"],
+            "input_tokens_seen": summary["input_tokens_seen"],
+            "train_seconds": summary["seconds"],
             "mean_nll": {
                 task: {step: measured[step][task]["mean_nll"] for step in measured}
                 for task in settings.tasks
