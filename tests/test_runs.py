@@ -8,11 +8,16 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from forgetless.data.config import DataConfig
 from forgetless.data.records import TextRecord
+from forgetless.digests import content_sha256
 from forgetless.errors import ForgetlessError
+from forgetless.evaluate.config import EvalConfig
 from forgetless.model_config import ModelConfig
 from forgetless.models import load_model
+from forgetless.report.stages import ReportStage
 from forgetless.runs import STAGE_RECORD, RunDirectory, Stage, StageSettings
+from forgetless.schema import identity_dump
 from forgetless.train.config import TrainConfig
 from forgetless.train.sft import train_model
 from forgetless.train.stages import TrainStage
@@ -220,6 +225,64 @@ def test_data_file_stage_fingerprint_follows_content_not_path(tmp_path):
     edited = stage_for(tmp_path / "edit" / "selected.jsonl", '{"text": "b"}\n')
     assert moved.fingerprint({}) == original.fingerprint({})
     assert edited.fingerprint({}) != original.fingerprint({})
+
+
+def _train_on_source(source: str) -> TrainStage:
+    return TrainStage("train", ModelConfig(), TrainConfig(), data=DataConfig(source=source))
+
+
+def test_a_local_data_source_is_identified_by_its_content_not_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("mine.jsonl").write_text('{"text": "a"}\n')
+    Path("moved").mkdir()
+    Path("moved/mine.jsonl").write_text('{"text": "a"}\n')
+    original = _train_on_source("mine.jsonl").fingerprint({})
+    assert _train_on_source(str(tmp_path / "moved/mine.jsonl")).fingerprint({}) == original
+    # The report that names the data follows it too, so a moved run keeps its reports.
+    reports = [
+        ReportStage("report", [], ["c4"], base="b", adapted="a", meta={"data": path, "steps": 2})
+        for path in ("mine.jsonl", str(tmp_path / "moved/mine.jsonl"))
+    ]
+    inputs = {"b": "0", "a": "1"}
+    assert reports[0].fingerprint(inputs) == reports[1].fingerprint(inputs)
+    # An edited file is other data: its cached training must not be reused.
+    Path("mine.jsonl").write_text('{"text": "b"}\n')
+    assert _train_on_source("mine.jsonl").fingerprint({}) != original
+
+
+def test_names_of_no_local_path_keep_their_identity(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = _train_on_source("pubmedqa").settings()
+    for section in (settings.model, settings.data):
+        assert identity_dump(section) == section.model_dump(mode="json")
+    tasks = ["c4", "ppl:pubmedqa@test", "owner/name"]
+    assert identity_dump(EvalConfig(general_tasks=tasks))["general_tasks"] == tasks
+
+
+def test_a_local_task_file_keeps_its_metric_and_split_in_the_identity(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.jsonl").write_text('{"text": "a"}\n')
+    dumped = identity_dump(EvalConfig(general_tasks=["ppl:notes.jsonl@test", "notes.jsonl"]))
+    digest = content_sha256("notes.jsonl")
+    assert dumped["general_tasks"] == [f"ppl:sha256:{digest}@test", f"sha256:{digest}"]
+
+
+def test_a_local_checkpoint_is_identified_by_its_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = Path("ckpt")
+    (checkpoint / ".cache").mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+
+    def identity():
+        return identity_dump(ModelConfig(name="./ckpt"))["name"]
+
+    before = identity()
+    assert before.startswith("sha256:")
+    (checkpoint / ".cache" / "download.lock").write_text("x")  # not the model
+    assert identity() == before
+    (checkpoint / "model.safetensors").write_bytes(b"retrained")
+    assert identity() != before
 
 
 def test_interrupted_stage_resumes_in_its_partial_directory(tmp_path):

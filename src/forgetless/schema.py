@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from forgetless.digests import local_content
+
 
 class Section(BaseModel):
     # Unknown keys are almost always typos: reject them instead of silently ignoring them.
@@ -20,18 +22,49 @@ class Section(BaseModel):
 NOT_IDENTITY = {"identity": False}
 
 
+# Marks a setting that names data or a model, which may be a local file or folder (a data set
+# name, a task, a checkpoint): in the identity the path is replaced by the digest of what it
+# holds, so an edited file or a retrained checkpoint is not mistaken for the old one and a
+# moved one is still recognised. Names of no local path stay as they are, and so do their
+# fingerprints.
+LOCAL_CONTENT = {"identity": "content"}
+
+
 def identity_dump(model: BaseModel) -> dict[str, Any]:
-    """``model.model_dump(mode="json")`` without the NOT_IDENTITY settings, at any depth."""
+    """``model.model_dump(mode="json")`` without the NOT_IDENTITY settings and with local paths
+    of LOCAL_CONTENT settings replaced by their content's digest, at any depth."""
     dumped = model.model_dump(mode="json")
-    _drop_non_identity(model, dumped)
+    _identity(model, dumped)
     return dumped
 
 
-def _drop_non_identity(model: BaseModel, dumped: dict[str, Any]) -> None:
+def _identity(model: BaseModel, dumped: dict[str, Any]) -> None:
     for name, field in type(model).model_fields.items():
         if isinstance(field.json_schema_extra, dict) and field.json_schema_extra == NOT_IDENTITY:
             dumped.pop(name, None)
             continue
         value = getattr(model, name)
+        if field.json_schema_extra == LOCAL_CONTENT:
+            if isinstance(value, str):
+                dumped[name] = _by_content(value)
+            elif isinstance(value, dict):
+                dumped[name] = {
+                    key: _by_content(item) if isinstance(item, str) else dumped[name][key]
+                    for key, item in value.items()
+                }
+            elif value is not None:
+                dumped[name] = [_by_content(item) for item in value]
         if isinstance(value, BaseModel):
-            _drop_non_identity(value, dumped[name])
+            _identity(value, dumped[name])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    _identity(item, dumped[name][key])
+
+
+def _by_content(name: str) -> str:
+    local = local_content(name)
+    if local is None:
+        return name
+    path, digest = local
+    return name.replace(path, f"sha256:{digest}", 1)

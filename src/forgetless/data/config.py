@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from forgetless.schema import Section
+from forgetless.schema import LOCAL_CONTENT, Section
 
 
 class DataConfig(Section):
@@ -15,6 +15,7 @@ class DataConfig(Section):
         description="Registered data set name (see `forgetless data list`), a path to "
         "jsonl/json/csv/tsv/parquet or a saved Hugging Face dataset, or a Hugging Face Hub "
         "data set id `owner/name` (read through `datasets`, cached; see docs/data.md).",
+        json_schema_extra=LOCAL_CONTENT,
     )
     kind: Literal["text", "instruction", "multiple_choice", "chat"] | None = Field(
         None,

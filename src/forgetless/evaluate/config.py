@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from forgetless.schema import Section
+from forgetless.schema import LOCAL_CONTENT, Section
 
 
 class ScoringConfig(Section):
@@ -25,7 +25,8 @@ class UserTaskConfig(Section):
     """An evaluation task read from the user's own file."""
 
     source: str = Field(
-        description="A jsonl/json/csv/tsv/parquet file or a saved Hugging Face dataset."
+        description="A jsonl/json/csv/tsv/parquet file or a saved Hugging Face dataset.",
+        json_schema_extra=LOCAL_CONTENT,
     )
     metric: Literal["accuracy", "perplexity"] = Field(
         description="accuracy: multiple-choice items scored by log-likelihood (needs query, "
@@ -43,12 +44,14 @@ class EvalConfig(Section):
     general_tasks: list[str] = Field(
         default_factory=lambda: ["arc_easy", "piqa", "c4", "gsm8k"],
         description="General-ability tasks for the retention report.",
+        json_schema_extra=LOCAL_CONTENT,
     )
     domain_tasks: list[str] = Field(
         default_factory=lambda: ["ppl:pubmedqa@test"],
         description="Domain tasks. A task is a data set name (its native metric), "
         "'ppl:<data set or file>' (perplexity of its text), optionally '@<split>', or the "
         "name of a user task defined under `tasks`.",
+        json_schema_extra=LOCAL_CONTENT,
     )
     tasks: dict[str, UserTaskConfig] = Field(
         default_factory=dict,

@@ -9,10 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from forgetless.evaluate.config import EvalConfig, ScoringConfig, UserTaskConfig
 from forgetless.io import write_json_atomic
 from forgetless.model_config import ModelConfig
 from forgetless.runs import Stage, StageResult, StageSettings
+from forgetless.schema import LOCAL_CONTENT
 
 METRICS_FILE = "metrics.json"
 ITEMS_FILE = "items.json"
@@ -24,7 +27,7 @@ FINISHED_TASKS_DIR = "finished_tasks"
 
 class EvaluateSettings(StageSettings):
     model: ModelConfig | None  # None: the model of the upstream stage ``model_from``
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...] = Field(json_schema_extra=LOCAL_CONTENT)
     limits: dict[str, int | None]  # items per task (None: all)
     user_tasks: dict[str, UserTaskConfig]  # the user-defined ones among ``tasks``
     scoring: ScoringConfig

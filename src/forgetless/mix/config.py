@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
-from forgetless.schema import Section
+from forgetless.schema import LOCAL_CONTENT, Section
 
 
 class EmbedConfig(Section):
@@ -222,6 +222,7 @@ class MixConfig(Section):
         min_length=1,
         description="The pool to cluster: data set names or files, each optionally "
         "'@split', read as text.",
+        json_schema_extra=LOCAL_CONTENT,
     )
     limit_per_source: int | None = Field(
         None, ge=1, description="Use at most N documents of each source (None = all)."

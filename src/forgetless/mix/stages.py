@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_file, write_json_atomic, write_text_atomic
@@ -30,6 +31,7 @@ from forgetless.mix.corpus import Corpus, load_corpus
 from forgetless.model_config import ModelConfig
 from forgetless.registry import lookup
 from forgetless.runs import Stage, StageResult, StageSettings, run_directory
+from forgetless.schema import LOCAL_CONTENT
 
 CLUSTERING_FILE = "clustering.npz"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -386,7 +388,8 @@ class SampleSettings(StageSettings):
     tokens: int
     repetition_cap: float
     seed: int
-    tokenizer: str  # of the model the set is drawn for: its tokens are counted
+    # Of the model the set is drawn for: its tokens are counted.
+    tokenizer: str = Field(json_schema_extra=LOCAL_CONTENT)
     trust_remote_code: bool
 
 

@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from forgetless.report.trackers import Trackers
 from forgetless.runs import Stage, StageResult, StageSettings
+from forgetless.schema import LOCAL_CONTENT
 
 
 class ReportSettings(StageSettings):
     domain_tasks: tuple[str, ...]
     general_tasks: tuple[str, ...]
-    meta: dict[str, Any]  # what the report says was adapted (model, data, method)
+    # What the report says was adapted (model, data, method).
+    meta: dict[str, Any] = Field(json_schema_extra=LOCAL_CONTENT)
 
 
 class ReportStage(Stage):

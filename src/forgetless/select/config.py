@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from forgetless.schema import NOT_IDENTITY, Section
+from forgetless.schema import LOCAL_CONTENT, NOT_IDENTITY, Section
 
 
 class HoldoutConfig(Section):
@@ -15,6 +15,7 @@ class HoldoutConfig(Section):
         None,
         description="Domain validation data (name or file) for the utility direction g_V. "
         "Default: `samples` records held out of the pool (never selected).",
+        json_schema_extra=LOCAL_CONTENT,
     )
     split: str | None = Field(None, description="Split of the validation data.")
     samples: int = Field(64, ge=1, description="Validation samples used.")
@@ -22,7 +23,9 @@ class HoldoutConfig(Section):
 
 class AnchorConfig(Section):
     source: str = Field(
-        "gsm8k", description="General-knowledge anchor: data set name or file (see data)."
+        "gsm8k",
+        description="General-knowledge anchor: data set name or file (see data).",
+        json_schema_extra=LOCAL_CONTENT,
     )
     split: str | None = Field("train", description="Split of the anchor data.")
     samples: int = Field(256, ge=1, description="Anchor samples whose gradients are used.")

@@ -14,11 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from forgetless.data.config import DataConfig
 from forgetless.errors import ForgetlessError
 from forgetless.evaluate.config import EvalConfig
 from forgetless.model_config import ModelConfig
 from forgetless.runs import Stage, StageResult, StageSettings
+from forgetless.schema import LOCAL_CONTENT
 from forgetless.train.config import TrainConfig
 from forgetless.train.stages import MODEL_DIR, TrainSettings, TrainStage, train_into
 
@@ -27,7 +30,7 @@ TRAJECTORY_FILE = "trajectory.json"
 
 class TrajectorySettings(StageSettings):
     run: TrainSettings
-    tasks: list[str]  # perplexity tasks
+    tasks: list[str] = Field(json_schema_extra=LOCAL_CONTENT)  # perplexity tasks
     steps: list[int]  # optimizer steps after which they are scored (0: before training)
     evaluate: EvalConfig  # item counts and scoring
 

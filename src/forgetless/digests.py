@@ -1,0 +1,72 @@
+"""What a local file or folder holds, as a sha256.
+
+A stage is cached under the fingerprint of its settings. A setting that names a user's file or
+a local checkpoint by its path would let an edited file or a retrained model reuse results
+computed from the old bytes, a silently wrong result; so the fingerprint takes the content's
+digest in place of the path (``schema.LOCAL_CONTENT``), and a moved or copied file, or a run
+directory on another machine, keeps its cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# Hashing a checkpoint on every plan would dominate small runs: a digest is reused while every
+# file's size and mtime stay the same, i.e. until someone replaced or edited one.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_sha256(path: str | Path) -> str:
+    """A file's sha256, or a folder's: the relative names and bytes of its files, hidden ones
+    (``.cache``, ``.git``) left out, in name order."""
+    root = Path(path).expanduser().resolve()
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(
+            file
+            for file in root.rglob("*")
+            if file.is_file()
+            and not any(part.startswith(".") for part in file.relative_to(root).parts)
+        )
+    stamp = (str(root), *((str(file), *_size_and_mtime(file)) for file in files))
+    if stamp not in _DIGESTS:
+        if root.is_file():
+            _DIGESTS[stamp] = file_sha256(root)
+        else:
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(
+                    f"{file.relative_to(root).as_posix()}\0{file_sha256(file)}\n".encode()
+                )
+            _DIGESTS[stamp] = digest.hexdigest()
+    return _DIGESTS[stamp]
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _size_and_mtime(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def local_content(name: str) -> tuple[str, str] | None:
+    """``(path, digest)`` if ``name`` names a local file or folder, as it is or read as a task
+    or source spec, ``[ppl:]<path>[@<split>]``; None for data set names, hub ids and aliases,
+    which name no local path."""
+    body = name.removeprefix("ppl:")
+    for candidate in dict.fromkeys([name, body, body.rpartition("@")[0] or body]):
+        if candidate and Path(candidate).expanduser().exists():
+            return candidate, content_sha256(candidate)
+    return None
