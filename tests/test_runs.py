@@ -280,6 +280,8 @@ def test_a_local_checkpoint_is_identified_by_its_files(tmp_path, monkeypatch):
     before = identity()
     assert before.startswith("sha256:")
     (checkpoint / ".cache" / "download.lock").write_text("x")  # not the model
+    (checkpoint / "checkpoint-10").mkdir()  # a trainer's, which from_pretrained never reads
+    (checkpoint / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
     assert identity() == before
     (checkpoint / "model.safetensors").write_bytes(b"retrained")
     assert identity() != before

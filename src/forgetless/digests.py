@@ -25,18 +25,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def content_sha256(path: str | Path) -> str:
-    """A file's sha256, or a folder's: the relative names and bytes of its files, hidden ones
-    (``.cache``, ``.git``) left out, in name order."""
+def content_sha256(path: str | Path, *, top_level_only: bool = False) -> str:
+    """A file's sha256, or a folder's: the relative names and bytes of its files in name
+    order, hidden ones (``.cache``, ``.git``) left out. ``top_level_only`` reads only the
+    folder's own files, all that ``from_pretrained`` loads of a checkpoint, so a trainer's
+    output folder is not hashed with every ``checkpoint-*`` below it."""
     root = Path(path).expanduser().resolve()
     if root.is_file():
         files = [root]
     else:
+        candidates = root.iterdir() if top_level_only else root.rglob("*")
         files = sorted(
-            file
-            for file in root.rglob("*")
-            if file.is_file()
-            and not any(part.startswith(".") for part in file.relative_to(root).parts)
+            file for file in candidates if file.is_file() and not _hidden(file.relative_to(root))
         )
     stamp = (str(root), *((str(file), *_size_and_mtime(file)) for file in files))
     if stamp not in _DIGESTS:
@@ -45,9 +45,8 @@ def content_sha256(path: str | Path) -> str:
         else:
             digest = hashlib.sha256()
             for file in files:
-                digest.update(
-                    f"{file.relative_to(root).as_posix()}\0{file_sha256(file)}\n".encode()
-                )
+                name = file.relative_to(root).as_posix()
+                digest.update(f"{name}\0{file_sha256(file)}\n".encode())
             _DIGESTS[stamp] = digest.hexdigest()
     return _DIGESTS[stamp]
 
@@ -61,12 +60,12 @@ def _size_and_mtime(file: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def local_content(name: str) -> tuple[str, str] | None:
+def local_content(name: str, *, checkpoint: bool = False) -> tuple[str, str] | None:
     """``(path, digest)`` if ``name`` names a local file or folder, as it is or read as a task
     or source spec, ``[ppl:]<path>[@<split>]``; None for data set names, hub ids and aliases,
-    which name no local path."""
+    which name no local path. A ``checkpoint`` folder counts its own files only."""
     body = name.removeprefix("ppl:")
     for candidate in dict.fromkeys([name, body, body.rpartition("@")[0] or body]):
         if candidate and Path(candidate).expanduser().exists():
-            return candidate, content_sha256(candidate)
+            return candidate, content_sha256(candidate, top_level_only=checkpoint)
     return None

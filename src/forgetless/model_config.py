@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from forgetless.schema import LOCAL_CONTENT, Section
+from forgetless.schema import LOCAL_CHECKPOINT, Section
 
 
 class ModelConfig(Section):
@@ -15,7 +15,7 @@ class ModelConfig(Section):
         description="Hub id, local checkpoint directory, or alias: smollm2-135m, tiny-llama, "
         "or random:<shape> (randomly initialised, for speed and memory work; shapes in "
         "forgetless.model_shapes).",
-        json_schema_extra=LOCAL_CONTENT,
+        json_schema_extra=LOCAL_CHECKPOINT,
     )
     revision: str | None = Field(
         None,

@@ -28,6 +28,9 @@ NOT_IDENTITY = {"identity": False}
 # moved one is still recognised. Names of no local path stay as they are, and so do their
 # fingerprints.
 LOCAL_CONTENT = {"identity": "content"}
+# The same for a setting that names a model: a local checkpoint folder is identified by its
+# own files (what ``from_pretrained`` reads), not by the training checkpoints below it.
+LOCAL_CHECKPOINT = {"identity": "checkpoint"}
 
 
 def identity_dump(model: BaseModel) -> dict[str, Any]:
@@ -44,16 +47,8 @@ def _identity(model: BaseModel, dumped: dict[str, Any]) -> None:
             dumped.pop(name, None)
             continue
         value = getattr(model, name)
-        if field.json_schema_extra == LOCAL_CONTENT:
-            if isinstance(value, str):
-                dumped[name] = _by_content(value)
-            elif isinstance(value, dict):
-                dumped[name] = {
-                    key: _by_content(item) if isinstance(item, str) else dumped[name][key]
-                    for key, item in value.items()
-                }
-            elif value is not None:
-                dumped[name] = [_by_content(item) for item in value]
+        if field.json_schema_extra in (LOCAL_CONTENT, LOCAL_CHECKPOINT):
+            dumped[name] = _by_content(dumped[name], field.json_schema_extra == LOCAL_CHECKPOINT)
         if isinstance(value, BaseModel):
             _identity(value, dumped[name])
         elif isinstance(value, dict):
@@ -62,9 +57,16 @@ def _identity(model: BaseModel, dumped: dict[str, Any]) -> None:
                     _identity(item, dumped[name][key])
 
 
-def _by_content(name: str) -> str:
-    local = local_content(name)
+def _by_content(dumped: Any, checkpoint: bool) -> Any:
+    """A name, or each string of a list or dict, with a local path replaced by its digest."""
+    if isinstance(dumped, list):
+        return [_by_content(item, checkpoint) for item in dumped]
+    if isinstance(dumped, dict):
+        return {key: _by_content(item, checkpoint) for key, item in dumped.items()}
+    if not isinstance(dumped, str):
+        return dumped
+    local = local_content(dumped, checkpoint=checkpoint)
     if local is None:
-        return name
+        return dumped
     path, digest = local
-    return name.replace(path, f"sha256:{digest}", 1)
+    return dumped.replace(path, f"sha256:{digest}", 1)

@@ -31,7 +31,7 @@ from forgetless.mix.corpus import Corpus, load_corpus
 from forgetless.model_config import ModelConfig
 from forgetless.registry import lookup
 from forgetless.runs import Stage, StageResult, StageSettings, run_directory
-from forgetless.schema import LOCAL_CONTENT
+from forgetless.schema import LOCAL_CHECKPOINT
 
 CLUSTERING_FILE = "clustering.npz"
 ASSIGNMENTS_FILE = "assignments.csv"
@@ -389,7 +389,7 @@ class SampleSettings(StageSettings):
     repetition_cap: float
     seed: int
     # Of the model the set is drawn for: its tokens are counted.
-    tokenizer: str = Field(json_schema_extra=LOCAL_CONTENT)
+    tokenizer: str = Field(json_schema_extra=LOCAL_CHECKPOINT)
     trust_remote_code: bool
 
 
