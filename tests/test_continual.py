@@ -310,6 +310,17 @@ def test_cli_multitask_run_is_one_row_without_transfer_metrics(tmp_path, shared_
     assert [row["task"] for row in report["retention"]] == ["arc_easy"]
 
 
+def test_every_order_shares_one_multitask_training_and_evaluation(tmp_path, shared_data_dir):
+    def planned(order):
+        overrides = {**TINY, "run_dir": str(tmp_path), "continual.method": "multitask"}
+        stages = plan_continual(load_config(None, {**overrides, "continual.order": order}))
+        return {p.stage: p.fingerprint for p in stages}
+
+    first, third = planned(1), planned(3)
+    assert first["train_all"] == third["train_all"] and first["eval_all"] == third["eval_all"]
+    assert first["report"] != third["report"]  # its matrix follows each order
+
+
 def test_paired_average_accuracy_adds_the_tasks_variances():
     from forgetless.report.continual import paired_average_accuracy, pooled_interval
 

@@ -656,7 +656,9 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
     stages: list[Stage] = []
     strategy = lookup("continual", config.continual.method).implementation
     if strategy.joint:
-        steps = [("train_all", tasks, 0, [])]
+        # One run on the union has no order: sorted, every order of the same tasks shares it
+        # (and its evaluation, whose tasks are sorted too) instead of training it again.
+        steps = [("train_all", sorted(tasks), 0, [])]
     else:
         steps = [
             (f"train_{i + 1:02d}_{short_name(task)}", [task], i, tasks[:i])
