@@ -154,6 +154,32 @@ def test_an_archived_model_reruns_when_a_stage_left_to_run_needs_it(tmp_path):
     assert result["train"].artefacts
 
 
+class SummaryReport(CountingStage):
+    """A report of the training's summary: its model's files are never read."""
+
+    def __init__(self, value):
+        super().__init__("report", value, depends_on=("eval_adapted", "train"))
+        self.summary_inputs = ("train",)
+
+    def run(self, workdir, inputs):
+        return {**super().run(workdir, inputs), "trained": inputs["train"].summary["value"]}
+
+
+def test_a_report_of_the_training_summary_reruns_from_the_archived_record(tmp_path):
+    archive = tmp_path / "archive"
+    _archived_run(tmp_path / "machine1", archive).run_all([*_experiment()[:3], SummaryReport(4)])
+    # A changed report on a machine with only the archive: the model is not retrained for it.
+    stages = [*_experiment()[:3], SummaryReport(40)]
+    again = _archived_run(tmp_path / "machine2", archive).run_all(stages)
+    assert [stage.calls for stage in stages] == [0, 0, 0, 1]
+    assert not again["train"].artefacts and again["report"].summary["trained"] == 2
+    # A stage that reads the model's files still needs them.
+    with pytest.raises(ValueError, match="not kept"):
+        _archived_run(tmp_path / "machine2", archive).run(
+            CountingStage("other", 5, depends_on=("train",)), {"train": again["train"]}
+        )
+
+
 def test_a_dry_run_plan_says_what_a_run_would_do_and_does_nothing(tmp_path):
     def states(runs, stages):
         return [(planned.folder, planned.state) for planned in runs.plan({"": stages})]

@@ -16,7 +16,8 @@ also leaves its record there under its fingerprint, and every stage folder no la
 ``archive_max_mb`` its files. A later run, in another run directory or on another machine,
 restores archived folders instead of recomputing them, and does not rerun a stage whose files
 were not archived (a model) when its own record is there and every stage after it is
-available: such a result has only its summary (``StageResult.artefacts`` is False). So a
+available or reads only its summary (``Stage.summary_inputs``): such a result has only its
+summary (``StageResult.artefacts`` is False). So a
 long experiment split across machines that keep nothing but the archive carries on where it
 stopped, as long as what is left to run does not need the missing files.
 
@@ -83,6 +84,10 @@ class Stage(ABC):
 
     name: str = ""
     depends_on: tuple[str, ...] = ()
+    # The inputs of which the stage reads only the summary (a report reads a training's
+    # steps and seconds, never its model): an archived record of them serves, so a report
+    # still to run does not retrain the models before it.
+    summary_inputs: tuple[str, ...] = ()
 
     @abstractmethod
     def settings(self) -> BaseModel:
@@ -266,7 +271,11 @@ class RunDirectory:
             self._keep(hit)
             self.on_event("cached", hit)
             return hit
-        absent = [name for name in stage.depends_on if not inputs[name].artefacts]
+        absent = [
+            name
+            for name in stage.depends_on
+            if not inputs[name].artefacts and name not in stage.summary_inputs
+        ]
         if absent:
             raise ValueError(f"stage {stage.name} needs the files of {absent}, which were not kept")
         self.on_event("start", folder)
@@ -413,17 +422,20 @@ class RunDirectory:
             return every
         present = {fp for fp in every if self.available(folders[fp], fp)}
         recorded = {fp for fp in every - present if self.archived_record(fp) is not None}
+        # Who reads each stage's files, and who reads only its summary.
         consumers: dict[str, set[str]] = {fp: set() for fp in every}
+        summary_readers: dict[str, set[str]] = {fp: set() for fp in every}
         for plan, stages in plans.items():
             for stage in stages:
                 fingerprint = fingerprints[plan][stage.name]
                 if stage.name in keep:
                     recorded.discard(fingerprint)
                 for name in stage.depends_on:
-                    if fingerprints[plan][name] in consumers:
-                        consumers[fingerprints[plan][name]].add(fingerprint)
-        # What no stage consumes is what the caller reads: it is never left as a record.
-        recorded -= {fp for fp in recorded if not consumers[fp]}
+                    readers = summary_readers if name in stage.summary_inputs else consumers
+                    if fingerprints[plan][name] in readers:
+                        readers[fingerprints[plan][name]].add(fingerprint)
+        # What no stage reads is what the caller reads: it is never left as a record.
+        recorded -= {fp for fp in recorded if not consumers[fp] and not summary_readers[fp]}
         to_run = every - recorded - present
         # Stages that a stage left to run consumes must run too, and so on upstream.
         changed = True

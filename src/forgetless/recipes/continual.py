@@ -208,7 +208,9 @@ class ContinualTrainStage(Stage):
         self.name, self.config, self.data = name, config, data
         self.tasks, self.train, self.previous = tasks, train, previous
         self.earlier_tasks = earlier_tasks
-        self.replay_per_task = config.continual.replay_per_task if strategy.replay else None
+        # The first task has nothing to replay: it trains as seqft's does, and shares its stage.
+        replaying = strategy.replay and earlier_tasks
+        self.replay_per_task = config.continual.replay_per_task if replaying else None
         self.penalty = strategy.penalty
         self.depends_on = (previous,) if previous else ()
 
@@ -554,6 +556,7 @@ class ContinualReportStage(Stage):
         self.name, self.config, self.tasks = name, config, tasks
         self.train_stages, self.eval_stages, self.retention = train_stages, eval_stages, retention
         self.depends_on = ("eval_base", *train_stages, *eval_stages, *(retention or ()))
+        self.summary_inputs = tuple(train_stages)
 
     def settings(self) -> ContinualReportSettings:
         continual = self.config.continual

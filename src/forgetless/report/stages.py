@@ -40,6 +40,7 @@ class ReportStage(Stage):
             domain_tasks=tuple(domain_tasks), general_tasks=tuple(general_tasks), meta=meta or {}
         )
         self.depends_on = (base, adapted, *((training,) if training else ()))
+        self.summary_inputs = (training,) if training else ()
 
     def settings(self) -> ReportSettings:
         return self._settings
