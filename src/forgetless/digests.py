@@ -66,6 +66,8 @@ def local_content(name: str, *, checkpoint: bool = False) -> tuple[str, str] | N
     which name no local path. A ``checkpoint`` folder counts its own files only."""
     body = name.removeprefix("ppl:")
     for candidate in dict.fromkeys([name, body, body.rpartition("@")[0] or body]):
-        if candidate and Path(candidate).expanduser().exists():
+        path = Path(candidate).expanduser() if candidate else None
+        # Only files and folders hold content; a device or pipe is the reader's to refuse.
+        if path is not None and (path.is_file() or path.is_dir()):
             return candidate, content_sha256(candidate, top_level_only=checkpoint)
     return None
