@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from forgetless.errors import ForgetlessError
+
 # Hashing a checkpoint on every plan would dominate small runs: a digest is reused while every
 # file's size and mtime stay the same, i.e. until someone replaced or edited one.
 _DIGESTS: dict[tuple, str] = {}
@@ -19,9 +21,12 @@ _DIGESTS: dict[tuple, str] = {}
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with Path(path).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise ForgetlessError(f"cannot read {path}: {error.strerror or error}") from None
     return digest.hexdigest()
 
 

@@ -87,7 +87,8 @@ def pack_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_leng
     n_blocks = len(stream) // max_length
     if n_blocks == 0:
         raise ForgetlessError(
-            f"the text has {len(stream)} tokens, fewer than one block of max_length={max_length}"
+            f"the training text has {len(stream)} tokens, fewer than one block of "
+            f"train.max_length={max_length}: give more text or a smaller train.max_length"
         )
     blocks = [stream[i * max_length : (i + 1) * max_length] for i in range(n_blocks)]
     return Dataset.from_dict(
