@@ -17,9 +17,9 @@ also leaves its record there under its fingerprint, and every stage folder no la
 restores archived folders instead of recomputing them, and does not rerun a stage whose files
 were not archived (a model) when its own record is there and every stage after it is
 available or reads only its summary (``Stage.summary_inputs``): such a result has only its
-summary (``StageResult.artefacts`` is False). So a
-long experiment split across machines that keep nothing but the archive carries on where it
-stopped, as long as what is left to run does not need the missing files.
+summary (``StageResult.artefacts`` is False). So a long experiment split across machines
+that keep nothing but the archive carries on where it stopped, as long as what is left to
+run does not need the missing files.
 
 This module knows no method: it imports nothing of forgetless above ``errors`` and ``io``.
 """
@@ -422,20 +422,21 @@ class RunDirectory:
             return every
         present = {fp for fp in every if self.available(folders[fp], fp)}
         recorded = {fp for fp in every - present if self.archived_record(fp) is not None}
-        # Who reads each stage's files, and who reads only its summary.
+        # Who reads each stage's files; which stages any stage reads, if only their summary.
         consumers: dict[str, set[str]] = {fp: set() for fp in every}
-        summary_readers: dict[str, set[str]] = {fp: set() for fp in every}
+        read: set[str] = set()
         for plan, stages in plans.items():
             for stage in stages:
                 fingerprint = fingerprints[plan][stage.name]
                 if stage.name in keep:
                     recorded.discard(fingerprint)
                 for name in stage.depends_on:
-                    readers = summary_readers if name in stage.summary_inputs else consumers
-                    if fingerprints[plan][name] in readers:
-                        readers[fingerprints[plan][name]].add(fingerprint)
+                    upstream = fingerprints[plan][name]
+                    read.add(upstream)
+                    if name not in stage.summary_inputs and upstream in consumers:
+                        consumers[upstream].add(fingerprint)
         # What no stage reads is what the caller reads: it is never left as a record.
-        recorded -= {fp for fp in recorded if not consumers[fp] and not summary_readers[fp]}
+        recorded &= read
         to_run = every - recorded - present
         # Stages that a stage left to run consumes must run too, and so on upstream.
         changed = True

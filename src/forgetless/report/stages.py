@@ -10,14 +10,16 @@ from pydantic import Field
 
 from forgetless.report.trackers import Trackers
 from forgetless.runs import Stage, StageResult, StageSettings
-from forgetless.schema import LOCAL_CONTENT
+from forgetless.schema import LOCAL_CHECKPOINT
 
 
 class ReportSettings(StageSettings):
     domain_tasks: tuple[str, ...]
     general_tasks: tuple[str, ...]
-    # What the report says was adapted (model, data, method).
-    meta: dict[str, Any] = Field(json_schema_extra=LOCAL_CONTENT)
+    # What the report says was adapted (model, data, method). Only labels: what the data and
+    # model hold reaches the report through its inputs, so a local path needs only to be
+    # recognised wherever it lies, by its own files (the cheaper, checkpoint digest).
+    meta: dict[str, Any] = Field(json_schema_extra=LOCAL_CHECKPOINT)
 
 
 class ReportStage(Stage):
