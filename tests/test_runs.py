@@ -276,6 +276,18 @@ def test_a_local_data_source_is_identified_by_its_content_not_its_path(tmp_path,
     assert _train_on_source("mine.jsonl").fingerprint({}) != original
 
 
+def test_an_unreadable_local_source_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("locked.jsonl").write_text('{"text": "a"}\n')
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ForgetlessError, match="^cannot read .*locked.jsonl: Permission denied$"):
+        _train_on_source("locked.jsonl").fingerprint({})
+
+
 def test_names_of_no_local_path_keep_their_identity(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = _train_on_source("pubmedqa").settings()
