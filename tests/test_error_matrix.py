@@ -94,6 +94,8 @@ RUN = [
     "evaluate.general_tasks=[c4]",
     "--set",
     "evaluate.domain_tasks=['ppl:good.jsonl']",
+    "--set",
+    "train.max_length=16",
 ]
 
 CASES: dict[str, list[tuple[list[str], str]]] = {
@@ -133,7 +135,7 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             "mix search",
         ),
     ],
-    "empty input": [
+    "empty input (or too little text to train on)": [
         ([*TRAIN, "--data", "empty.jsonl"], "empty.jsonl: no records found"),
         ([*EVAL, "--tasks", "ppl:empty.jsonl"], "empty.jsonl"),
         (
@@ -141,6 +143,10 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
             "evaluate.domain_tasks",
         ),
         (["eval", *TINY, "--tasks", " , "], "--tasks needs at least one task name"),
+        (
+            [*RUN, "--set", "train.max_length=512"],
+            "fewer than one block of train.max_length=512",
+        ),
     ],
     "malformed at a line": [
         ([*TRAIN, "--data", "bad.jsonl"], "bad.jsonl:3: invalid JSON"),

@@ -86,13 +86,30 @@ def pack_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_leng
         stream.append(eos)
     n_blocks = len(stream) // max_length
     if n_blocks == 0:
-        raise ForgetlessError(
-            f"the training text has {len(stream)} tokens, fewer than one block of "
-            f"train.max_length={max_length}: give more text or a smaller train.max_length"
-        )
+        raise _too_little_text(len(stream), max_length)
     blocks = [stream[i * max_length : (i + 1) * max_length] for i in range(n_blocks)]
     return Dataset.from_dict(
         {"input_ids": blocks, "attention_mask": [[1] * max_length] * n_blocks, "labels": blocks}
+    )
+
+
+def check_one_block(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> None:
+    """Refuse text that cannot fill one training block (as ``pack_text`` packs it) before any
+    model time is spent; reads only as many texts as one block takes."""
+    tokens = 0
+    for text in texts:
+        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and eos
+        if tokens >= max_length:
+            return
+    raise _too_little_text(tokens, max_length)
+
+
+def _too_little_text(tokens: int, max_length: int) -> ForgetlessError:
+    return ForgetlessError(
+        f"the training text has {tokens} tokens, fewer than one block of "
+        f"train.max_length={max_length}: give more text or a smaller train.max_length"
     )
 
 

@@ -137,7 +137,10 @@ def describe(notes: dict[str, str]) -> str:
 def check_inputs(config: ForgetlessConfig) -> None:
     """Surface every data or task-name mistake before the first stage spends model time."""
     from forgetless.data import load_section
+    from forgetless.data.features import check_one_block
+    from forgetless.data.records import TextRecord
     from forgetless.evaluate.tasks import load_tasks
+    from forgetless.models import load_tokenizer
 
     evaluate = config.evaluate
     load_tasks(
@@ -154,7 +157,13 @@ def check_inputs(config: ForgetlessConfig) -> None:
 
         load_corpus(config.mix.sources, config.mix.limit_per_source, config.data_dir)
     else:
-        load_section(config.data, config.data_dir)
+        records = load_section(config.data, config.data_dir)
+        if steps == ["train"] and records and isinstance(records[0], TextRecord):
+            # Packed text shorter than one block would fail only after the base evaluation.
+            tokenizer = load_tokenizer(
+                config.model.name, config.model.trust_remote_code, config.model.revision
+            )
+            check_one_block(tokenizer, [record.text for record in records], config.train.max_length)
 
 
 def plan_adapt(config: ForgetlessConfig) -> list[PlannedStage]:
