@@ -1,6 +1,7 @@
 """The stage engine: caching, interrupted stages, plans that share stages, and resuming an
 interrupted training run."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -286,6 +287,24 @@ def test_an_unreadable_local_source_is_one_line_naming_it(tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(ForgetlessError, match="^cannot read .*locked.jsonl: Permission denied$"):
         _train_on_source("locked.jsonl").fingerprint({})
+
+
+def test_large_files_are_read_once_across_commands(tmp_path, monkeypatch):
+    from forgetless import digests
+
+    monkeypatch.setenv("FORGETLESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "LARGE_FILE_BYTES", 4)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    first = digests.file_sha256(weights)
+    assert first == hashlib.sha256(b"weights").hexdigest()
+    reads = []
+    monkeypatch.setattr(digests, "_read_sha256", lambda path: reads.append(path) or "fresh")
+    assert digests.file_sha256(weights) == first and not reads  # from the user cache
+    weights.write_bytes(b"retrained")  # another size: read again
+    assert digests.file_sha256(weights) == "fresh" and reads == [weights]
+    (tmp_path / "cache" / digests.DIGEST_CACHE).write_text("{damaged")
+    assert digests.file_sha256(weights) == "fresh"  # a damaged cache is only recomputed
 
 
 def test_names_of_no_local_path_keep_their_identity(tmp_path, monkeypatch):

@@ -10,24 +10,59 @@ directory on another machine, keeps its cache.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from forgetless.errors import ForgetlessError
+from forgetless.io import write_json_atomic
+from forgetless.paths import cache_dir
 
-# Hashing a checkpoint on every plan would dominate small runs: a digest is reused while every
-# file's size and mtime stay the same, i.e. until someone replaced or edited one.
+# Reading a 16 GB checkpoint takes most of a minute, on every command that plans a stage with
+# it: the digests of large files are kept in the user cache, keyed by path, size and mtime as
+# git's index keys its entries, so a rerun reads none of them again.
+LARGE_FILE_BYTES = 64 << 20
+DIGEST_CACHE = "file_digests.json"
+# Within a process, a folder's digest is reused while every file's size and mtime stay the same.
 _DIGESTS: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    path = Path(path)
     try:
-        with Path(path).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        stat = path.stat()
+        if stat.st_size < LARGE_FILE_BYTES:
+            return _read_sha256(path)
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        known = _cached_digests()
+        if key not in known:
+            known[key] = _read_sha256(path)
+            _remember(known)
+        return known[key]
     except OSError as error:
         raise ForgetlessError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _read_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
+
+
+def _remember(known: dict[str, str]) -> None:
+    try:
+        write_json_atomic(cache_dir() / DIGEST_CACHE, known)
+    except OSError:
+        pass  # a read-only cache only costs the next command the same read
+
+
+def _cached_digests() -> dict[str, str]:
+    try:
+        known = json.loads((cache_dir() / DIGEST_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: digests are computed again
+    return known if isinstance(known, dict) else {}
 
 
 def content_sha256(path: str | Path, *, top_level_only: bool = False) -> str:
