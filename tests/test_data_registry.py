@@ -483,8 +483,8 @@ def test_corrupt_file_is_reported_with_both_digests(tmp_path, shared_data_dir):
 def test_digest_is_checked_once_per_file_version(monkeypatch, tmp_path, fake_source):
     path = _put(tmp_path / "data")
     calls = []
-    real = registry._sha256
-    monkeypatch.setattr(registry, "_sha256", lambda p: calls.append(p) or real(p))
+    real = registry.read_sha256
+    monkeypatch.setattr(registry, "read_sha256", lambda p: calls.append(p) or real(p))
     for _ in range(3):
         resolve_data_file(FAKE_RELPATH, tmp_path / "data")
     assert len(calls) == 1

@@ -299,7 +299,7 @@ def test_large_files_are_read_once_across_commands(tmp_path, monkeypatch):
     first = digests.file_sha256(weights)
     assert first == hashlib.sha256(b"weights").hexdigest()
     reads = []
-    monkeypatch.setattr(digests, "_read_sha256", lambda path: reads.append(path) or "fresh")
+    monkeypatch.setattr(digests, "read_sha256", lambda path: reads.append(path) or "fresh")
     assert digests.file_sha256(weights) == first and not reads  # from the user cache
     weights.write_bytes(b"retrained")  # another size: read again
     assert digests.file_sha256(weights) == "fresh" and reads == [weights]

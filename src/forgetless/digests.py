@@ -31,18 +31,19 @@ def file_sha256(path: str | Path) -> str:
     try:
         stat = path.stat()
         if stat.st_size < LARGE_FILE_BYTES:
-            return _read_sha256(path)
+            return read_sha256(path)
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         known = _cached_digests()
         if key not in known:
-            known[key] = _read_sha256(path)
+            known[key] = read_sha256(path)
             _remember(known)
         return known[key]
     except OSError as error:
         raise ForgetlessError(f"cannot read {path}: {error.strerror or error}") from None
 
 
-def _read_sha256(path: Path) -> str:
+def read_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read now (no cache)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

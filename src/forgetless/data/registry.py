@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import http.client
 import os
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from forgetless.data.records import KINDS, Record
+from forgetless.digests import read_sha256
 from forgetless.errors import ForgetlessError
 from forgetless.paths import cache_dir
 
@@ -71,14 +71,6 @@ def data_cache_dir() -> Path:
     return cache_dir() / "data"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # Hashing every file on every load would dominate small runs; a file is re-checked only when its
 # size or mtime changes, i.e. when someone replaced or edited it.
 _VERIFIED: set[tuple[str, int, int, str]] = set()
@@ -93,7 +85,7 @@ def verify_sha256(path: Path, expected: str) -> None:
     key = _verification_key(path, expected)
     if key in _VERIFIED:
         return
-    actual = _sha256(path)
+    actual = read_sha256(path)
     if actual != expected:
         raise ForgetlessError(
             f"data file {path} is corrupt or a different version: sha256 {actual}, "
@@ -139,7 +131,7 @@ def _download_into_cache(source: SourceFile, target: Path, looked_in: list[Path]
                 f"failed ({_one_line(err)}); pass --data-dir or set {DATA_DIR_ENV} to a "
                 f"directory that holds it"
             ) from None
-        actual = _sha256(temp)
+        actual = read_sha256(temp)
         if actual != source.sha256:
             raise ForgetlessError(
                 f"download of data file '{source.path}' from {source.url} has sha256 {actual}, "
