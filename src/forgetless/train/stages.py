@@ -6,7 +6,6 @@ stage handed on (a selection, a mixture's sample).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 from forgetless.cards import Provenance
 from forgetless.data.config import DataConfig
 from forgetless.data.records import Record, read_records
+from forgetless.digests import file_sha256
 from forgetless.errors import ForgetlessError
 from forgetless.hub import check_push_access, push_model
 from forgetless.model_config import ModelConfig
@@ -61,7 +61,7 @@ class TrainStage(Stage):
         self.data_file = None if data_file is None else Path(data_file)
         file_settings = None
         if self.data_file is not None:
-            digest = hashlib.sha256(self.data_file.read_bytes()).hexdigest()
+            digest = file_sha256(self.data_file)
             file_settings = DataFileSettings(sha256=digest, kind=data.kind if data else "text")
             data = None
         self._settings = TrainSettings(model=model, data=data, data_file=file_settings, train=train)
