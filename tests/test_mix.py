@@ -170,7 +170,8 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path, caplog):
     )
     with caplog.at_level("WARNING", logger="forgetless.mix.search"):
         outcome = run_search(config, 0, prior, tmp_path, runner, progress=False)
-    assert outcome["status"] == "done" and len(calls) == 48
+    # 48 proxy runs in the rounds, then the two final candidates under 3 fresh seeds each.
+    assert outcome["status"] == "done" and len(calls) == 48 + 6
     assert "no better than chance" not in caplog.text  # the predictor has learnt it
     first, later = outcome["rounds"][0], outcome["rounds"][1:]
     # Rounds guided by the predictor propose better mixtures than the Dirichlet prior does.
@@ -183,7 +184,9 @@ def test_search_finds_a_better_mixture_and_resumes(tmp_path, caplog):
     spearman = [entry["spearman_cross_validated"] for entry in outcome["rounds"]]
     assert all(value > 0.7 for value in spearman) and spearman[-1] > 0.9
     again = run_search(config, 0, prior, tmp_path, runner, progress=False)
-    assert len(calls) == 48 and again["final"] == outcome["final"]
+    assert len(calls) == 54 and again["final"] == outcome["final"]
+    # On a smooth objective the predictor's top-k mean beats the best single run it saw.
+    assert outcome["final"]["chosen"] == "predicted"
 
 
 def test_a_predictor_without_signal_is_said(tmp_path, caplog):
@@ -223,7 +226,7 @@ def test_search_with_proxies_run_elsewhere(tmp_path):
         for row in proposed + references:
             writer.writerow([row["id"], float(row["w0"]) + 0.01 * float(row.get("seed", 0))])
     second = run_search(config, 0, prior, tmp_path, None, progress=False)
-    assert second["status"] == "waiting" and second["round"] == 1
+    assert second["status"] == "waiting" and second["step"] == "round 2"
     assert len(second["pending"]) == 4
 
 
@@ -244,6 +247,7 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
             "mix.search.proxy_max_length": 32,
             "mix.search.target_limit": 4,
             "mix.search.noise_runs": 2,
+            "mix.search.verify_runs": 2,
             "mix.search.constraints": {"ppl:web_pool@validation": 0.05},
         },
     )
@@ -254,9 +258,13 @@ def test_mixture_search_end_to_end_on_tiny_proxies(tmp_path, shared_data_dir):
     assert len(mixture["weights"]) == len(mixture["super_clusters"])
     with open(tmp_path / "run" / "search" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    # Six searched mixtures and the natural one under two proxy seeds, each scored on the
-    # targets and on the constrained task.
-    assert len(rows) == 6 + 2
+    # Six searched mixtures, the natural one under two proxy seeds and the two final
+    # candidates under two fresh seeds, each scored on the targets and the constrained task.
+    assert len(rows) == 6 + 2 + 2 * 2
+    assert mixture["chosen"] in ("predicted", "best_observed")
+    chosen = outcome["final"]["verification"][mixture["chosen"]]
+    assert chosen["weights"] == mixture["weights"] and chosen["runs"] == 2
+    assert "| best observed | 2 |" in (tmp_path / "run" / "search" / "report.md").read_text()
     assert {"objective", "ppl:pubmedqa@test", "ppl:boolq", "ppl:web_pool@validation"} <= set(
         rows[0]
     )
@@ -359,7 +367,9 @@ def test_a_non_finite_proxy_objective_stops_the_search(tmp_path):
     from forgetless.errors import ForgetlessError
     from forgetless.mix.search import prior_from_tokens, run_search
 
-    config = SearchConfig(rounds=[4], candidates=50, predictor_iterations=5, noise_runs=0)
+    config = SearchConfig(
+        rounds=[4], candidates=50, predictor_iterations=5, noise_runs=0, verify_runs=0
+    )
     prior = prior_from_tokens(np.array([3.0, 2.0, 1.0]))
     with pytest.raises(ForgetlessError, match="non-finite objective"):
         run_search(config, 0, prior, tmp_path, lambda w, d: {"objective": float("nan")})

@@ -12,10 +12,12 @@ from forgetless.errors import ForgetlessError
 from forgetless.mix.config import SearchConfig
 from forgetless.mix.search import (
     REFERENCE_FILE,
+    VERIFY_FILE,
     final_mixture,
     fit_predictor,
     mixture_id,
     run_search,
+    verify_candidates,
 )
 
 
@@ -110,8 +112,10 @@ def test_noise_runs_measure_the_proxy_seed_spread(tmp_path):
     runner, calls = _seeded_runner(np.array([0.7, 0.1, 0.1, 0.1]), noise=0.05)
     config = SearchConfig(rounds=[12, 6], candidates=500, predictor_iterations=50, noise_runs=3)
     outcome = run_search(config, 5, prior, tmp_path, runner, reference=natural, progress=False)
-    # The reference runs come first: the search's own seed, then two more.
-    assert calls[:3] == [None, 6, 7] and len(calls) == 3 + 12 + 6
+    # The reference runs come first: the search's own seed, then two more; the verification
+    # of two final candidates under three fresh seeds each comes last.
+    assert calls[:3] == [None, 6, 7] and len(calls) == 3 + 12 + 6 + 2 * 3
+    assert calls[-6:] == [6, 7, 8] * 2
     reference = outcome["reference"]
     assert [run["seed"] for run in reference["runs"]] == [5, 6, 7]
     assert [run["id"] for run in reference["runs"]] == [
@@ -127,12 +131,15 @@ def test_noise_runs_measure_the_proxy_seed_spread(tmp_path):
     assert first["rmse_cross_validated"] > 0 and "spearman_cross_validated" in first
     assert (tmp_path / REFERENCE_FILE).read_text().splitlines()[0] == "id,seed,w0,w1,w2,w3"
     again = run_search(config, 5, prior, tmp_path, runner, reference=natural, progress=False)
-    assert len(calls) == 21 and again == outcome
+    assert len(calls) == 27 and again == outcome
 
 
 def test_noise_runs_need_a_seeded_runner_and_two_runs(tmp_path):
     config = SearchConfig(rounds=[4], candidates=50, noise_runs=2)
-    with pytest.raises(ForgetlessError, match="takes seed="):
+    with pytest.raises(ForgetlessError, match="noise_runs needs .* takes seed="):
+        run_search(config, 0, np.full(3, 1 / 3), tmp_path, lambda w, d: {"objective": 1.0})
+    config = SearchConfig(rounds=[4], candidates=50, noise_runs=0)
+    with pytest.raises(ForgetlessError, match="verify_runs needs .* takes seed="):
         run_search(config, 0, np.full(3, 1 / 3), tmp_path, lambda w, d: {"objective": 1.0})
     with pytest.raises(ForgetlessError, match="mix.search.noise_runs.*at least 2"):
         load_config(None, {"mix.search.noise_runs": 1})
@@ -215,3 +222,77 @@ def test_a_truncated_pretrained_proxy_keeps_its_first_blocks():
     assert torch.isfinite(loaded.model(input_ids=ids, labels=ids).loss)
     with pytest.raises(ForgetlessError, match="proxy_layers=5 but tiny-llama has 1 blocks"):
         truncate_layers(loaded.model, 5, "tiny-llama")
+
+
+def test_verification_keeps_the_measured_better_candidate():
+    runs = [
+        {"id": "a1", "weights": np.array([0.9, 0.1])},
+        {"id": "a2", "weights": np.array([0.9, 0.1])},
+        {"id": "b1", "weights": np.array([0.5, 0.5])},
+        {"id": "b2", "weights": np.array([0.5, 0.5])},
+    ]
+
+    def metrics(a, b, general_a=1.0, general_b=1.0):
+        return {
+            "a1": {"objective": a[0], "ppl:general": general_a},
+            "a2": {"objective": a[1], "ppl:general": general_a},
+            "b1": {"objective": b[0], "ppl:general": general_b},
+            "b2": {"objective": b[1], "ppl:general": general_b},
+        }
+
+    # Without constraints the lower mean objective wins.
+    verified = verify_candidates(runs, metrics((2.0, 2.2), (2.0, 2.1)), {})
+    assert verified["chosen"] == "best_observed" and verified["chosen_weights"] == [0.5, 0.5]
+    predicted = verified["candidates"]["predicted"]
+    assert predicted["runs"] == 2 and predicted["objective"] == pytest.approx(2.1)
+    assert predicted["objective_std"] == pytest.approx(np.std([2.0, 2.2], ddof=1))
+    assert verify_candidates(runs, metrics((2.0, 2.0), (2.0, 2.0)), {})["chosen"] == "predicted"
+    # A better objective does not buy a broken constraint; with both broken, the smaller
+    # excess wins.
+    limits = {"ppl:general": 1.5}
+    assert verify_candidates(runs, metrics((1.0, 1.0), (2.0, 2.0), 1.6), limits)["chosen"] == (
+        "best_observed"
+    )
+    both = verify_candidates(runs, metrics((1.0, 1.0), (2.0, 2.0), 1.6, 1.9), limits)
+    assert both["chosen"] == "predicted"
+    assert not both["candidates"]["predicted"]["keeps_constraints"]
+    # One candidate when the predicted mixture is the best run observed.
+    assert list(verify_candidates(runs[:2], metrics((1.0, 1.0), (0, 0)), {})["candidates"]) == [
+        "predicted"
+    ]
+
+
+def test_an_extrapolated_mixture_that_measures_worse_is_replaced(tmp_path):
+    """The proxy punishes every mixture no round proposed (as a cliff outside the region the
+    runs explored would): the search must end on the best mixture it actually saw."""
+    prior = np.full(3, 1 / 3)
+    seen = {}
+
+    def runner(weights, workdir, seed=None):
+        key = tuple(np.round(weights, 6))
+        if seed is None:  # the rounds' runs, under the search's seed
+            seen[key] = True
+        value = float(np.abs(weights - [0.8, 0.1, 0.1]).sum()) + _noise(weights, seed, 0.01)
+        return {"objective": value + (0 if key in seen else 1.0)}
+
+    config = SearchConfig(rounds=[12, 6], candidates=500, predictor_iterations=50, noise_runs=0)
+    outcome = run_search(config, 3, prior, tmp_path, runner, progress=False)
+    final = outcome["final"]
+    assert final["chosen"] == "best_observed"
+    assert final["weights"] == outcome["best_observed"]["weights"]
+    verification = final["verification"]
+    assert verification["predicted"]["objective"] > verification["best_observed"]["objective"]
+    rows = (tmp_path / VERIFY_FILE).read_text().splitlines()
+    assert rows[0] == "id,seed,w0,w1,w2"
+    assert [row.split(",")[1] for row in rows[1:]] == ["4", "5", "6"] * 2
+    # Proxies run elsewhere: the verification waits like a round.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mixtures.csv").write_text((tmp_path / "mixtures.csv").read_text())
+    verifying = {row.split(",")[0] for row in rows[1:]}
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()
+    kept = [row for row in metrics if row.split(",")[0] not in verifying]
+    (elsewhere / "metrics.csv").write_text("\n".join(kept) + "\n")
+    waiting = run_search(config, 3, prior, elsewhere, None, progress=False)
+    assert waiting["status"] == "waiting" and waiting["step"] == "verification"
+    assert len(waiting["pending"]) == 6

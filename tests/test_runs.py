@@ -484,3 +484,19 @@ def test_a_diverging_run_stops_at_the_step_it_diverged(tmp_path):
     ):
         train_model(loaded.model, loaded.tokenizer, _records(), config, tmp_path, progress=False)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_setting_added_later_keeps_old_fingerprints_when_off():
+    from pydantic import Field
+
+    from forgetless.schema import Section, added_setting
+
+    class Before(Section):
+        rounds: int = 3
+
+    class After(Section):
+        rounds: int = 3
+        checks: int = Field(2, json_schema_extra=added_setting(0))
+
+    assert identity_dump(After(checks=0)) == identity_dump(Before())
+    assert identity_dump(After()) == {"rounds": 3, "checks": 2}

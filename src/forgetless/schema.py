@@ -33,6 +33,14 @@ LOCAL_CONTENT = {"identity": "content"}
 LOCAL_CHECKPOINT = {"identity": "checkpoint"}
 
 
+def added_setting(off: Any) -> dict[str, Any]:
+    """Marks a setting added to a stage after results were cached or archived, whose value
+    ``off`` computes exactly what the stage computed before it existed
+    (``Field(..., json_schema_extra=added_setting(0))``): at that value it is left out of the
+    identity, so switching the new behaviour off keeps the old stages' fingerprints."""
+    return {"identity_omitted_at": off}
+
+
 def identity_dump(model: BaseModel) -> dict[str, Any]:
     """``model.model_dump(mode="json")`` without the NOT_IDENTITY settings and with local paths
     of LOCAL_CONTENT settings replaced by their content's digest, at any depth."""
@@ -47,8 +55,13 @@ def _identity(model: BaseModel, dumped: dict[str, Any]) -> None:
             dumped.pop(name, None)
             continue
         value = getattr(model, name)
-        if field.json_schema_extra in (LOCAL_CONTENT, LOCAL_CHECKPOINT):
-            dumped[name] = _by_content(dumped[name], field.json_schema_extra == LOCAL_CHECKPOINT)
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and "identity_omitted_at" in extra:
+            if value == extra["identity_omitted_at"]:
+                dumped.pop(name, None)
+            continue
+        if extra in (LOCAL_CONTENT, LOCAL_CHECKPOINT):
+            dumped[name] = _by_content(dumped[name], extra == LOCAL_CHECKPOINT)
         if isinstance(value, BaseModel):
             _identity(value, dumped[name])
         elif isinstance(value, dict):

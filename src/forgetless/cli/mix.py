@@ -127,7 +127,7 @@ def mix_search(
     if outcome["status"] == "waiting":
         emit(outcome, lambda: None, json_)
         err.print(
-            f"round {outcome['round'] + 1}: {len(outcome['pending'])} mixtures await proxy "
+            f"{outcome['step']}: {len(outcome['pending'])} mixtures await proxy "
             f"results in {output_dir / 'search' / 'metrics.csv'}"
         )
         return

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
-from forgetless.schema import LOCAL_CONTENT, Section
+from forgetless.schema import LOCAL_CONTENT, Section, added_setting
 
 
 class EmbedConfig(Section):
@@ -185,6 +185,16 @@ class SearchConfig(Section):
         ge=0,
         description="Proxy runs of the reference (natural) mixture under as many proxy seeds, "
         "to measure the objective's seed-to-seed noise; 0 = none, else at least 2.",
+    )
+    verify_runs: int = Field(
+        3,
+        ge=0,
+        description="Before the search ends, the predicted final mixture and the best proxy run "
+        "observed are both trained under this many fresh proxy seeds, and the one whose mean "
+        "keeps every constraint with the lower objective is the final mixture: a predictor "
+        "fitted on a few dozen runs can place its optimum where no run went. 0 = trust the "
+        "predictor.",
+        json_schema_extra=added_setting(0),
     )
     constraints: dict[str, float] = Field(
         default_factory=dict,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -150,6 +151,33 @@ def _number(value: float | None, form: str = ".4f") -> str:
     return "–" if value is None else format(value, form)
 
 
+def _verification_lines(final: dict[str, Any], noise: float | None) -> list[str]:
+    candidates = final["verification"]
+    tasks = list(next(iter(candidates.values()))["losses"])
+    headers = [*(f"{task} ppl" for task in tasks), *(["keeps constraints"] if tasks else [])]
+    lines = [
+        "",
+        "Verification: each candidate trained under fresh proxy seeds; mean (± std) of its "
+        "runs. The final mixture is the candidate that keeps every constraint with the lower "
+        "objective" + (f" (seed noise of the reference: {_number(noise)})." if noise else "."),
+        "",
+        "| " + " | ".join(["candidate", "runs", "objective", *headers, "final"]) + " |",
+        "|---" * (4 + len(headers)) + "|",
+    ]
+    for name, row in candidates.items():
+        cells = [
+            name.replace("_", " "),
+            str(row["runs"]),
+            f"{row['objective']:.4f} ± {_number(row['objective_std'])}",
+            *(f"{math.exp(row['losses'][task]):.3f}" for task in tasks),
+        ]
+        if tasks:
+            cells.append("yes" if row["keeps_constraints"] else "no")
+        cells.append("yes" if name == final["chosen"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_search_report(outcome: dict[str, Any], search: SearchConfig) -> str:
     """The search's rounds next to the proxies' seed noise, the constraints and the final
     mixture."""
@@ -210,16 +238,18 @@ def render_search_report(outcome: dict[str, Any], search: SearchConfig) -> str:
         "",
         "## Final mixture",
         "",
-        f"The mean of the predictor's best {final['top_k']} of {search.candidates} fresh "
-        f"draws (their predicted objectives {low:.4f} to {high:.4f}); predicted objective "
-        f"{final['predicted_objective']:.4f}. Best proxy run observed: {best['id']}, "
-        f"objective {best['objective']:.4f}.",
+        f"The predicted mixture: the mean of the predictor's best {final['top_k']} of "
+        f"{search.candidates} fresh draws (their predicted objectives {low:.4f} to "
+        f"{high:.4f}); predicted objective {final['predicted_objective']:.4f}. Best proxy run "
+        f"observed: {best['id']}, objective {best['objective']:.4f}.",
     ]
     if "feasible" in final:
         lines.append(
             f"Predicted to satisfy every constraint: {'yes' if final['feasible'] else 'no'} "
             f"({final['feasible_candidates']} of the draws were)."
         )
+    if "verification" in final:
+        lines += _verification_lines(final, noise)
     weights = ", ".join(f"{index}: {w:.3f}" for index, w in enumerate(final["weights"]))
     lines += ["", f"Weights per super-cluster: {weights}."]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@ Round 1 proposes mixtures with a RegMix-style Dirichlet sampler around the prior
 super-cluster's token share ** 0.5). Every later round fits the predictor on all (mixture,
 objective) pairs so far, ranks ``candidates`` fresh draws, keeps the best max(N^2, 128) and
 samples its N proposals from them. The final mixture is the mean of the predictor's best
-``top_k`` fresh draws (RegMix).
+``top_k`` fresh draws (RegMix), checked against the best run observed: both are run under
+``verify_runs`` fresh proxy seeds and the measured better one is kept.
 
 The reference mixture (the natural one: each super-cluster's token share) is run under
 ``noise_runs`` proxy seeds, which measures the objective's seed-to-seed noise, and is what
@@ -16,7 +17,8 @@ Four plain files keep the sampler, the runner and the predictor apart, so proxy 
 done elsewhere and fed back: ``mixtures.csv`` (id, round, one weight column per
 super-cluster), ``reference.csv`` (id, proxy seed, weights of the reference runs),
 ``metrics.csv`` (id, objective, per-task losses) and ``search.json`` (the predictor's accuracy
-per round, the reference runs and the final mixture).
+per round, the reference runs and the final mixture); ``verify.csv`` (id, proxy seed, weights)
+holds the verification runs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from forgetless.mix.config import SearchConfig
 logger = logging.getLogger(__name__)
 MIXTURES_FILE = "mixtures.csv"
 REFERENCE_FILE = "reference.csv"
+VERIFY_FILE = "verify.csv"
 MIXTURE_ID = re.compile(r"[0-9a-f]{12}")
 METRICS_FILE = "metrics.csv"
 PROXIES_DIR = "proxies"
@@ -211,6 +214,20 @@ class SearchFiles:
             "seed",
             [(mixture_id(weights, offset), seed + offset, weights) for offset in range(count)],
         )
+
+    def verification_runs(self) -> list[dict[str, Any]]:
+        """The final candidates' runs under fresh proxy seeds: id, proxy seed, weights."""
+        return self._read(VERIFY_FILE, "seed")
+
+    def add_verification_runs(self, candidates: list[np.ndarray], seed: int, count: int) -> None:
+        # Seeds after the search's own: the best observed run is not measured again under the
+        # seed whose luck may have made it the best.
+        rows = [
+            (mixture_id(weights, offset), seed + offset, weights)
+            for weights in candidates
+            for offset in range(1, count + 1)
+        ]
+        self._write(VERIFY_FILE, "seed", rows)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         path = self.directory / METRICS_FILE
@@ -421,10 +438,15 @@ def run_search(
     reference = prior if reference is None else np.asarray(reference, dtype=np.float64)
     # Constraints are relative to the reference, so it is run at least once with them.
     reference_count = max(config.noise_runs, 1 if config.constraints else 0)
-    if reference_count > 1 and runner is not None and not _takes_seed(runner):
-        raise ForgetlessError(
-            "mix.search.noise_runs needs a proxy runner that takes seed=; set it to 0"
-        )
+    if runner is not None and not _takes_seed(runner):
+        for setting, needs_seeds in (
+            ("noise_runs", reference_count > 1),
+            ("verify_runs", config.verify_runs > 0),
+        ):
+            if needs_seeds:
+                raise ForgetlessError(
+                    f"mix.search.{setting} needs a proxy runner that takes seed=; set it to 0"
+                )
     if reference_count and not files.references():
         files.add_references(reference, seed, reference_count)
     references = files.references()
@@ -464,15 +486,12 @@ def run_search(
         if (pending or pending_references) and runner is None:
             return {
                 "status": "waiting",
-                "round": round_index,
+                "step": f"round {round_index + 1}",
                 "pending": [m["id"] for m in [*pending_references, *pending]],
                 "rounds": rounds,
             }
         for mixture in tqdm(pending, desc=f"round {round_index + 1}", disable=not progress):
-            workdir = files.directory / PROXIES_DIR / mixture["id"]
-            metrics = runner(mixture["weights"], workdir)
-            _check_objective(mixture["id"], metrics)
-            files.add_metrics(mixture["id"], metrics)
+            _run_proxy(files, mixture, runner)
         done = files.metrics()
         actual = np.array([done[m["id"]]["objective"] for m in recorded])
         entry: dict[str, Any] = {
@@ -510,16 +529,35 @@ def run_search(
     observed_ok = np.array([_keeps(done[m["id"]], limits) for m in everything])
     candidates = np.flatnonzero(observed_ok) if observed_ok.any() else np.arange(len(objective))
     observed = int(candidates[np.argmin(objective[candidates])])
+    best_observed = {
+        "id": everything[observed]["id"],
+        "weights": features[observed].tolist(),
+        "objective": float(objective[observed]),
+    }
+    if config.verify_runs:
+        if not files.verification_runs():
+            files.add_verification_runs([weights, features[observed]], seed, config.verify_runs)
+        runs = files.verification_runs()
+        pending = [run for run in runs if run["id"] not in done]
+        if pending and runner is None:
+            return {
+                "status": "waiting",
+                "step": "verification",
+                "pending": [run["id"] for run in pending],
+                "rounds": rounds,
+            }
+        for run in tqdm(pending, desc="verification", disable=not progress):
+            _run_proxy(files, run, runner, seed=run["seed"])
+        verified = verify_candidates(runs, files.metrics(), limits)
+        weights = np.array(verified["chosen_weights"])
+        details["verification"] = verified["candidates"]
+        details["chosen"] = verified["chosen"]
     outcome: dict[str, Any] = {
         "status": "done",
         "rounds": rounds,
         "prior": prior.tolist(),
         "final": {"weights": weights.tolist(), **details},
-        "best_observed": {
-            "id": everything[observed]["id"],
-            "weights": features[observed].tolist(),
-            "objective": float(objective[observed]),
-        },
+        "best_observed": best_observed,
     }
     if references:
         outcome["reference"] = reference_summary(references, done, tasks)
@@ -536,6 +574,65 @@ def run_search(
     return outcome
 
 
+def verify_candidates(
+    runs: list[dict[str, Any]], done: dict[str, dict[str, float]], limits: dict[str, float]
+) -> dict[str, Any]:
+    """Pick the final mixture from the verification runs: the first candidate in ``runs`` is
+    the predicted one, the second the best observed. Each is judged by its mean over the
+    fresh seeds; a candidate keeping every limit beats one that does not, then the lower
+    objective wins (ties: the predicted one); with none keeping them, the least violating."""
+    groups: list[tuple[np.ndarray, list[dict[str, float]]]] = []
+    for run in runs:
+        for weights, rows in groups:
+            if np.array_equal(weights, run["weights"]):
+                rows.append(done[run["id"]])
+                break
+        else:
+            groups.append((run["weights"], [done[run["id"]]]))
+    names = ["predicted", "best_observed"] if len(groups) == 2 else ["predicted"]
+    candidates = {}
+    for name, (weights, rows) in zip(names, groups, strict=True):
+        means = {key: float(np.mean([row[key] for row in rows])) for key in ["objective", *limits]}
+        excess = sum(max(means[task] - limit, 0.0) for task, limit in limits.items())
+        candidates[name] = {
+            "weights": weights.tolist(),
+            "runs": len(rows),
+            "objective": means["objective"],
+            "objective_std": _std([row["objective"] for row in rows]),
+            "losses": {task: means[task] for task in limits},
+            "keeps_constraints": excess == 0,
+            "excess": excess,
+        }
+    chosen = min(candidates, key=lambda n: (candidates[n]["excess"], candidates[n]["objective"]))
+    if candidates[chosen]["excess"] > 0:
+        logger.warning(
+            "neither the predicted mixture nor the best observed run keeps "
+            "mix.search.constraints under the verification seeds; the final mixture is the "
+            "least violating"
+        )
+    if chosen != "predicted":
+        logger.warning(
+            "the predicted mixture measured worse than the best observed run under the "
+            "verification seeds (%s); the final mixture is that run's",
+            "breaks a constraint"
+            if candidates["predicted"]["excess"] > 0
+            else f"objective {candidates['predicted']['objective']:.4f} against "
+            f"{candidates[chosen]['objective']:.4f}",
+        )
+    return {
+        "chosen": chosen,
+        "chosen_weights": candidates[chosen]["weights"],
+        "candidates": candidates,
+    }
+
+
+def _run_proxy(files: SearchFiles, mixture: dict[str, Any], runner, **seed) -> None:
+    workdir = files.directory / PROXIES_DIR / mixture["id"]
+    metrics = runner(mixture["weights"], workdir, **seed)
+    _check_objective(mixture["id"], metrics)
+    files.add_metrics(mixture["id"], metrics)
+
+
 def _keeps(metrics: dict[str, float], limits: dict[str, float]) -> bool:
     """Whether a run's observed losses are within every limit (a missing one is not)."""
     return all(metrics.get(task, math.nan) <= limit for task, limit in limits.items())
@@ -550,13 +647,7 @@ def _run_references(
     if runner is None:
         return pending
     for run in tqdm(pending, desc="reference", disable=not progress):
-        workdir = files.directory / PROXIES_DIR / run["id"]
-        if run["seed"] == seed:
-            metrics = runner(run["weights"], workdir)
-        else:
-            metrics = runner(run["weights"], workdir, seed=run["seed"])
-        _check_objective(run["id"], metrics)
-        files.add_metrics(run["id"], metrics)
+        _run_proxy(files, run, runner, **({} if run["seed"] == seed else {"seed": run["seed"]}))
     return []
 
 

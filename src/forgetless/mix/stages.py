@@ -284,6 +284,8 @@ def search_mixture(
         mixture_file = {
             "weights": outcome["final"]["weights"],
             "predicted_objective": outcome["final"]["predicted_objective"],
+            # "predicted", or "best_observed" where the predicted mixture measured worse.
+            "chosen": outcome["final"].get("chosen", "predicted"),
             "prior": outcome["prior"],
             "targets": mix.search.targets,
             "constraints": outcome.get("constraints", {}),
@@ -316,6 +318,7 @@ class SearchStage(Stage):
         summary = {
             "weights": outcome["final"]["weights"],
             "predicted_objective": outcome["final"]["predicted_objective"],
+            "chosen": outcome["final"].get("chosen", "predicted"),
             "rounds": outcome["rounds"],
         }
         if "reference" in outcome:
