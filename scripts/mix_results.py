@@ -28,8 +28,11 @@ when it is worse on no task beyond that interval and better on at least one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from forgetless.config import load_raw
 from forgetless.errors import ForgetlessError
@@ -187,6 +190,20 @@ def render(summary: dict[str, Any], args) -> str:
             ]
             better = "yes" if verdict["pareto_better"] else "no"
             lines.append(f"| {second} | " + " | ".join(cells) + f" | {better} |")
+    for task, rows in summary.get("by_source", {}).items():
+        sources = list(rows["documents"])
+        lines += [
+            "",
+            f"## {task} by source",
+            "",
+            "Perplexity change against the base on each source's documents, in % (mean over "
+            "the training seeds).",
+            "",
+            "| arm | " + " | ".join(f"{s} ({rows['documents'][s]})" for s in sources) + " |",
+            "|---" * (len(sources) + 1) + "|",
+        ]
+        for name, cells in rows["arms"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{cells[s]:+.1f}" for s in sources) + " |")
     lines += ["", f"Command: `python scripts/mix_results.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
 
@@ -234,9 +251,51 @@ def summarise(config, args, arms, run) -> dict[str, Any]:
         "verdicts": pareto_verdicts(
             pooled, {task: base[0][task]["higher_is_better"] for task in tasks}
         ),
+        "by_source": changes_by_source(config, tasks, base, evaluations, labels),
         "training": {label: res["train"].summary for label, res in results.items()},
         "frontier": str(run.directory / "frontier.html"),
     }
+
+
+def changes_by_source(config, tasks, base, evaluations, labels) -> dict[str, Any]:
+    """Each arm's perplexity change (%, mean over its seeds) on the documents of each source
+    of a pooled perplexity task (ids ``<pool>/<split>/<source>/...``): where a mixture's gain
+    or loss comes from."""
+    from forgetless.evaluate.tasks import load_task_records, parse_task
+
+    breakdown = {}
+    for task in tasks:
+        if base[0][task]["metric"] != "perplexity":
+            continue
+        records = load_task_records(parse_task(task), config.evaluate, data_dir=config.data_dir)
+        parts = [str(getattr(record, "id", "")).split("/") for record in records]
+        if not all(len(part) > 3 for part in parts):
+            continue
+        sources = np.array([part[2] for part in parts])
+        if len(set(sources)) < 2:
+            continue
+        before = base[1][task]
+        tokens = np.array(before["document_tokens"])
+        rows: dict[str, Any] = {"documents": {}, "arms": {}}
+        for source in sorted(set(sources)):
+            rows["documents"][source] = int((sources == source).sum())
+        for name, models in labels.items():
+            rows["arms"][name] = {}
+            for source in rows["documents"]:
+                mask = sources == source
+                changes = [
+                    math.expm1(
+                        (
+                            np.array(evaluations[model][1][task]["document_nll"])[mask].sum()
+                            - np.array(before["document_nll"])[mask].sum()
+                        )
+                        / tokens[mask].sum()
+                    )
+                    for model in models
+                ]
+                rows["arms"][name][source] = 100 * float(np.mean(changes))
+        breakdown[task] = rows
+    return breakdown
 
 
 def mixture_method(arms, label: str) -> str | None:

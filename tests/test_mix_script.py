@@ -75,6 +75,36 @@ def test_retention_aware_mixtures_against_natural_uniform_and_domain_only(
     assert "Proxy seed noise (natural mixture" in table
 
 
+def test_perplexity_changes_are_broken_down_by_source(script, shared_data_dir):
+    import math
+
+    from forgetless.config import load_config
+
+    task = "ppl:medical_pool@test"
+    config = load_config(
+        None, {"evaluate.task_limits": {task: 4}, "data_dir": str(shared_data_dir)}
+    )
+    # The pool's first four test documents: three abstracts, then a MedQuAD answer.
+    tokens = [10, 20, 30, 40]
+    base = (
+        {task: {"metric": "perplexity"}},
+        {task: {"document_nll": [10.0, 20.0, 30.0, 40.0], "document_tokens": tokens}},
+    )
+
+    def evaluation(shift_abstracts, shift_medquad):
+        nll = [10.0 + shift_abstracts, 20.0, 30.0, 40.0 + shift_medquad]
+        return ({}, {task: {"document_nll": nll, "document_tokens": tokens}})
+
+    evaluations = {"a0": evaluation(6.0, -4.0), "a1": evaluation(-6.0, -8.0)}
+    rows = script.changes_by_source(config, [task], base, evaluations, {"a": ["a0", "a1"]})[task]
+    assert rows["documents"] == {"medical_abstracts": 3, "medquad": 1}
+    # Mean over the seeds of each seed's change on the source's tokens.
+    expected_abstracts = (math.expm1(6 / 60) + math.expm1(-6 / 60)) / 2
+    expected_medquad = (math.expm1(-4 / 40) + math.expm1(-8 / 40)) / 2
+    assert rows["arms"]["a"]["medical_abstracts"] == pytest.approx(100 * expected_abstracts)
+    assert rows["arms"]["a"]["medquad"] == pytest.approx(100 * expected_medquad)
+
+
 def test_without_seeds_the_published_arms_stay_as_they_are():
     from forgetless.config import load_raw
     from forgetless.recipes.compare import expand_arms
