@@ -137,6 +137,22 @@ def render(summary: dict[str, Any], args) -> str:
             f"{summary['search']['noise_std']:.4f}, against a spread of {spreads} within the "
             "rounds.",
         ]
+    verification = summary.get("verification")
+    if verification:
+        lines += [
+            "",
+            "Verification (mix.search.verify_runs fresh proxy seeds; mean ± sd): "
+            + "; ".join(
+                f"{name.replace('_', ' ')}: objective {row['objective']:.4f} ± "
+                f"{row['objective_std'] or 0:.4f}"
+                + "".join(
+                    f", {task} ppl {math.exp(loss):.3f}" for task, loss in row["losses"].items()
+                )
+                + ("" if row["keeps_constraints"] else " (breaks a constraint)")
+                for name, row in verification["candidates"].items()
+            )
+            + f". Trained: {verification['chosen'].replace('_', ' ')}.",
+        ]
     lines += [
         "",
         "## Mixtures (weight per super-cluster)",
@@ -244,6 +260,7 @@ def summarise(config, args, arms, run) -> dict[str, Any]:
             "super_clusters"
         ],
         "search": searched["search"].summary,
+        "verification": verification_of(searched["search"]),
         "weights": mixtures,
         "base": {task: base[0][task]["value"] for task in tasks},
         "changes": {label: models[label]["changes"] for label in results},
@@ -255,6 +272,16 @@ def summarise(config, args, arms, run) -> dict[str, Any]:
         "training": {label: res["train"].summary for label, res in results.items()},
         "frontier": str(run.directory / "frontier.html"),
     }
+
+
+def verification_of(search) -> dict[str, Any] | None:
+    """The final candidates' verification runs, from the search's own record (None when the
+    search ran without them)."""
+    record = search.directory / "search.json"
+    final = json.loads(record.read_text())["final"] if record.is_file() else {}
+    if "verification" not in final:
+        return None
+    return {"chosen": final["chosen"], "candidates": final["verification"]}
 
 
 def changes_by_source(config, tasks, base, evaluations, labels) -> dict[str, Any]:

@@ -73,6 +73,14 @@ def test_retention_aware_mixtures_against_natural_uniform_and_domain_only(
     # The natural mixture under two proxy seeds: its spread is reported beside the rounds'.
     assert summary["search"]["noise_std"] > 0
     assert "Proxy seed noise (natural mixture" in table
+    # Both final candidates were measured under fresh proxy seeds, and the trained one is said.
+    verification = summary["verification"]
+    assert set(verification["candidates"]) <= {"predicted", "best_observed"}
+    assert all(row["runs"] == 3 for row in verification["candidates"].values())
+    assert (
+        summary["weights"]["climb"] == verification["candidates"][verification["chosen"]]["weights"]
+    )
+    assert "Verification (mix.search.verify_runs" in table
 
 
 def test_perplexity_changes_are_broken_down_by_source(script, shared_data_dir):
