@@ -390,3 +390,31 @@ def test_a_sample_is_never_empty_nor_drawn_by_non_finite_weights():
         sample_training_set(
             corpus, groups, np.array([np.nan, 1.0]), 500, tiny, repetition_cap=4, seed=0
         )
+
+
+def test_mix_search_command_says_which_candidate_it_verified_and_kept(
+    tmp_path, shared_data_dir, run_cli
+):
+    settings = {
+        "mix.sources": '["c4", "pubmedqa@train"]',
+        "mix.limit_per_source": 12,
+        "mix.cluster.clusters": 4,
+        "mix.cluster.merge_distance": 0.6,
+        "mix.search.candidates": 100,
+        "mix.search.predictor_iterations": 10,
+        "mix.search.proxy_tokens": 1024,
+        "mix.search.proxy_max_length": 32,
+        "mix.search.target_limit": 4,
+        "mix.search.noise_runs": 0,
+        "mix.search.verify_runs": 2,
+    }
+    argv = ["mix", "search", "--output-dir", str(tmp_path), "--rounds", "4,2"]
+    argv += ["--data-dir", str(shared_data_dir)]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    mixture = json.loads((tmp_path / "search" / "mixture.json").read_text())
+    chosen = mixture["chosen"].replace("_", " ")
+    assert f"verified {chosen}: objective" in err and "over 2 proxy seeds" in err
+    assert "(chosen)" in err

@@ -13,6 +13,7 @@ from forgetless.mix.config import SearchConfig
 from forgetless.mix.search import (
     REFERENCE_FILE,
     VERIFY_FILE,
+    SearchFiles,
     final_mixture,
     fit_predictor,
     mixture_id,
@@ -260,6 +261,14 @@ def test_verification_keeps_the_measured_better_candidate():
     assert list(verify_candidates(runs[:2], metrics((1.0, 1.0), (0, 0)), {})["candidates"]) == [
         "predicted"
     ]
+
+
+def test_a_predicted_mixture_that_was_run_is_verified_once(tmp_path):
+    files = SearchFiles(tmp_path, 2)
+    files.add_verification_runs([np.array([0.3, 0.7]), np.array([0.3, 0.7])], seed=0, count=2)
+    runs = files.verification_runs()
+    assert [run["seed"] for run in runs] == [1, 2]
+    assert [run["id"] for run in runs] == [mixture_id([0.3, 0.7], 1), mixture_id([0.3, 0.7], 2)]
 
 
 def test_an_extrapolated_mixture_that_measures_worse_is_replaced(tmp_path):

@@ -148,7 +148,14 @@ def mix_search(
         out().print(table)
 
     emit(outcome, show, json_)
-    weights = ", ".join(f"{w:.3f}" for w in outcome["final"]["weights"])
+    final = outcome["final"]
+    for name, row in final.get("verification", {}).items():
+        kept = "" if row["keeps_constraints"] else ", breaks a constraint"
+        err.print(
+            f"verified {name.replace('_', ' ')}: objective {row['objective']:.4f} over "
+            f"{row['runs']} proxy seeds{kept}" + (" (chosen)" if name == final["chosen"] else "")
+        )
+    weights = ", ".join(f"{w:.3f}" for w in final["weights"])
     err.print(f"final mixture [{weights}] → {output_dir / 'search' / 'mixture.json'}")
 
 

@@ -222,9 +222,10 @@ class SearchFiles:
     def add_verification_runs(self, candidates: list[np.ndarray], seed: int, count: int) -> None:
         # Seeds after the search's own: the best observed run is not measured again under the
         # seed whose luck may have made it the best.
+        distinct = {mixture_id(weights): weights for weights in candidates}
         rows = [
             (mixture_id(weights, offset), seed + offset, weights)
-            for weights in candidates
+            for weights in distinct.values()
             for offset in range(1, count + 1)
         ]
         self._write(VERIFY_FILE, "seed", rows)
