@@ -51,11 +51,11 @@ def identity_dump(model: BaseModel) -> dict[str, Any]:
 
 def _identity(model: BaseModel, dumped: dict[str, Any]) -> None:
     for name, field in type(model).model_fields.items():
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra == NOT_IDENTITY:
+        extra = field.json_schema_extra
+        if extra == NOT_IDENTITY:
             dumped.pop(name, None)
             continue
         value = getattr(model, name)
-        extra = field.json_schema_extra
         if isinstance(extra, dict) and "identity_omitted_at" in extra:
             if value == extra["identity_omitted_at"]:
                 dumped.pop(name, None)
