@@ -24,6 +24,7 @@ retention task) at a domain gain not worse than theirs? Writes ``<output>.md`` a
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,7 @@ def summarise(config, args, arms, run, tokens: int) -> dict[str, Any]:
             "epochs": trained["epochs"],
             "train_seconds": res["train"].seconds,
             "selection_seconds": sum(res[stage].seconds or 0.0 for stage in selection),
+            "sources": selected_sources(res, selection),
         }
     return {
         "model": config.model.name,
@@ -260,6 +262,22 @@ def summarise(config, args, arms, run, tokens: int) -> dict[str, Any]:
         "verdict": verdict(budgets, evaluate.domain_tasks[0], config.compare.y_task),
         "frontier": str(Path(config.run_dir) / "frontier" / "frontier.html"),
     }
+
+
+def selected_sources(res: dict, selection: list[str]) -> dict[str, int]:
+    """How many selected records come from each member source of the pool (record ids
+    ``<pool>/<split>/<source>/...``): what a selection favours. Empty when the selection's
+    files were not kept."""
+    stage = next((res[name] for name in selection if name.startswith("selection")), None)
+    if stage is None or not stage.artefacts:
+        return {}
+    counts: dict[str, int] = {}
+    with open(stage.directory / stage.summary["records_file"]) as handle:
+        for line in handle:
+            parts = str(json.loads(line).get("id", "")).split("/")
+            if len(parts) > 3:
+                counts[parts[2]] = counts.get(parts[2], 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def verdict(budgets: dict, domain_task: str, retention_task: str) -> dict[str, Any] | None:
@@ -280,6 +298,21 @@ def verdict(budgets: dict, domain_task: str, retention_task: str) -> dict[str, A
             "domain_not_worse": domain["ci95"][0] <= 0,
         }
     return result
+
+
+def verdict_text(result: dict[str, Any]) -> str:
+    """The verdict in words: per contrast, whether OGS forgets less and gains no less."""
+    names = {"ogs_vs_random": "random", "ogs_vs_less": "LESS"}
+
+    def said(value: bool) -> str:
+        return "yes" if value else "no"
+
+    parts = [
+        f"OGS vs {names[key]}: forgets less (interval below 0) {said(entry['forgets_less'])}, "
+        f"domain gain not worse (interval reaches 0) {said(entry['domain_not_worse'])}"
+        for key, entry in result.items()
+    ]
+    return "; ".join(parts) + "."
 
 
 def render(summaries: dict[str, dict], args) -> str:
@@ -323,16 +356,18 @@ def render(summaries: dict[str, dict], args) -> str:
                 lines.append(f"| {arm} | {' | '.join(cells)} | {'; '.join(others)} |")
         lines += [
             "",
-            "| model | tokens | epochs | training s | selection s |",
-            "|---|---|---|---|---|",
+            "| model | tokens | epochs | training s | selection s | records by source |",
+            "|---|---|---|---|---|---|",
         ]
         for name, compute in summary["compute"].items():
+            sources = ", ".join(f"{k} {v}" for k, v in compute.get("sources", {}).items())
             lines.append(
                 f"| {name} | {compute['tokens']:,} | {compute['epochs']:.2f} | "
-                f"{compute['train_seconds'] or 0:.0f} | {compute['selection_seconds']:.0f} |"
+                f"{compute['train_seconds'] or 0:.0f} | {compute['selection_seconds']:.0f} | "
+                f"{sources or '–'} |"
             )
         if summary["verdict"]:
-            lines += ["", f"Verdict at {VERDICT_BUDGET:.0%}: {summary['verdict']}"]
+            lines += ["", f"Verdict at {VERDICT_BUDGET:.0%}: " + verdict_text(summary["verdict"])]
     lines += ["", f"Command: `python scripts/select_budgets.py {' '.join(args.argv)}`"]
     return "\n".join(lines)
 

@@ -32,6 +32,11 @@ def test_select_budgets_on_the_tiny_model(tmp_path, experiment_argv, script, cap
     assert len({entry["tokens"] for entry in selected}) == 1
     assert all(0 < entry["epochs"] <= 1.0 for entry in compute.values())
     assert compute["full seed=0"]["epochs"] > 0.9
+    # Which of the pool's sources each selection drew from: the full pool holds them all.
+    full_sources = compute["full seed=0"]["sources"]
+    assert sum(full_sources.values()) > 0
+    for entry in selected:
+        assert set(entry["sources"]) <= set(full_sources)
     table = (tmp_path / "out" / "budgets.md").read_text()
     assert "### Budget 25% of the tokens" in table and "| ogs |" in table
     capsys.readouterr()
