@@ -286,8 +286,8 @@ def verification_of(search) -> dict[str, Any] | None:
 
 def changes_by_source(config, tasks, base, evaluations, labels) -> dict[str, Any]:
     """Each arm's perplexity change (%, mean over its seeds) on the documents of each source
-    of a pooled perplexity task (ids ``<pool>/<split>/<source>/...``): where a mixture's gain
-    or loss comes from."""
+    of a pool's perplexity task: where a mixture's gain or loss comes from."""
+    from forgetless.data.pools import pool_member
     from forgetless.evaluate.tasks import load_task_records, parse_task
 
     breakdown = {}
@@ -295,10 +295,10 @@ def changes_by_source(config, tasks, base, evaluations, labels) -> dict[str, Any
         if base[0][task]["metric"] != "perplexity":
             continue
         records = load_task_records(parse_task(task), config.evaluate, data_dir=config.data_dir)
-        parts = [str(getattr(record, "id", "")).split("/") for record in records]
-        if not all(len(part) > 3 for part in parts):
+        members = [pool_member(str(getattr(record, "id", ""))) for record in records]
+        if None in members:
             continue
-        sources = np.array([part[2] for part in parts])
+        sources = np.array(members)
         if len(set(sources)) < 2:
             continue
         before = base[1][task]

@@ -265,18 +265,19 @@ def summarise(config, args, arms, run, tokens: int) -> dict[str, Any]:
 
 
 def selected_sources(res: dict, selection: list[str]) -> dict[str, int]:
-    """How many selected records come from each member source of the pool (record ids
-    ``<pool>/<split>/<source>/...``): what a selection favours. Empty when the selection's
-    files were not kept."""
+    """How many selected records come from each member of the pool: what a selection favours.
+    Empty when the selection's files were not kept."""
     stage = next((res[name] for name in selection if name.startswith("selection")), None)
     if stage is None or not stage.artefacts:
         return {}
+    from forgetless.data.pools import pool_member
+
     counts: dict[str, int] = {}
     with open(stage.directory / stage.summary["records_file"]) as handle:
         for line in handle:
-            parts = str(json.loads(line).get("id", "")).split("/")
-            if len(parts) > 3:
-                counts[parts[2]] = counts.get(parts[2], 0) + 1
+            member = pool_member(str(json.loads(line).get("id", "")))
+            if member is not None:
+                counts[member] = counts.get(member, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 

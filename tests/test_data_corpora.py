@@ -215,3 +215,12 @@ def test_malformed_file_is_one_line_naming_file_and_line(case, data_dir_with, ru
     assert len(lines) == 1, err
     assert lines[0].startswith(f"error: {path}:{line}: ")
     assert message in lines[0]
+
+
+def test_a_pool_record_names_its_member():
+    from forgetless.data.pools import pool_member
+
+    assert pool_member("medical_pool/train/medquad/17") == "medquad"
+    assert pool_member("web_pool/test/reuters/154.0") == "reuters"
+    assert pool_member("pubmedqa/test/17") is None  # not a pool
+    assert pool_member("medical_pool/train") is None

@@ -75,6 +75,15 @@ POOLS = (
 )
 
 
+def pool_member(record_id: str) -> str | None:
+    """The member a pool's record came from (``medical_pool/train/medquad/17`` is from
+    ``medquad``), or None for a record of no pool."""
+    parts = record_id.split("/")
+    if len(parts) > 3 and parts[0] in {pool.name for pool in POOLS}:
+        return parts[2]
+    return None
+
+
 def _files(pool: Pool) -> FileLister:
     def files(split: str, subset: str | None) -> tuple[str, ...]:
         listed = (rel for m in pool.members for rel in DATASETS[m.name].files(split, None))
