@@ -14,6 +14,7 @@ from forgetless.mix.search import (
     REFERENCE_FILE,
     VERIFY_FILE,
     SearchFiles,
+    constraint_excess,
     final_mixture,
     fit_predictor,
     mixture_id,
@@ -63,10 +64,7 @@ class _LinearRanker:
         return {"objective": -pool[:, 0], "task": -pool[:, 1]}
 
     def violation(self, predicted):
-        excess = np.zeros(len(predicted["objective"]))
-        for task, limit in self.limits.items():
-            excess += np.maximum(predicted[task] - limit, 0.0)
-        return excess
+        return constraint_excess(predicted, self.limits) + np.zeros(len(predicted["objective"]))
 
     def rank(self, pool):
         predicted = self.predict(pool)
@@ -243,7 +241,8 @@ def test_verification_keeps_the_measured_better_candidate():
 
     # Without constraints the lower mean objective wins.
     verified = verify_candidates(runs, metrics((2.0, 2.2), (2.0, 2.1)), {})
-    assert verified["chosen"] == "best_observed" and verified["chosen_weights"] == [0.5, 0.5]
+    assert verified["chosen"] == "best_observed"
+    assert verified["candidates"]["best_observed"]["weights"] == [0.5, 0.5]
     predicted = verified["candidates"]["predicted"]
     assert predicted["runs"] == 2 and predicted["objective"] == pytest.approx(2.1)
     assert predicted["objective_std"] == pytest.approx(np.std([2.0, 2.2], ddof=1))

@@ -295,6 +295,11 @@ def cross_validated(
     return rank_correlation(predicted, targets), float(np.sqrt(np.mean((predicted - targets) ** 2)))
 
 
+def constraint_excess(losses: dict[str, Any], limits: dict[str, float]) -> Any:
+    """How far constrained losses (numbers, or arrays of them) exceed their limits, summed."""
+    return sum((np.maximum(losses[task] - limit, 0.0) for task, limit in limits.items()), 0.0)
+
+
 class Ranker:
     """Predictors of the objective and of each constrained task, fitted on the runs so far;
     ranks mixtures feasible-first (every constrained loss predicted within its limit), then by
@@ -324,10 +329,8 @@ class Ranker:
 
     def violation(self, predicted: dict[str, np.ndarray]) -> np.ndarray:
         """How far each mixture's predicted constrained losses exceed their limits, summed."""
-        excess = np.zeros(len(predicted["objective"]))
-        for task, limit in self.limits.items():
-            excess += np.maximum(predicted[task] - limit, 0.0)
-        return excess
+        # Adding zeros keeps one entry per mixture when there is no constraint to sum.
+        return constraint_excess(predicted, self.limits) + np.zeros(len(predicted["objective"]))
 
     def rank(self, pool: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         predicted = self.predict(pool)
@@ -550,7 +553,7 @@ def run_search(
         for run in tqdm(pending, desc="verification", disable=not progress):
             _run_proxy(files, run, runner, seed=run["seed"])
         verified = verify_candidates(runs, files.metrics(), limits)
-        weights = np.array(verified["chosen_weights"])
+        weights = np.array(verified["candidates"][verified["chosen"]]["weights"])
         details["verification"] = verified["candidates"]
         details["chosen"] = verified["chosen"]
     outcome: dict[str, Any] = {
@@ -594,7 +597,7 @@ def verify_candidates(
     candidates = {}
     for name, (weights, rows) in zip(names, groups, strict=True):
         means = {key: float(np.mean([row[key] for row in rows])) for key in ["objective", *limits]}
-        excess = sum(max(means[task] - limit, 0.0) for task, limit in limits.items())
+        excess = float(constraint_excess(means, limits))
         candidates[name] = {
             "weights": weights.tolist(),
             "runs": len(rows),
@@ -620,11 +623,7 @@ def verify_candidates(
             else f"objective {candidates['predicted']['objective']:.4f} against "
             f"{candidates[chosen]['objective']:.4f}",
         )
-    return {
-        "chosen": chosen,
-        "chosen_weights": candidates[chosen]["weights"],
-        "candidates": candidates,
-    }
+    return {"chosen": chosen, "candidates": candidates}
 
 
 def _run_proxy(files: SearchFiles, mixture: dict[str, Any], runner, **seed) -> None:
