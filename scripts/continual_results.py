@@ -129,10 +129,11 @@ def sweep_configs(args: argparse.Namespace):
                     "continual.subset": subset,
                     "continual.order": order,
                     "train.seed": SUBSETS.index(subset) if subset in SUBSETS else 0,
-                    "run_dir": args.run_dir,
                     "data_dir": args.data_dir,
                 }
             )
+            if args.run_dir:
+                overrides["run_dir"] = args.run_dir
             yield f"{name} on order {order}, split {subset}", load_config(args.config, overrides)
 
 
@@ -314,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--runs", nargs="+", help="ORDER:SPLIT pairs (e.g. 1:0_42 2:0_42); overrides --order."
     )
-    parser.add_argument("--run-dir", default="runs/continual")
+    parser.add_argument(
+        "--run-dir", help="where the runs' stages go (default: the config's run_dir)"
+    )
     parser.add_argument("--data-dir")
     parser.add_argument("--set", action="append", help="section.key=value, as in the CLI")
     parser.add_argument(

@@ -140,3 +140,20 @@ def test_methods_and_variants_are_checked(tmp_path, experiment_argv, script, use
     with user_error("seqft merges nothing"):
         script.main(experiment_argv("bad", TINY, "--methods", "seqft@fast", "--subsets", "0_42"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_configs_run_dir_holds_unless_the_flag_names_another(tmp_path, script):
+    """The packaged benchmark config keeps its runs in its own run_dir, not in the few-shot
+    sweep's; --run-dir still wins."""
+    from argparse import Namespace
+
+    config = Path(__file__).resolve().parents[1] / "src/forgetless/configs/continual_benchmark.yaml"
+    args = Namespace(
+        config=str(config), methods=["seqft"], runs=["1:0_42"], run_dir=None, set=None,
+        method_set=None, data_dir=str(tmp_path),
+    )  # fmt: skip
+    [(_, configured)] = script.sweep_configs(args)
+    assert configured.run_dir == "runs/continual_benchmark"
+    args.run_dir = str(tmp_path / "elsewhere")
+    [(_, chosen)] = script.sweep_configs(args)
+    assert chosen.run_dir == str(tmp_path / "elsewhere")
