@@ -355,3 +355,15 @@ def test_the_benchmark_lora_rank_matches_osft_trainable_directions():
     assert config.model.name == "smollm2-135m" and len(shapes) == 7 * 30
     assert config.train.lora.r == matched_lora_rank(shapes, config.train.osft, tasks=4)
     assert config.train.lora.alpha == 2 * config.train.lora.r  # the default alpha / r
+
+
+def test_runs_scored_on_the_validation_split_keep_folders_of_their_own(tmp_path, shared_data_dir):
+    """Stage folders are named, so a validation run (a learning-rate choice) sharing the run
+    directory with the test run would replace its evaluations, and the other way round."""
+    test = load_config(None, {**TINY, "run_dir": str(tmp_path)})
+    valid = load_config(None, {**TINY, "run_dir": str(tmp_path), "continual.eval_split": "valid"})
+    test_folders = {p.folder for p in plan_continual(test)}
+    valid_folders = {p.folder for p in plan_continual(valid)}
+    assert "fewshot-0_42-valid/eval_base" in valid_folders
+    assert "fewshot-0_42/eval_base" in test_folders
+    assert not test_folders & valid_folders

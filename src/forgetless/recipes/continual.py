@@ -715,6 +715,10 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
 def base_directory(config: ForgetlessConfig) -> Path:
     continual = config.continual
     suffix = f"-{continual.subset}" if continual.benchmark == "fewshot" else ""
+    # Stage folders are named, not fingerprinted: runs scored on another split keep folders
+    # of their own, or each would replace the other's evaluations.
+    if continual.eval_split != "test":
+        suffix += f"-{continual.eval_split}"
     return Path(config.run_dir) / f"{continual.benchmark}{suffix}"
 
 
