@@ -75,11 +75,14 @@ POOLS = (
 )
 
 
+POOL_NAMES = frozenset(pool.name for pool in POOLS)
+
+
 def pool_member(record_id: str) -> str | None:
     """The member a pool's record came from (``medical_pool/train/medquad/17`` is from
     ``medquad``), or None for a record of no pool."""
     parts = record_id.split("/")
-    if len(parts) > 3 and parts[0] in {pool.name for pool in POOLS}:
+    if len(parts) > 3 and parts[0] in POOL_NAMES:
         return parts[2]
     return None
 
