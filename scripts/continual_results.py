@@ -15,14 +15,17 @@ the same test items, to ``<output>.md``, and everything per run to ``<output>.js
 
 ``--runs ORDER:SPLIT ...`` lists the runs; without it, ``--order`` with every ``--subsets``.
 ``--method-set METHOD:section.key=value`` sets something for one method only (LoRA's own
-learning rate). A merging method may be named with a variant, ``sotu@disjoint``, whose merge
-settings come from ``--method-set`` and whose merges sit beside the experts that every variant
-of the run shares (``continual.variant``)::
+learning rate). Any method may be named with a variant, ``osft@lr3e-4`` or ``sotu@disjoint``,
+whose settings come from ``--method-set`` and which gets a row of its own
+(``continual.variant``): a merging method's variant merges the experts that every variant of the
+run shares, any other trains a sequence of its own::
 
     python scripts/continual_results.py --methods seqft sotu sotu@disjoint sotu@average \
         --method-set sotu@disjoint:merge.masks=disjoint \
         --method-set sotu@average:merge.method=task_arithmetic \
         --method-set "sotu@average:merge.scale=0.25"
+    python scripts/continual_results.py --methods osft osft@lr3e-4 --references osft \
+        --method-set osft@lr3e-4:train.learning_rate=3e-4
 Seed split i (0_42, 1_142, 2_242) also sets ``train.seed = i``. Runs go split by split and
 order by order, every method within each, so an interrupted sweep already compares all
 methods on the runs it finished.

@@ -137,9 +137,29 @@ def test_merge_variants_share_the_experts_and_get_rows_of_their_own(
 def test_methods_and_variants_are_checked(tmp_path, experiment_argv, script, user_error):
     with user_error("'sotuu' is not one of"):
         script.main(experiment_argv("bad", TINY, "--methods", "sotuu"))
-    with user_error("seqft merges nothing"):
-        script.main(experiment_argv("bad", TINY, "--methods", "seqft@fast", "--subsets", "0_42"))
+    with user_error("continual.variant"):
+        script.main(experiment_argv("bad", TINY, "--methods", "seqft@a/b", "--subsets", "0_42"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_variant_of_a_training_method_trains_a_sequence_of_its_own(
+    tmp_path, experiment_argv, script
+):
+    flags = ("--methods", "seqft", "seqft@fast", "--subsets", "0_42", "--references", "seqft")
+    flags += ("--method-set", "seqft@fast:train.learning_rate=0.002")
+    script.main(experiment_argv("own", TINY, *flags))
+    reports = json.loads((tmp_path / "out" / "own.json").read_text())
+    assert [(r["method"], r["variant"]) for r in reports] == [("seqft", None), ("seqft", "fast")]
+    plain, fast = ([Path(entry["directory"]) for entry in r["training"]] for r in reports)
+    assert {d.parent.name for d in plain} == {"order1-seqft"}
+    assert {d.parent.name for d in fast} == {"order1-seqft@fast"}
+    for report, rate in zip(reports, (1e-4, 0.002), strict=True):
+        records = [Path(entry["directory"]) / "stage.json" for entry in report["training"]]
+        assert {
+            json.loads(r.read_text())["settings"]["train"]["learning_rate"] for r in records
+        } == {rate}
+    _, rows = paired_section(tmp_path / "out" / "own.md")
+    assert rows["seqft@fast"].endswith("(1) |")
 
 
 def test_the_configs_run_dir_holds_unless_the_flag_names_another(tmp_path, script):

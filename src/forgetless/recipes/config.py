@@ -100,10 +100,12 @@ class ContinualConfig(Section):
     variant: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.=+-]+$",
-        description="A merging strategy (sotu) only: names this run's merge settings, e.g. "
-        "variant=disjoint with merge.masks=disjoint. Its merges, evaluations and report get "
-        "stage folders of their own (<stage>@<variant>) beside the experts, which every "
-        "variant shares (they do not depend on the merge).",
+        description="Names this run's own settings so that they sit beside the plain "
+        "method's, e.g. variant=lr3e-4 with train.learning_rate=3e-4. A merging strategy "
+        "(sotu, e.g. variant=disjoint with merge.masks=disjoint): its merges, evaluations and "
+        "report get stage folders of their own (<stage>@<variant>) beside the experts, which "
+        "every variant shares (they do not depend on the merge). Any other strategy: the "
+        "whole sequence gets a folder of its own (order<N>-<method>@<variant>).",
     )
     replay_per_task: int = Field(
         16,

@@ -15,7 +15,8 @@ where it stopped and a rerun reuses finished stages. Layout under ``run_dir``::
 
     <benchmark>[-<subset>]/               e.g. fewshot-0_42/ or olora/
         eval_base/  retention_base/       the base model, shared by every order and method
-        order<N>-<method>/
+        order<N>-<method>[@<variant>]/    a variant of a non-merging method (its own
+                                          settings, e.g. a learning rate) trains on its own
             train_01_<task>/model/        plain HF checkpoint after task 1 (the next task
             [merge_01_<task>/model/]      starts from it; sotu: the merge of the experts so
             eval_01_<task>/tasks/*.json   far); every task's accuracy after task 1
@@ -668,8 +669,9 @@ def sequence_stages(config: ForgetlessConfig, data: TaskData, tasks: list[str]) 
             for i, task in enumerate(tasks)
         ]
     merging = strategy.merge
-    # A merge variant's own stages sit beside the shared experts under names of their own.
-    variant = f"@{config.continual.variant}" if config.continual.variant else ""
+    # A merge variant's own stages sit beside the shared experts under names of their own
+    # (any other variant has a sequence folder of its own: _sequence_directory).
+    variant = f"@{config.continual.variant}" if merging and config.continual.variant else ""
     previous = None
     train_names, eval_names, experts = [], [], []
     for name, trained_on, index, earlier in steps:
@@ -729,11 +731,6 @@ def _checked_stages(config: ForgetlessConfig) -> tuple[list[Stage], list[Stage]]
 
     continual = config.continual
     tasks = task_sequence(continual.benchmark, continual.order)
-    if continual.variant and not lookup("continual", continual.method).implementation.merge:
-        raise ForgetlessError(
-            f"continual.variant names merge settings, and {continual.method} merges nothing: "
-            "give another run_dir instead"
-        )
     if continual.method == "sotu" and (config.merge.weights or config.merge.densities):
         # The number of merged experts grows task by task: no fixed list fits every merge.
         raise ForgetlessError(
@@ -754,7 +751,11 @@ def _checked_stages(config: ForgetlessConfig) -> tuple[list[Stage], list[Stage]]
 
 def _sequence_directory(config: ForgetlessConfig) -> Path:
     continual = config.continual
-    return base_directory(config) / f"order{continual.order}-{continual.method}"
+    name = f"order{continual.order}-{continual.method}"
+    if continual.variant and not lookup("continual", continual.method).implementation.merge:
+        # Its training differs from the plain method's, so it cannot share the stage folders.
+        name += f"@{continual.variant}"
+    return base_directory(config) / name
 
 
 def run_continual(
