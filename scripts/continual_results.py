@@ -224,12 +224,9 @@ def paired_lines(
 def order_table(reports: list[dict], methods: list[str]) -> list[str]:
     """Mean ± std over the seed splits of one order, one row per method."""
     retention_tasks = [row["task"] for row in reports[0]["retention"]]
-    lines = [
-        "| method | avg accuracy | BWT | FWT | forgetting | "
-        + " | ".join(f"{task} (final)" for task in retention_tasks)
-        + " | train s |",
-        "|---" * (6 + len(retention_tasks)) + "|",
-    ]
+    header = ["method", "avg accuracy", "BWT", "FWT", "forgetting"]
+    header += [f"{task} (final)" for task in retention_tasks] + ["train s"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in methods:
         runs = [report for report in reports if label(report) == method]
         if not runs:

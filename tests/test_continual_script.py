@@ -160,6 +160,11 @@ def test_a_variant_of_a_training_method_trains_a_sequence_of_its_own(
         } == {rate}
     _, rows = paired_section(tmp_path / "out" / "own.md")
     assert rows["seqft@fast"].endswith("(1) |")
+    # Without retention tasks, the header has as many cells as the rows.
+    table = (tmp_path / "out" / "own.md").read_text().splitlines()
+    header = table.index("| method | avg accuracy | BWT | FWT | forgetting | train s |")
+    assert table[header + 1] == "|---" * 6 + "|"
+    assert table[header + 3].startswith("| seqft@fast |") and table[header + 3].count("|") == 7
 
 
 def test_the_configs_run_dir_holds_unless_the_flag_names_another(tmp_path, script):
