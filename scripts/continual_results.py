@@ -221,11 +221,28 @@ def paired_lines(
     return lines + [""]
 
 
+def training_cost(runs: list[dict]) -> list[str]:
+    """Tokens trained on and training seconds (mean over the runs), and the peak memory of any
+    training stage: arms that train on more tokens (replay's buffer) show it."""
+    tokens = statistics.mean(
+        sum(stage["input_tokens_seen"] for stage in run["training"]) for run in runs
+    )
+    seconds = statistics.mean(run["timings"]["train_seconds"] for run in runs)
+    peaks = [
+        stage["peak_memory_mb"]
+        for run in runs
+        for stage in run["training"]
+        if stage.get("peak_memory_mb") is not None
+    ]
+    return [f"{tokens:,.0f}", f"{seconds:.0f}", f"{max(peaks):,.0f}" if peaks else "n/a"]
+
+
 def order_table(reports: list[dict], methods: list[str]) -> list[str]:
     """Mean ± std over the seed splits of one order, one row per method."""
     retention_tasks = [row["task"] for row in reports[0]["retention"]]
     header = ["method", "avg accuracy", "BWT", "FWT", "forgetting"]
-    header += [f"{task} (final)" for task in retention_tasks] + ["train s"]
+    header += [f"{task} (final)" for task in retention_tasks]
+    header += ["train tokens", "train s", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in methods:
         runs = [report for report in reports if label(report) == method]
@@ -242,8 +259,8 @@ def order_table(reports: list[dict], methods: list[str]) -> list[str]:
             rows = [row for run in runs for row in run["retention"] if row["task"] == task]
             scale = 100.0 if rows[0]["metric"] == "accuracy" else 1.0
             cells.append(mean_std([row["after"] for row in rows], scale))
-        train_seconds = statistics.mean(run["timings"]["train_seconds"] for run in runs)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {train_seconds:.0f} |")
+        cells += training_cost(runs)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     base_cells = []
     for task in retention_tasks:
         row = next(row for row in reports[0]["retention"] if row["task"] == task)

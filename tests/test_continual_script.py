@@ -162,9 +162,14 @@ def test_a_variant_of_a_training_method_trains_a_sequence_of_its_own(
     assert rows["seqft@fast"].endswith("(1) |")
     # Without retention tasks, the header has as many cells as the rows.
     table = (tmp_path / "out" / "own.md").read_text().splitlines()
-    header = table.index("| method | avg accuracy | BWT | FWT | forgetting | train s |")
-    assert table[header + 1] == "|---" * 6 + "|"
-    assert table[header + 3].startswith("| seqft@fast |") and table[header + 3].count("|") == 7
+    header = table.index(
+        "| method | avg accuracy | BWT | FWT | forgetting | train tokens | train s | peak MB |"
+    )
+    assert table[header + 1] == "|---" * 8 + "|"
+    fast_row = table[header + 3].split(" | ")
+    assert fast_row[0] == "| seqft@fast" and len(fast_row) == 8
+    # The tokens every training stage of the sequence saw.
+    assert fast_row[5] == f"{sum(e['input_tokens_seen'] for e in reports[1]['training']):,}"
 
 
 def test_the_configs_run_dir_holds_unless_the_flag_names_another(tmp_path, script):
