@@ -223,9 +223,10 @@ def paired_lines(
 
 def training_cost(runs: list[dict]) -> list[str]:
     """Tokens trained on and training seconds (mean over the runs), and the peak memory of any
-    training stage: arms that train on more tokens (replay's buffer) show it."""
+    training stage: arms that train on more tokens (replay's buffer) show it. A merge stage
+    (sotu) counts among the training stages and trains on no tokens."""
     tokens = statistics.mean(
-        sum(stage["input_tokens_seen"] for stage in run["training"]) for run in runs
+        sum(stage.get("input_tokens_seen", 0) for stage in run["training"]) for run in runs
     )
     seconds = statistics.mean(run["timings"]["train_seconds"] for run in runs)
     peaks = [
