@@ -2,9 +2,10 @@ r"""The continual-learning results table: methods x runs (benchmark order and se
 
 Runs ``forgetless continual`` (cached and resumable, so an interrupted sweep picks up where it
 stopped) for every method on each run, then writes, per order, one table of mean ± std over
-its seed splits (average accuracy, BWT, FWT, forgetting, retention of the final model), the
-paired differences of every method's final average accuracy against seqft and multitask on
-the same test items, to ``<output>.md``, and everything per run to ``<output>.json``::
+its seed splits (average accuracy, BWT, FWT, forgetting, retention of the final model), one
+more over all runs when there are several orders, the paired differences of every method's
+final average accuracy against seqft and multitask on the same test items, to
+``<output>.md``, and everything per run to ``<output>.json``::
 
     python scripts/continual_results.py --data-dir ../shared/data
     python scripts/continual_results.py --methods seqft osft --subsets 0_42 \
@@ -238,10 +239,11 @@ def training_cost(runs: list[dict]) -> list[str]:
     return [f"{tokens:,.0f}", f"{seconds:.0f}", f"{max(peaks):,.0f}" if peaks else "n/a"]
 
 
-def order_table(reports: list[dict], methods: list[str]) -> list[str]:
-    """Mean ± std over the seed splits of one order, one row per method."""
+def summary_table(reports: list[dict], methods: list[str]) -> list[str]:
+    """Mean ± std over the runs given (an order's seed splits, or every run), one row per
+    method with the number of runs it has: a sweep still running shows what it has."""
     retention_tasks = [row["task"] for row in reports[0]["retention"]]
-    header = ["method", "avg accuracy", "BWT", "FWT", "forgetting"]
+    header = ["method", "runs", "avg accuracy", "BWT", "FWT", "forgetting"]
     header += [f"{task} (final)" for task in retention_tasks]
     header += ["train tokens", "train s", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -251,6 +253,7 @@ def order_table(reports: list[dict], methods: list[str]) -> list[str]:
             continue
         metrics = [run["metrics"] for run in runs]
         cells = [
+            str(len(runs)),
             mean_std([m["average_accuracy"] for m in metrics]),
             mean_std([m["bwt"] for m in metrics]),
             mean_std([m["fwt"] for m in metrics]),
@@ -292,7 +295,17 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
         lines += [
             f"## Order {order}: {', '.join(of_order[0]['tasks'])} (splits {splits})",
             "",
-            *order_table(of_order, args.methods),
+            *summary_table(of_order, args.methods),
+            "",
+        ]
+    if len(orders) > 1:
+        runs = len({(report["order"], report["subset"]) for report in reports})
+        lines += [
+            f"## All runs ({runs} runs over orders {', '.join(map(str, orders))})",
+            "",
+            "Each run (order and seed split) counts once.",
+            "",
+            *summary_table(reports, args.methods),
             "",
         ]
     lines += paired_lines(reports, args.methods, args.references, args.against)

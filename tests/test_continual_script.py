@@ -1,6 +1,7 @@
 """scripts/continual_results.py on the tiny model: the sweep, the table and its head note."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
         assert finals == pytest.approx(report["matrix"][-1])
     table = (tmp_path / "out" / "orders.md").read_text()
     assert "## Order 1:" in table and "## Order 2:" in table
+    every_run = table[table.index("## All runs (2 runs over orders 1, 2)") :]
+    osft_row = next(line for line in every_run.splitlines() if line.startswith("| osft |"))
+    averages = [100 * r["metrics"]["average_accuracy"] for r in reports if r["method"] == "osft"]
+    mean, std = statistics.mean(averages), statistics.stdev(averages)
+    assert osft_row.startswith(f"| osft | 2 | {mean:.1f} ± {std:.1f} |")
     _, rows = paired_section(tmp_path / "out" / "orders.md")
     assert rows["osft"].endswith("(2) |")  # pooled over both orders
     assert rows["seqft"] == "| seqft | – |"
@@ -163,13 +169,14 @@ def test_a_variant_of_a_training_method_trains_a_sequence_of_its_own(
     # Without retention tasks, the header has as many cells as the rows.
     table = (tmp_path / "out" / "own.md").read_text().splitlines()
     header = table.index(
-        "| method | avg accuracy | BWT | FWT | forgetting | train tokens | train s | peak MB |"
+        "| method | runs | avg accuracy | BWT | FWT | forgetting"
+        " | train tokens | train s | peak MB |"
     )
-    assert table[header + 1] == "|---" * 8 + "|"
+    assert table[header + 1] == "|---" * 9 + "|"
     fast_row = table[header + 3].split(" | ")
-    assert fast_row[0] == "| seqft@fast" and len(fast_row) == 8
+    assert fast_row[:2] == ["| seqft@fast", "1"] and len(fast_row) == 9
     # The tokens every training stage of the sequence saw.
-    assert fast_row[5] == f"{sum(e['input_tokens_seen'] for e in reports[1]['training']):,}"
+    assert fast_row[6] == f"{sum(e['input_tokens_seen'] for e in reports[1]['training']):,}"
 
 
 def test_the_configs_run_dir_holds_unless_the_flag_names_another(tmp_path, script):
