@@ -42,7 +42,7 @@ from pathlib import Path
 from forgetless.config import load_config, parse_assignment
 from forgetless.errors import ForgetlessError
 from forgetless.recipes.continual import plan_continual, run_continual
-from forgetless.report.continual import paired_average_accuracy, pooled_interval, short_name
+from forgetless.report.continual import pooled_paired_difference, short_name
 from forgetless.report.experiment import (
     add_dry_run_flag,
     exit_with_error,
@@ -198,7 +198,8 @@ def paired_lines(
         "## Paired differences of final average accuracy (points, 95 % interval over items)",
         "",
         "Each cell: the method's final average accuracy minus the reference's, on the same "
-        "test items, pooled over the runs both have (their count in brackets).",
+        "test items, pooled over the runs both have (their count in brackets); runs of one "
+        "seed split share their test items, and the interval counts those items once.",
         "",
         "| method | " + " | ".join(header for header, _, _ in columns) + " |",
         "|---" * (1 + len(columns)) + "|",
@@ -206,18 +207,18 @@ def paired_lines(
     for method in methods:
         cells = []
         for _, paired_runs, reference in columns:
-            pairs = [
-                paired_average_accuracy(r["final_items"], other["final_items"])
-                for (order, subset, name), r in runs.items()
-                if name == method
-                and (other := paired_runs.get((order, subset, reference or method))) is not None
-                and other is not r
-            ]
-            if not pairs:
+            # The orders of one seed split are scored on the same test items.
+            by_items: dict[str | None, list[tuple[dict, dict]]] = {}
+            for (order, subset, name), r in runs.items():
+                other = paired_runs.get((order, subset, reference or method))
+                if name == method and other is not None and other is not r:
+                    by_items.setdefault(subset, []).append((r["final_items"], other["final_items"]))
+            if not by_items:
                 cells.append("–")
                 continue
-            mean, low, high = pooled_interval(pairs)
-            cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] ({len(pairs)})")
+            mean, low, high = pooled_paired_difference(list(by_items.values()))
+            count = sum(len(group) for group in by_items.values())
+            cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] ({count})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -239,6 +240,17 @@ def training_cost(runs: list[dict]) -> list[str]:
     return [f"{tokens:,.0f}", f"{seconds:.0f}", f"{max(peaks):,.0f}" if peaks else "n/a"]
 
 
+def distinct_models(runs: list[dict]) -> list[dict]:
+    """The runs of one method, each trained model once: a method trained once on every task
+    (multitask) does not depend on the order, so the orders of one seed split share its
+    model (the same stage, cached), which must not count as several runs."""
+    by_model: dict[tuple, dict] = {}
+    for run in runs:
+        order = run["order"] if len(run["matrix"]) > 1 else None
+        by_model.setdefault((order, run["subset"]), run)
+    return list(by_model.values())
+
+
 def summary_table(reports: list[dict], methods: list[str]) -> list[str]:
     """Mean ± std over the runs given (an order's seed splits, or every run), one row per
     method with the number of runs it has: a sweep still running shows what it has."""
@@ -248,7 +260,7 @@ def summary_table(reports: list[dict], methods: list[str]) -> list[str]:
     header += ["train tokens", "train s", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in methods:
-        runs = [report for report in reports if label(report) == method]
+        runs = distinct_models([report for report in reports if label(report) == method])
         if not runs:
             continue
         metrics = [run["metrics"] for run in runs]

@@ -322,7 +322,7 @@ def test_every_order_shares_one_multitask_training_and_evaluation(tmp_path, shar
 
 
 def test_paired_average_accuracy_adds_the_tasks_variances():
-    from forgetless.report.continual import paired_average_accuracy, pooled_interval
+    from forgetless.report.continual import paired_average_accuracy, pooled_paired_difference
 
     a = {"t1": [1, 1, 0, 1], "t2": [1, 0, 0, 0, 1, 1]}
     b = {"t1": [0, 1, 0, 0], "t2": [1, 1, 0, 0, 0, 1]}
@@ -330,11 +330,18 @@ def test_paired_average_accuracy_adds_the_tasks_variances():
     # t1: differences 1,0,0,1 (mean .5, var 1/3); t2: 0,-1,0,0,1,0 (mean 0, var .4)
     assert difference == pytest.approx((0.5 + 0.0) / 2)
     assert variance == pytest.approx((1 / 3 / 4 + 0.4 / 6) / 4)
-    mean, low, high = pooled_interval([(difference, variance), (0.05, variance)])
-    assert mean == pytest.approx(0.15)
-    assert high - mean == pytest.approx(1.959963984540054 * (2 * variance) ** 0.5 / 2)
     with pytest.raises(ValueError, match="different tasks"):
         paired_average_accuracy(a, {"t1": b["t1"]})
+    # Two runs on independent item samples (two seed splits): their variances add.
+    mean, low, high = pooled_paired_difference([[(a, b)], [(b, a)]])
+    assert mean == pytest.approx(0.0)
+    assert high - mean == pytest.approx(1.959963984540054 * (2 * variance) ** 0.5 / 2)
+    # The same run twice on the same items (two orders of one split, identical outcomes)
+    # says nothing more than once: the interval keeps its width.
+    once = pooled_paired_difference([[(a, b)]])
+    twice = pooled_paired_difference([[(a, b), (a, b)]])
+    assert twice == pytest.approx(once)
+    assert once[2] - once[0] == pytest.approx(1.959963984540054 * variance**0.5)
 
 
 def test_the_benchmark_lora_rank_matches_osft_trainable_directions():

@@ -71,12 +71,12 @@ def test_results_to_pair_with_are_checked(tmp_path, experiment_argv, script, use
 def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
     tmp_path, experiment_argv, script
 ):
-    flags = ("--methods", "seqft", "osft", "--runs", "1:0_42", "2:0_42")
+    flags = ("--methods", "seqft", "osft", "multitask", "--runs", "1:0_42", "2:0_42")
     flags += ("--method-set", "osft:train.learning_rate=0.002")
     script.main(experiment_argv("orders", TINY, *flags))
     reports = json.loads((tmp_path / "out" / "orders.json").read_text())
     assert [(r["method"], r["order"]) for r in reports] == [
-        ("seqft", 1), ("osft", 1), ("seqft", 2), ("osft", 2)
+        ("seqft", 1), ("osft", 1), ("multitask", 1), ("seqft", 2), ("osft", 2), ("multitask", 2)
     ]  # fmt: skip
     for report in reports:
         records = [Path(entry["directory"]) / "stage.json" for entry in report["training"]]
@@ -94,9 +94,12 @@ def test_runs_of_two_orders_get_a_section_each_and_paired_differences(
     averages = [100 * r["metrics"]["average_accuracy"] for r in reports if r["method"] == "osft"]
     mean, std = statistics.mean(averages), statistics.stdev(averages)
     assert osft_row.startswith(f"| osft | 2 | {mean:.1f} ± {std:.1f} |")
+    # Multitask trains once whatever the order: one model, one run.
+    multitask_row = next(line for line in every_run.splitlines() if line[:13] == "| multitask |")
+    assert multitask_row.startswith("| multitask | 1 |")
     _, rows = paired_section(tmp_path / "out" / "orders.md")
     assert rows["osft"].endswith("(2) |")  # pooled over both orders
-    assert rows["seqft"] == "| seqft | – |"
+    assert rows["seqft"].startswith("| seqft | – | ") and rows["seqft"].endswith("(2) |")
 
 
 def test_runs_and_method_settings_are_checked(experiment_argv, script, user_error):

@@ -120,11 +120,34 @@ def paired_average_accuracy(
     return sum(means) / count, sum(variances) / count**2
 
 
-def pooled_interval(runs: Sequence[tuple[float, float]], z: float = Z_95):
-    """Mean of several runs' ``(difference, variance)`` (independent item samples or
-    seeds) and its 95 % interval over the items."""
-    mean = sum(difference for difference, _ in runs) / len(runs)
-    half_width = z * math.sqrt(sum(variance for _, variance in runs)) / len(runs)
+def pooled_paired_difference(
+    groups: Sequence[Sequence[tuple[Mapping[str, Sequence[int]], Mapping[str, Sequence[int]]]]],
+    z: float = Z_95,
+) -> tuple[float, float, float]:
+    """Mean over runs of model a's average accuracy minus model b's, and its 95 % interval
+    over the items.
+
+    Each group holds the ``(correct_a, correct_b)`` pairs of runs scored on the same items
+    (the task orders of one seed split): their item-level differences are summed before the
+    variance is taken, since every run of the group shares the items' sampling noise; adding
+    the runs' variances as if independent would narrow the interval by up to the square root
+    of the group's size. Groups are independent item samples, so their variances add.
+    """
+    runs = sum(len(group) for group in groups)
+    total = variance = 0.0
+    for group in groups:
+        summed = [
+            {
+                task: np.sum([np.asarray(pair[side][task]) for pair in group], axis=0)
+                for task in group[0][side]
+            }
+            for side in (0, 1)
+        ]
+        difference, group_variance = paired_average_accuracy(*summed)
+        total += difference
+        variance += group_variance
+    mean = total / runs
+    half_width = z * math.sqrt(variance) / runs
     return mean, mean - half_width, mean + half_width
 
 
