@@ -315,7 +315,8 @@ def render(reports: list[dict], args: argparse.Namespace) -> str:
         lines += [
             f"## All runs ({runs} runs over orders {', '.join(map(str, orders))})",
             "",
-            "Each run (order and seed split) counts once.",
+            "Each run (order and seed split) counts once; a model trained once on every task "
+            "(multitask) does not depend on the order and counts once per seed split.",
             "",
             *summary_table(reports, args.methods),
             "",
