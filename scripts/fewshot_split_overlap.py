@@ -15,10 +15,11 @@ import itertools
 from forgetless.data import load_records
 from forgetless.data.builtin import FEWSHOT_SUBSETS
 from forgetless.errors import ForgetlessError
-from forgetless.recipes.continual import EVAL_SAMPLE_SEED, sample_records
+from forgetless.recipes.continual import EVAL_SAMPLE_SEED, sample_records, task_sequence
 from forgetless.report.experiment import exit_with_error
 
-TASKS = ("fewshot_dbpedia", "fewshot_amazon", "fewshot_yahoo", "fewshot_agnews")
+# Every order holds the same four tasks.
+TASKS = task_sequence("fewshot", 1)
 
 
 def evaluated_items(task: str, subset: str, split: str, limit: int | None, data_dir) -> set:
